@@ -1,0 +1,5 @@
+"""acai_fast: ACAI autoencoders (Berthelot et al., ICLR 2019) trained fast."""
+from .config import ACAIConfig, PRESETS
+
+__version__ = "0.1.0"
+__all__ = ["ACAIConfig", "PRESETS"]

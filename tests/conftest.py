@@ -1,0 +1,31 @@
+"""Shared test set-up.
+
+Without a CUDA GPU the Triton kernels run under the interpreter (TRITON_INTERPRET=1, fp32): the
+variable must be set before any kernel module is imported, which is why it is set here, first.
+Tests marked `gpu` skip with a reason when no GPU is present.
+"""
+import os
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+HAS_GPU = torch.cuda.is_available()
+
+
+def pytest_collection_modifyitems(config, items):
+    if HAS_GPU:
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU (run scripts/gpu_check.sh on one)")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture
+def seed():
+    """Seed torch (CPU and CUDA) so that every test's random inputs are reproducible."""
+    torch.manual_seed(0)
+    return 0
