@@ -3,3 +3,6 @@ from .config import ACAIConfig, PRESETS
 
 __version__ = "0.1.0"
 __all__ = ["ACAIConfig", "PRESETS"]
+from ._ext import cuda_extension_available  # noqa: E402
+
+__all__ += ["cuda_extension_available"]
