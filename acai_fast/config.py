@@ -30,7 +30,8 @@ class ACAIConfig:
     colors: image channels; latent_width: spatial size of the latent map (a power of 2 dividing 32);
     depth: width of the first encoder/decoder level (doubles per scale); latent: latent channels;
     advdepth: critic width (0 means = depth); advweight: lambda; reg: gamma; lr: Adam learning rate;
-    batch: images per step; nclass: classes of the linear probe.
+    batch: images per step; nclass: classes of the linear probe; dataset: the data family the
+    preset was made for (lines, mnist, svhn, celeba, cifar).
     """
 
     colors: int = 1
@@ -44,6 +45,7 @@ class ACAIConfig:
     batch: int = 64
     nclass: int = 10
     image_size: int = IMAGE_SIZE
+    dataset: str = "lines"
 
     def __post_init__(self):
         self.validate()
@@ -56,7 +58,7 @@ class ACAIConfig:
         colors, latent_width, depth, latent = _PRESETS[name]
         family = name.rstrip("0123456789")
         base = dict(colors=colors, latent_width=latent_width, depth=depth, latent=latent,
-                    nclass=_NCLASS[family])
+                    nclass=_NCLASS[family], dataset=family)
         unknown = set(overrides) - {f.name for f in dataclasses.fields(cls)}
         if unknown:
             raise ValueError(f"unknown ACAIConfig fields {sorted(unknown)}; valid fields: "
@@ -103,6 +105,8 @@ class ACAIConfig:
             v = getattr(self, name)
             if not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
                 raise ValueError(f"ACAIConfig.{name} must be a finite number >= 0, got {v!r}")
+        if self.dataset not in _NCLASS:
+            raise ValueError(f"ACAIConfig.dataset must be one of {sorted(_NCLASS)}, got {self.dataset!r}")
         if self.lr == 0:
             raise ValueError("ACAIConfig.lr must be > 0")
 

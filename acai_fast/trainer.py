@@ -1,0 +1,388 @@
+"""ACAITrainer: the ACAI training step of SPEC.md section 2, a fit loop with evaluations and
+checkpoints, and the encode/decode/interpolate helpers.
+
+One step, top to bottom (`ACAITrainer.step`):
+    z = enc(x); ae = dec(z)
+    alpha = 0.5 - |u - 0.5|, u ~ U(0, 1)            (per image)
+    z_mix = alpha * z + (1 - alpha) * z[N-1-i]       (item i mixed with item N-1-i)
+    x_mix = dec(z_mix)
+    loss_ae = mean((ae - x)^2); loss_ae_disc = mean(critic(x_mix)^2)
+    loss_disc = mean((critic(x_mix) - alpha)^2); loss_disc_real = mean(critic(ae + reg*(x - ae))^2)
+    Adam(enc+dec) on loss_ae + advweight * loss_ae_disc; Adam(critic) on loss_disc + loss_disc_real;
+    Adam(probe) on the softmax cross-entropy of a linear probe on the detached latent.
+All three updates come from the same forward pass.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import time
+from pathlib import Path
+from typing import Callable, Iterable
+
+import torch
+import torch.nn.functional as F
+
+from .config import ACAIConfig
+from .networks import build_networks
+
+log = logging.getLogger("acai_fast")
+
+BACKENDS = ("auto", "reference")
+CHECKPOINT_VERSION = 1
+LOSS_NAMES = ("loss_ae", "loss_ae_disc", "loss_disc", "loss_disc_real", "probe_loss", "probe_accuracy")
+
+
+def resolve_backend(backend: str, device: torch.device) -> str:
+    """The backend that `backend` means on `device` ("auto" -> the fastest one available)."""
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}; valid backends: {', '.join(BACKENDS)}")
+    if backend == "auto":
+        return "reference"  # the only backend so far; the fused one joins it on CUDA
+    return backend
+
+
+def _adam(params, config: ACAIConfig, device: torch.device) -> torch.optim.Adam:
+    # PyTorch's Adam (fused kernels on CUDA). TF1's AdamOptimizer, used by the paper's code, adds eps
+    # to sqrt(v_hat) * sqrt(1 - beta2^t) instead of sqrt(v_hat): a difference of 1e-8 in the
+    # denominator, negligible beside gradients of this size.
+    return torch.optim.Adam(params, lr=config.lr, betas=(0.9, 0.999), eps=1e-8,
+                            fused=device.type == "cuda")
+
+
+class ACAITrainer:
+    """Trains one ACAI model (encoder, decoder, critic and linear probe) on one device.
+
+    >>> trainer = ACAITrainer(ACAIConfig.preset("lines"), device="cpu", seed=0)
+    >>> losses = trainer.step(x, labels)         # x: (N, colors, 32, 32) in [-1, 1]
+    >>> trainer.fit("lines", kimg=16, out_dir="runs/lines")
+    """
+
+    def __init__(self, config: ACAIConfig | None = None, backend: str = "auto", device=None,
+                 seed: int = 0):
+        self.config = config if config is not None else ACAIConfig.preset("lines")
+        if not isinstance(self.config, ACAIConfig):
+            raise ValueError(f"config must be an ACAIConfig, got {type(self.config).__name__}")
+        self.device = torch.device(device if device is not None
+                                   else ("cuda" if torch.cuda.is_available() else "cpu"))
+        if self.device.type == "cuda" and not torch.cuda.is_available():
+            raise ValueError("device 'cuda' was asked for but no CUDA GPU is available")
+        self.backend = resolve_backend(backend, self.device)
+        self.seed = int(seed)
+        log.info("ACAITrainer: backend=%s (asked %s) on %s", self.backend, backend, self.device)
+
+        with torch.random.fork_rng(devices=[]):  # initialise on the CPU: same weights on every device
+            torch.manual_seed(self.seed)
+            nets = build_networks(self.config)
+        self.encoder, self.decoder = nets["encoder"], nets["decoder"]
+        self.critic, self.probe = nets["critic"], nets["probe"]
+        for net in self._networks():
+            net.to(self.device)
+            if hasattr(net, "backend"):
+                net.backend = self.backend
+        self.ae_params = [*self.encoder.parameters(), *self.decoder.parameters()]
+        self.critic_params = list(self.critic.parameters())
+        self.opt_ae = _adam(self.ae_params, self.config, self.device)
+        self.opt_critic = _adam(self.critic_params, self.config, self.device)
+        self.opt_probe = _adam(self.probe.parameters(), self.config, self.device)
+        self.generator = torch.Generator(self.device).manual_seed(self.seed)  # alpha draws
+        self.nimg = 0  # images trained on
+        self.steps = 0
+        self._labels_checked = False
+
+    def _networks(self):
+        return (self.encoder, self.decoder, self.critic, self.probe)
+
+    # ------------------------------------------------------------------ the step
+    def draw_alpha(self, n: int) -> torch.Tensor:
+        """alpha = 0.5 - |u - 0.5|, u ~ U(0, 1): uniform on [0, 0.5], shape (n, 1, 1, 1)."""
+        u = torch.rand(n, 1, 1, 1, generator=self.generator, device=self.device)
+        return 0.5 - (u - 0.5).abs()
+
+    def step(self, x: torch.Tensor, labels: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        """One ACAI training step on a batch x (N, colors, 32, 32) in [-1, 1] (and labels (N,) int).
+
+        Returns the logged losses as 0-d tensors on the device (float() them to read; they are not
+        synchronised, so a loop of steps never waits for the GPU)."""
+        x, labels = self._check_batch(x, labels)
+        cfg = self.config
+        for net in self._networks():
+            net.train()
+
+        z = self.encoder(x)
+        ae = self.decoder(z)
+        alpha = self.draw_alpha(x.shape[0])
+        z_mix = alpha * z + (1 - alpha) * z.flip(0)
+        x_mix = self.decoder(z_mix)
+        critic_mix = self.critic(x_mix)  # (N,)
+        critic_real = self.critic(ae + cfg.reg * (x - ae))
+
+        loss_ae = F.mse_loss(ae, x)
+        loss_ae_disc = critic_mix.square().mean()
+        loss_disc = (critic_mix - alpha.flatten()).square().mean()
+        loss_disc_real = critic_real.square().mean()
+
+        # Each objective's gradient goes to its own parameters only.
+        ae_grads = torch.autograd.grad(loss_ae + cfg.advweight * loss_ae_disc, self.ae_params,
+                                       retain_graph=True)
+        critic_grads = torch.autograd.grad(loss_disc + loss_disc_real, self.critic_params)
+        for params, grads in ((self.ae_params, ae_grads), (self.critic_params, critic_grads)):
+            for p, g in zip(params, grads):
+                p.grad = g
+        self.opt_ae.step()
+        self.opt_critic.step()
+
+        losses = dict(loss_ae=loss_ae.detach(), loss_ae_disc=loss_ae_disc.detach(),
+                      loss_disc=loss_disc.detach(), loss_disc_real=loss_disc_real.detach())
+        if labels is not None:
+            losses.update(self._probe_step(z.detach(), labels))
+        self.nimg += x.shape[0]
+        self.steps += 1
+        return losses
+
+    def _probe_step(self, z: torch.Tensor, labels: torch.Tensor) -> dict[str, torch.Tensor]:
+        logits = self.probe(z)
+        loss = F.cross_entropy(logits, labels)
+        self.opt_probe.zero_grad(set_to_none=True)
+        loss.backward()
+        self.opt_probe.step()
+        accuracy = (logits.argmax(1) == labels).float().mean()
+        return dict(probe_loss=loss.detach(), probe_accuracy=accuracy.detach())
+
+    def _check_batch(self, x, labels):
+        cfg = self.config
+        if not isinstance(x, torch.Tensor):
+            raise ValueError(f"x must be a torch.Tensor, got {type(x).__name__}")
+        expected = (cfg.colors, cfg.image_size, cfg.image_size)
+        if x.dim() != 4 or tuple(x.shape[1:]) != expected:
+            raise ValueError(f"x must have shape (N, {', '.join(map(str, expected))}), got {tuple(x.shape)}")
+        if x.shape[0] < 1:
+            raise ValueError("x must hold at least one image")
+        if not x.is_floating_point():
+            raise ValueError(f"x must be a floating-point tensor in [-1, 1], got {x.dtype}")
+        x = x.to(self.device, torch.float32, non_blocking=True)
+        if labels is None:
+            return x, None
+        if not isinstance(labels, torch.Tensor) or labels.dim() != 1 or labels.shape[0] != x.shape[0]:
+            shape = tuple(labels.shape) if isinstance(labels, torch.Tensor) else type(labels).__name__
+            raise ValueError(f"labels must be a 1-D tensor of {x.shape[0]} class indices, got {shape}")
+        if labels.is_floating_point() or labels.is_complex():
+            raise ValueError(f"labels must be integer class indices, got {labels.dtype}")
+        if not self._labels_checked or labels.device.type == "cpu":
+            # Checked once on the GPU (it costs a sync); always where it is free.
+            lo, hi = int(labels.min()), int(labels.max())
+            if lo < 0 or hi >= cfg.nclass:
+                raise ValueError(f"labels must lie in [0, {cfg.nclass}) (config.nclass), got [{lo}, {hi}]")
+            self._labels_checked = True
+        return x, labels.to(self.device, torch.long, non_blocking=True)
+
+    # ------------------------------------------------------------------ inference
+    @torch.no_grad()
+    def encode(self, x: torch.Tensor, batch_size: int = 512) -> torch.Tensor:
+        """Latents of images x (N, colors, 32, 32): -> (N, latent, w, w) on the trainer's device."""
+        x, _ = self._check_batch(x, None)
+        self.encoder.eval()
+        return torch.cat([self.encoder(b) for b in x.split(batch_size)])
+
+    @torch.no_grad()
+    def decode(self, z: torch.Tensor, batch_size: int = 512) -> torch.Tensor:
+        """Images of latents z (N, latent, w, w): -> (N, colors, 32, 32), unclipped."""
+        if not isinstance(z, torch.Tensor) or z.dim() != 4 or tuple(z.shape[1:]) != self.config.latent_shape:
+            shape = tuple(z.shape) if isinstance(z, torch.Tensor) else type(z).__name__
+            raise ValueError(f"z must have shape (N, {', '.join(map(str, self.config.latent_shape))}), got {shape}")
+        self.decoder.eval()
+        z = z.to(self.device, torch.float32)
+        return torch.cat([self.decoder(b) for b in z.split(batch_size)])
+
+    @torch.no_grad()
+    def interpolate(self, x_a: torch.Tensor, x_b: torch.Tensor, steps: int = 16) -> torch.Tensor:
+        """Decode the linear interpolation of the latents of x_a and x_b (both (N, colors, 32, 32))
+        in `steps` steps, ends included: -> (N, steps, colors, 32, 32)."""
+        if steps < 2:
+            raise ValueError(f"steps must be >= 2, got {steps}")
+        if x_a.shape != x_b.shape:
+            raise ValueError(f"x_a and x_b must have the same shape, got {tuple(x_a.shape)} and {tuple(x_b.shape)}")
+        z_a, z_b = self.encode(x_a), self.encode(x_b)
+        # The paper's order of operations: (z_a * (S-1-t) + z_b * t) / (S-1).
+        z = torch.stack([(z_a * (steps - 1 - t) + z_b * t) / (steps - 1) for t in range(steps)], dim=1)
+        images = self.decode(z.flatten(0, 1))  # (N*steps, latent, w, w) -> (N*steps, colors, 32, 32)
+        return images.view(x_a.shape[0], steps, *images.shape[1:])
+
+    @torch.no_grad()
+    def probe_accuracy(self, x: torch.Tensor, labels: torch.Tensor, batch_size: int = 512) -> float:
+        """Accuracy (in [0, 1]) of the linear probe on images x with integer labels."""
+        z = self.encode(x, batch_size)
+        self.probe.eval()
+        pred = self.probe(z).argmax(1)
+        return float((pred == labels.to(pred.device)).float().mean())
+
+    # ------------------------------------------------------------------ training loop
+    def fit(self, data="lines", kimg: float = 16384, *, eval_kimg: float | None = 64,
+            out_dir: str | os.PathLike | None = None, evaluate: Callable | None = None,
+            progress: bool = True, seed: int | None = None,
+            preview: tuple[torch.Tensor, torch.Tensor] | None = None) -> list[dict]:
+        """Train until `kimg` thousand (x1024) images have been seen in total (a resumed trainer
+        continues from its own count), evaluating every `eval_kimg` and at the end.
+
+        data: "lines" (the built-in generator), an iterable of x or (x, labels) batches, or a tuple
+            (images, labels) of tensors, reshuffled every epoch.
+        evaluate: trainer -> dict of metrics; default: the lines evaluation for "lines", none else.
+        out_dir: if given, each evaluation appends a line to out_dir/metrics.jsonl and writes
+            out_dir/checkpoint.pt (atomically) and out_dir/interpolations.png.
+        preview: (x_a, x_b) image pairs drawn as rows of interpolations.png (default for "lines":
+            16 test pairs).
+        Returns the list of evaluation records."""
+        from . import lines as lines_mod  # late import: lines imports nothing from here
+
+        total = int(round(kimg * 1024))
+        if total <= 0:
+            raise ValueError(f"kimg must be > 0, got {kimg}")
+        eval_every = int(round(eval_kimg * 1024)) if eval_kimg else None
+        if eval_every is not None and eval_every <= 0:
+            raise ValueError(f"eval_kimg must be > 0 or None, got {eval_kimg}")
+        seed = self.seed if seed is None else seed
+        if isinstance(data, str):
+            if data != "lines":
+                raise ValueError(f"data: the only built-in dataset is 'lines', got {data!r}")
+            if self.config.colors != 1 or self.config.image_size != lines_mod.SIZE:
+                raise ValueError("the lines data needs colors=1 and 32x32 images (the 'lines' preset)")
+            batches = lines_mod.lines_batches(self.config.batch, seed=seed, device=self.device,
+                                              start_step=self.steps)
+            if evaluate is None:
+                evaluate = _lines_evaluation
+            if preview is None:
+                a, b = lines_mod.eval_pairs(16)
+                preview = (lines_mod.draw_lines(a), lines_mod.draw_lines(b))
+        elif isinstance(data, tuple):
+            batches = tensor_batches(*data, batch=self.config.batch, seed=seed + self.steps)
+        elif isinstance(data, Iterable):
+            batches = iter(data)
+        else:
+            raise ValueError(f"data must be 'lines', an iterable of batches or (images, labels), got {type(data).__name__}")
+        out = Path(out_dir) if out_dir is not None else None
+        if out is not None:
+            out.mkdir(parents=True, exist_ok=True)
+
+        history: list[dict] = []
+        sums: dict[str, torch.Tensor] = {}
+        interval_steps, interval_images, interval_time = 0, 0, 0.0
+        next_eval = (self.nimg // eval_every + 1) * eval_every if eval_every else None
+        bar = _progress(total, self.nimg, enabled=progress)
+        try:
+            while self.nimg < total:
+                batch = next(batches, None)
+                if batch is None:
+                    raise ValueError(f"data ran out after {self.nimg} images, before kimg={kimg}")
+                x, labels = batch if isinstance(batch, (tuple, list)) else (batch, None)
+                t0 = time.perf_counter()
+                losses = self.step(x, labels)
+                for k, v in losses.items():
+                    sums[k] = sums[k] + v if k in sums else v.clone()
+                interval_steps += 1
+                interval_images += x.shape[0]
+                if self.device.type == "cuda" and interval_steps % 256 == 0:
+                    torch.cuda.synchronize()  # keep the timing honest and the queue short
+                interval_time += time.perf_counter() - t0
+                bar.update(x.shape[0])
+                due = next_eval is not None and self.nimg >= next_eval
+                if due or self.nimg >= total:
+                    if self.device.type == "cuda":
+                        t0 = time.perf_counter()
+                        torch.cuda.synchronize()
+                        interval_time += time.perf_counter() - t0
+                    record = dict(kimg=round(self.nimg / 1024, 3), nimg=self.nimg, step=self.steps,
+                                  images_per_s=round(interval_images / max(interval_time, 1e-9), 1))
+                    record.update({k: float(v) / interval_steps for k, v in sums.items()})
+                    record["rmse"] = math.sqrt(max(record["loss_ae"], 0.0)) * 127.5
+                    if evaluate is not None:
+                        record.update(evaluate(self))
+                    history.append(record)
+                    bar.set_postfix({k: f"{record[k]:.4g}" for k in ("loss_ae", "mean_distance")
+                                     if k in record})
+                    if out is not None:
+                        self._write_outputs(out, record, preview)
+                    sums, interval_steps, interval_images, interval_time = {}, 0, 0, 0.0
+                    if next_eval is not None:
+                        while next_eval <= self.nimg:
+                            next_eval += eval_every
+        finally:
+            bar.close()
+        return history
+
+    def _write_outputs(self, out: Path, record: dict, preview) -> None:
+        with open(out / "metrics.jsonl", "a") as f:
+            f.write(json.dumps(record) + "\n")
+        self.save(out / "checkpoint.pt")
+        if preview is not None:
+            from .plotting import save_interpolation_grid
+            save_interpolation_grid(self.interpolate(*preview), out / "interpolations.png")
+
+    # ------------------------------------------------------------------ checkpoints
+    def state_dict(self) -> dict:
+        return dict(
+            version=CHECKPOINT_VERSION, config=self.config.to_dict(), backend=self.backend,
+            seed=self.seed, nimg=self.nimg, steps=self.steps,
+            encoder=self.encoder.state_dict(), decoder=self.decoder.state_dict(),
+            critic=self.critic.state_dict(), probe=self.probe.state_dict(),
+            opt_ae=self.opt_ae.state_dict(), opt_critic=self.opt_critic.state_dict(),
+            opt_probe=self.opt_probe.state_dict(),
+            generator=self.generator.get_state(), generator_device=self.device.type,
+        )
+
+    def save(self, path: str | os.PathLike) -> None:
+        """Write the whole training state to `path` atomically (a temporary file, then a rename)."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + ".tmp")
+        torch.save(self.state_dict(), tmp)
+        os.replace(tmp, path)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike, device=None, backend: str = "auto") -> "ACAITrainer":
+        """A trainer restored from `path` (weights, optimiser states, counters, alpha generator)."""
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"no checkpoint at {path}")
+        state = torch.load(path, map_location="cpu", weights_only=False)
+        if not isinstance(state, dict) or state.get("version") != CHECKPOINT_VERSION:
+            raise ValueError(f"{path} is not an acai_fast checkpoint (version {CHECKPOINT_VERSION})")
+        trainer = cls(ACAIConfig.from_dict(state["config"]), backend=backend, device=device,
+                      seed=state["seed"])
+        for name in ("encoder", "decoder", "critic", "probe"):
+            getattr(trainer, name).load_state_dict(state[name])
+        for name in ("opt_ae", "opt_critic", "opt_probe"):
+            getattr(trainer, name).load_state_dict(state[name])
+        trainer.nimg, trainer.steps = state["nimg"], state["steps"]
+        if state["generator_device"] == trainer.device.type:
+            trainer.generator.set_state(state["generator"])
+        else:  # generator states do not carry across device types: reseed reproducibly instead
+            log.warning("checkpoint from %s loaded on %s: alpha draws restart from seed %d + step",
+                        state["generator_device"], trainer.device.type, trainer.seed)
+            trainer.generator.manual_seed(trainer.seed + trainer.steps)
+        return trainer
+
+
+def _lines_evaluation(trainer: ACAITrainer) -> dict:
+    from .lines import evaluate_lines
+    return evaluate_lines(trainer)
+
+
+def tensor_batches(images: torch.Tensor, labels: torch.Tensor | None = None, *, batch: int,
+                   seed: int = 0):
+    """Endless shuffled batches (x, labels) from in-memory tensors; a new permutation every epoch."""
+    if images.shape[0] < batch:
+        raise ValueError(f"need at least one batch of {batch} images, got {images.shape[0]}")
+    gen = torch.Generator().manual_seed(seed)
+    while True:
+        order = torch.randperm(images.shape[0], generator=gen)
+        for i in range(0, len(order) - batch + 1, batch):
+            idx = order[i:i + batch]
+            yield images[idx], (labels[idx] if labels is not None else None)
+
+
+def _progress(total: int, initial: int, enabled: bool):
+    from tqdm.auto import tqdm
+    return tqdm(total=total, initial=initial, unit="img", unit_scale=True, disable=not enabled,
+                dynamic_ncols=True, desc="train")
