@@ -21,9 +21,12 @@ REFERENCE_LINES = 10_000  # reference set of the Mean Distance metric
 
 
 def angle_labels(angles) -> torch.Tensor:
-    """The probe label of each angle: floor(10 * a / (2*pi - 1e-6)), as int64."""
+    """The probe label of each angle: floor(10 * a / (2*pi - 1e-6)), as int64.
+
+    For a in [2*pi - 1e-6, 2*pi) the formula gives 10 (the official code's one-hot is then all
+    zeros, a sample without loss); it is clamped to 9 here so that every label is a valid class."""
     a = torch.as_tensor(angles, dtype=torch.float64)
-    return torch.floor(10 * a / (2 * math.pi - 1e-6)).long()
+    return torch.floor(10 * a / (2 * math.pi - 1e-6)).long().clamp_(0, NCLASS - 1)
 
 
 def _endpoints(angles: np.ndarray, h: int, w: int) -> np.ndarray:
