@@ -7,7 +7,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import sys
 from pathlib import Path
@@ -112,7 +111,7 @@ def _load_trainer(parser, path, device):
 
 
 def cmd_train(parser, args) -> int:
-    from .trainer import ACAITrainer
+    from .trainer import ACAITrainer, json_line
 
     device = _device_arg(parser, args)
     out = Path(args.out)
@@ -153,7 +152,7 @@ def cmd_train(parser, args) -> int:
           f"to {args.kimg:g} kimg; outputs in {out}", file=sys.stderr)
     history = trainer.fit(data, **fit_args)
     if history:
-        print(json.dumps(history[-1]))
+        print(json_line(history[-1]))
     return 0
 
 
@@ -179,6 +178,8 @@ def cmd_interpolate(parser, args) -> int:
 
 
 def cmd_evaluate(parser, args) -> int:
+    from .trainer import json_line
+
     trainer = _load_trainer(parser, args.checkpoint, _device_arg(parser, args))
     result = dict(kimg=round(trainer.nimg / 1024, 3))
     if _dataset_kind(trainer.config) == "lines":
@@ -186,7 +187,7 @@ def cmd_evaluate(parser, args) -> int:
         result.update(evaluate_lines(trainer))
     else:
         result.update(_idx_evaluation(*_load_idx(parser, args.data, "test"))(trainer))
-    print(json.dumps(result))
+    print(json_line(result))
     return 0
 
 

@@ -313,7 +313,7 @@ class ACAITrainer:
 
     def _write_outputs(self, out: Path, record: dict, preview) -> None:
         with open(out / "metrics.jsonl", "a") as f:
-            f.write(json.dumps(record) + "\n")
+            f.write(json_line(record) + "\n")
         self.save(out / "checkpoint.pt")
         if preview is not None:
             from .plotting import save_interpolation_grid
@@ -362,6 +362,11 @@ class ACAITrainer:
                         state["generator_device"], trainer.device.type, trainer.seed)
             trainer.generator.manual_seed(trainer.seed + trainer.steps)
         return trainer
+
+
+def json_line(record: dict) -> str:
+    """One strict-JSON line: NaN (an undefined metric, e.g. smoothness) is written as null."""
+    return json.dumps({k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in record.items()})
 
 
 def _lines_evaluation(trainer: ACAITrainer) -> dict:
