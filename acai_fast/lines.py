@@ -163,7 +163,7 @@ def smoothness_scores(angles: np.ndarray) -> np.ndarray:
     return scores
 
 
-def nearest_reference(images: torch.Tensor, chunk: int = 1024) -> tuple[torch.Tensor, torch.Tensor]:
+def nearest_reference(images: torch.Tensor, chunk: int = 4096) -> tuple[torch.Tensor, torch.Tensor]:
     """Cosine distance from each image (M, 1, H, W) to its nearest reference line, and that line's
     angle: ((M,) float64, (M,) float64), on the images' device (matmuls of `chunk` rows at a time)."""
     size = images.shape[-1]
