@@ -1,14 +1,75 @@
 """conv_block: avgpool2x2(leaky_relu(conv2d(upsample2x(x)))) as one op, the building block of every
 ACAI network (SPEC.md section 1).
 
-Reference in plain PyTorch (`conv_block_ref`); the fused Triton kernels come with issue 3.
+Reference in plain PyTorch (`conv_block_ref`); fused Triton kernels (implicit GEMM, NHWC, fp32
+accumulation): one forward kernel, and a dx and a dW/db kernel for backward. Limits: odd square
+kernels, stride 1, "same" padding; no split-K in the forward (small-spatial wide layers use small tiles).
 """
 from __future__ import annotations
+
+import logging
+import math
+import os
+import weakref
 
 import torch
 import torch.nn.functional as F
 
-BACKENDS = ("auto", "reference")
+try:
+    import triton
+    import triton.language as tl
+
+    HAS_TRITON = True
+except ImportError:  # CPU-only install without triton: only the reference backend exists.
+    HAS_TRITON = False
+
+    class _NoTriton:
+        """Stand-in so that the kernel definitions below still parse; launching them raises."""
+
+        @staticmethod
+        def jit(fn=None, **kwargs):
+            return fn if fn is not None else (lambda f: f)
+
+        @staticmethod
+        def Config(kwargs, num_warps=4, num_stages=3):
+            return dict(kwargs=kwargs, num_warps=num_warps, num_stages=num_stages)
+
+        @staticmethod
+        def autotune(**kwargs):
+            return lambda fn: fn
+
+    triton = _NoTriton()
+    tl = None
+
+logger = logging.getLogger(__name__)
+
+BACKENDS = ("auto", "reference", "triton")
+DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+# The interpreter is chosen when triton.jit runs (at import): read it once, the same way.
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def _fix_interpreter_for_numpy_2_4():
+    """Triton 3.6's interpreter turns a scalar into a Python int with int(array of shape (1,)),
+    which NumPy >= 2.4 refuses ("only 0-dimensional arrays can be converted to Python scalars"),
+    so every loop with a runtime bound fails under TRITON_INTERPRET=1. Re-patch tl.tensor.__index__
+    to take the single element. Interpreter only, idempotent; harmless with older NumPy."""
+    from triton.runtime import interpreter
+
+    original = interpreter._patch_lang_tensor
+    if getattr(original, "_acai_fixed", False):
+        return
+
+    def patch_lang_tensor(tensor, scope):
+        original(tensor, scope)
+        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(-1)[0]))
+
+    patch_lang_tensor._acai_fixed = True
+    interpreter._patch_lang_tensor = patch_lang_tensor
+
+
+if HAS_TRITON and INTERPRET:
+    _fix_interpreter_for_numpy_2_4()
 
 
 def conv_block_ref(x, weight, bias, *, upsample_input=False, leaky_slope=0.2, pool_output=False,
@@ -30,10 +91,669 @@ def conv_block_ref(x, weight, bias, *, upsample_input=False, leaky_slope=0.2, po
     return y
 
 
-def conv_block(x, weight, bias, *, upsample_input=False, leaky_slope=0.2, pool_output=False,
-               backend="auto"):
-    """The conv block, computed by `backend` ("reference"; "auto" picks the fastest available)."""
+# ------------------------------------------------------------------------------------------------
+# Triton kernels
+#
+# Notation (NHWC everywhere, channels contiguous):
+#   x (N, Hx, Wx, Cin) the block input; u = upsample2x(x) if UPSAMPLE else x, (N, H, W, Cin);
+#   z = conv(u, w) + b (N, H, W, Cout), "same" padding PAD = KS // 2;  a = lrelu(z);
+#   y = avgpool2x2(a) (N, HO, WO, Cout) with HO = H // 2 if POOL, else y = a.
+# Weights are pre-arranged (see `arrange_weight`): Wf (KS*KS*Cin, Cout) for the forward, row
+# tap*Cin + ci with tap = kh*KS + kw; Wb (KS*KS*Cout, Cin) for dx, row tap*Cout + co.
+# ------------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _conv_fwd_kernel(
+    X_ptr, W_ptr, B_ptr, Y_ptr, S_ptr,
+    N, H, W, CIN, COUT, HO, WO,
+    stride_xn, stride_xh, stride_xw,
+    stride_yn, stride_yh, stride_yw,
+    leaky_slope,
+    KS: tl.constexpr, UPSAMPLE: tl.constexpr, ACT: tl.constexpr, POOL: tl.constexpr,
+    HAS_BIAS: tl.constexpr, SAVE_SIGN: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """Forward: y = pool(lrelu(conv(upsample(x), w) + b)) as one implicit GEMM.
+
+    GEMM view: rows = output pixels of the conv (M = N*H*W), columns = Cout, reduction over the
+    KS*KS taps x Cin: z[m, co] = sum_{tap, ci} u[pixel(m) + offset(tap), ci] * Wf[tap*Cin + ci, co].
+    Tiling: one program per (BLOCK_M pixels x BLOCK_N out-channels) tile, flattened 1-D grid with
+    the Cout tiles fastest (programs that share x rows run together); one loop over
+    (tap, Cin chunk of BLOCK_K), so the pipeliner sees a single loop even when Cin <= BLOCK_K.
+    The A tile is gathered straight from x: rows out of the image are masked to 0 (the padding),
+    and with UPSAMPLE the row (ih, iw) of u reads x[ih // 2, iw // 2] (never materialised).
+    Epilogue in fp32: + bias, the sign of z (int8, only when backward cannot read it off y),
+    leaky ReLU, and with POOL the 2x2 mean: the pixel dimension is then ordered
+    (n, ho, wo, q) with q = 2*dh + dw the position in the pool window, so each window is 4
+    consecutive rows of one tile and the pool is a reshape (BLOCK_M/4, 4, BLOCK_N) + sum.
+    Odd H or W with POOL: the last row/column is never computed (avg_pool2d floors).
+    """
+    pid = tl.program_id(0)
+    num_pid_n = tl.cdiv(COUT, BLOCK_N)
+    pid_m = pid // num_pid_n
+    pid_n = pid % num_pid_n
+    PAD: tl.constexpr = KS // 2
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    if POOL:  # rows (n, ho, wo, q): a pool window is 4 consecutive rows
+        q = offs_m % 4
+        win = offs_m // 4
+        wo = win % WO
+        t = win // WO
+        h = 2 * (t % HO) + q // 2
+        w = 2 * wo + q % 2
+        n = t // HO
+        m_ok = offs_m < N * HO * WO * 4
+    else:  # rows (n, h, w): plain NHWC order, so the stores are contiguous
+        w = offs_m % W
+        t = offs_m // W
+        h = t % H
+        n = t // H
+        m_ok = offs_m < N * H * W
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_ok = offs_n < COUT
+    offs_k = tl.arange(0, BLOCK_K)
+    x_rows = X_ptr + n.to(tl.int64) * stride_xn  # (BLOCK_M,) image base pointers
+
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    num_k = (CIN + BLOCK_K - 1) // BLOCK_K
+    for kk in range(0, KS * KS * num_k):
+        tap = kk // num_k
+        c = (kk % num_k) * BLOCK_K + offs_k
+        c_ok = c < CIN
+        ih = h + (tap // KS - PAD)
+        iw = w + (tap % KS - PAD)
+        ok = m_ok & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+        if UPSAMPLE:  # nearest 2x: u[ih, iw] = x[ih // 2, iw // 2] (negative ih is masked)
+            ih = ih // 2
+            iw = iw // 2
+        a = tl.load((x_rows + ih * stride_xh + iw * stride_xw)[:, None] + c[None, :],
+                    mask=ok[:, None] & c_ok[None, :], other=0.0)
+        b = tl.load(W_ptr + (tap * CIN + c)[:, None] * COUT + offs_n[None, :],
+                    mask=c_ok[:, None] & n_ok[None, :], other=0.0)
+        acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
+
+    if HAS_BIAS:
+        acc += tl.load(B_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+    if SAVE_SIGN:  # (N, H, W, Cout) int8: z > 0, what the leaky-ReLU backward needs
+        s_rows = ((n.to(tl.int64) * H + h) * W + w) * COUT
+        tl.store(S_ptr + s_rows[:, None] + offs_n[None, :], (acc > 0).to(tl.int8),
+                 mask=m_ok[:, None] & n_ok[None, :])
+    if ACT:
+        acc = tl.where(acc > 0, acc, acc * leaky_slope)
+    if POOL:
+        acc = tl.sum(tl.reshape(acc, (BLOCK_M // 4, 4, BLOCK_N)), axis=1) * 0.25
+        offs_o = pid_m * (BLOCK_M // 4) + tl.arange(0, BLOCK_M // 4)  # (n, ho, wo) windows
+        o_ok = offs_o < N * HO * WO
+        wo = offs_o % WO
+        t = offs_o // WO
+        y_rows = Y_ptr + (t // HO).to(tl.int64) * stride_yn + (t % HO) * stride_yh + wo * stride_yw
+    else:
+        o_ok = m_ok
+        y_rows = Y_ptr + n.to(tl.int64) * stride_yn + h * stride_yh + w * stride_yw
+    tl.store(y_rows[:, None] + offs_n[None, :], acc.to(Y_ptr.dtype.element_ty),
+             mask=o_ok[:, None] & n_ok[None, :])
+
+
+@triton.jit
+def _grad_pre_tile(G_ptr, S_ptr, n, h, w, ok, co, co_ok, H, W, HO, WO, COUT, leaky_slope,
+                   ACT: tl.constexpr, POOL: tl.constexpr, SIGN_FROM_OUT: tl.constexpr):
+    """dL/dz at conv-output pixels (n, h, w) (each (BLOCK,)) x channels co, in fp32.
+
+    dL/da = dL/dy[n, h//2, w//2] / 4 with POOL (0 on the floored-off last row/column), else dL/dy;
+    dL/dz = dL/da * (1 if z > 0 else slope). The sign of z comes from y itself when there is no pool
+    and slope >= 0 (then y > 0 <=> z > 0; S = y), else from the int8 sign map S (N, H, W, Cout).
+    G (the incoming gradient) and S are contiguous NHWC.
+    """
+    n64 = n.to(tl.int64)
+    if POOL:
+        ok = ok & (h < 2 * HO) & (w < 2 * WO)
+        g_rows = ((n64 * HO + h // 2) * WO + w // 2) * COUT
+    else:
+        g_rows = ((n64 * H + h) * W + w) * COUT
+    mask = ok[:, None] & co_ok[None, :]
+    g = tl.load(G_ptr + g_rows[:, None] + co[None, :], mask=mask, other=0.0).to(tl.float32)
+    if POOL:
+        g = g * 0.25
+    if ACT:
+        if SIGN_FROM_OUT:
+            pos = tl.load(S_ptr + g_rows[:, None] + co[None, :], mask=mask, other=0.0) > 0
+        else:
+            s_rows = ((n64 * H + h) * W + w) * COUT
+            pos = tl.load(S_ptr + s_rows[:, None] + co[None, :], mask=mask, other=0) != 0
+        g = tl.where(pos, g, g * leaky_slope)
+    return g
+
+
+@triton.jit
+def _conv_bwd_dx_kernel(
+    G_ptr, S_ptr, W_ptr, DX_ptr,
+    N, H, W, CIN, COUT, HO, WO,
+    stride_dxn, stride_dxh, stride_dxw,
+    leaky_slope,
+    KS: tl.constexpr, UPSAMPLE: tl.constexpr, ACT: tl.constexpr, POOL: tl.constexpr,
+    SIGN_FROM_OUT: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """Input gradient: the transposed convolution of dL/dz, with the pool, leaky-ReLU and
+    upsample backward fused in.
+
+    du[p, ci] = sum_{tap, co} dz[p - offset(tap), co] * Wb[tap*Cout + co, ci]   (dz by _grad_pre_tile,
+    recomputed from dL/dy and the sign of z while loading the A tile: dz is never materialised);
+    with UPSAMPLE dx[n, hx, wx] = sum of du over its 2x2 block, else dx = du.
+    Tiling as in the forward: rows = pixels of u (M = N*H*W), columns = Cin, one loop over
+    (tap, Cout chunk). With UPSAMPLE the rows are ordered (n, hx, wx, q) so the 2x2 sum is a
+    reshape + sum in the epilogue, like the forward's pool.
+    """
+    pid = tl.program_id(0)
+    num_pid_n = tl.cdiv(CIN, BLOCK_N)
+    pid_m = pid // num_pid_n
+    pid_n = pid % num_pid_n
+    PAD: tl.constexpr = KS // 2
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    if UPSAMPLE:  # rows (n, hx, wx, q) over u pixels (2hx + q//2, 2wx + q%2)
+        HX = H // 2
+        WX = W // 2
+        q = offs_m % 4
+        win = offs_m // 4
+        wx = win % WX
+        t = win // WX
+        ih = 2 * (t % HX) + q // 2
+        iw = 2 * wx + q % 2
+        n = t // HX
+    else:
+        iw = offs_m % W
+        t = offs_m // W
+        ih = t % H
+        n = t // H
+    m_ok = offs_m < N * H * W
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_ok = offs_n < CIN
+    offs_k = tl.arange(0, BLOCK_K)
+
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    num_k = (COUT + BLOCK_K - 1) // BLOCK_K
+    for kk in range(0, KS * KS * num_k):
+        tap = kk // num_k
+        co = (kk % num_k) * BLOCK_K + offs_k
+        co_ok = co < COUT
+        oh = ih - (tap // KS - PAD)  # z[oh] used u[ih] through this tap
+        ow = iw - (tap % KS - PAD)
+        ok = m_ok & (oh >= 0) & (oh < H) & (ow >= 0) & (ow < W)
+        dz = _grad_pre_tile(G_ptr, S_ptr, n, oh, ow, ok, co, co_ok, H, W, HO, WO, COUT,
+                            leaky_slope, ACT, POOL, SIGN_FROM_OUT)
+        b = tl.load(W_ptr + (tap * COUT + co)[:, None] * CIN + offs_n[None, :],
+                    mask=co_ok[:, None] & n_ok[None, :], other=0.0)
+        acc = tl.dot(dz.to(b.dtype), b, acc, input_precision=DOT_PRECISION)
+
+    if UPSAMPLE:
+        acc = tl.sum(tl.reshape(acc, (BLOCK_M // 4, 4, BLOCK_N)), axis=1)
+        offs_o = pid_m * (BLOCK_M // 4) + tl.arange(0, BLOCK_M // 4)  # (n, hx, wx)
+        o_ok = offs_o < N * HX * WX
+        wx = offs_o % WX
+        t = offs_o // WX
+        dx_rows = DX_ptr + (t // HX).to(tl.int64) * stride_dxn + (t % HX) * stride_dxh + wx * stride_dxw
+    else:
+        o_ok = m_ok
+        dx_rows = DX_ptr + n.to(tl.int64) * stride_dxn + ih * stride_dxh + iw * stride_dxw
+    tl.store(dx_rows[:, None] + offs_n[None, :], acc.to(DX_ptr.dtype.element_ty),
+             mask=o_ok[:, None] & n_ok[None, :])
+
+
+@triton.jit
+def _conv_bwd_dw_kernel(
+    X_ptr, G_ptr, S_ptr, DW_ptr, DB_ptr,
+    N, H, W, CIN, COUT, HO, WO,
+    stride_xn, stride_xh, stride_xw,
+    stride_dws, stride_dwo, stride_dwi, stride_dwt, stride_dbs,
+    PIX_PER_SPLIT, leaky_slope,
+    KS: tl.constexpr, UPSAMPLE: tl.constexpr, ACT: tl.constexpr, POOL: tl.constexpr,
+    SIGN_FROM_OUT: tl.constexpr, NEED_DB: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_CI: tl.constexpr, BLOCK_CO: tl.constexpr, BLOCK_P: tl.constexpr,
+):
+    """Weight and bias gradients: reductions over all N*H*W conv-output pixels p.
+
+    dW[co, ci, tap] = sum_p u[p + offset(tap), ci] * dz[p, co];   db[co] = sum_p dz[p, co].
+    Tiling: one program per (tap, BLOCK_CI in-channels) x (BLOCK_CO out-channels) x split; the
+    pixels are cut into contiguous ranges of PIX_PER_SPLIT (a multiple of every BLOCK_P), one per
+    split, each walked in chunks of BLOCK_P: acc (BLOCK_CI, BLOCK_CO) += u_chunk^T @ dz_chunk.
+    Deterministic: every split writes its own fp32 partial (no atomics) and the launcher sums the
+    partials over splits in a fixed order; the result depends only on the shape and the config.
+    db is accumulated in fp32 (before dz is rounded to the input dtype) by the tap-0, ci-block-0
+    programs only, from the dz tile they load anyway.
+    """
+    pid_t = tl.program_id(0)  # tap * num_ci_blocks + ci block
+    pid_co = tl.program_id(1)
+    pid_s = tl.program_id(2)
+    num_ci = tl.cdiv(CIN, BLOCK_CI)
+    tap = pid_t // num_ci
+    PAD: tl.constexpr = KS // 2
+    dh = tap // KS - PAD
+    dw = tap % KS - PAD
+
+    ci = (pid_t % num_ci) * BLOCK_CI + tl.arange(0, BLOCK_CI)
+    ci_ok = ci < CIN
+    co = pid_co * BLOCK_CO + tl.arange(0, BLOCK_CO)
+    co_ok = co < COUT
+    P = N * H * W
+    p_lo = pid_s * PIX_PER_SPLIT
+    p_hi = tl.minimum(p_lo + PIX_PER_SPLIT, P)
+    do_db = pid_t == 0  # (with NEED_DB) these programs also reduce db
+
+    acc = tl.zeros((BLOCK_CI, BLOCK_CO), dtype=tl.float32)
+    db = tl.zeros((BLOCK_CO,), dtype=tl.float32)
+    for p0 in range(p_lo, p_hi, BLOCK_P):
+        offs_p = p0 + tl.arange(0, BLOCK_P)
+        p_ok = offs_p < p_hi
+        w = offs_p % W
+        t = offs_p // W
+        h = t % H
+        n = t // H
+        dz = _grad_pre_tile(G_ptr, S_ptr, n, h, w, p_ok, co, co_ok, H, W, HO, WO, COUT,
+                            leaky_slope, ACT, POOL, SIGN_FROM_OUT)  # (BLOCK_P, BLOCK_CO)
+        ih = h + dh
+        iw = w + dw
+        ok = p_ok & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+        if UPSAMPLE:
+            ih = ih // 2
+            iw = iw // 2
+        u = tl.load((X_ptr + n.to(tl.int64) * stride_xn + ih * stride_xh + iw * stride_xw)[:, None]
+                    + ci[None, :], mask=ok[:, None] & ci_ok[None, :], other=0.0)  # (BLOCK_P, BLOCK_CI)
+        acc = tl.dot(tl.trans(u), dz.to(u.dtype), acc, input_precision=DOT_PRECISION)
+        if NEED_DB:
+            if do_db:
+                db += tl.sum(dz, axis=0)
+
+    dw_ptrs = DW_ptr + pid_s * stride_dws + co[None, :] * stride_dwo + ci[:, None] * stride_dwi + tap * stride_dwt
+    tl.store(dw_ptrs, acc, mask=ci_ok[:, None] & co_ok[None, :])
+    if NEED_DB:
+        tl.store(DB_ptr + pid_s * stride_dbs + co, db, mask=co_ok & do_db)
+
+
+# ------------------------------------------------------------------------------------------------
+# Configs and autotuning
+#
+# Every config below is correct for every shape (the kernels mask all edges); the autotuner only
+# picks the fastest. tests/test_conv_block.py runs each one explicitly (GPU: all; CPU: a few).
+# Results are keyed on the shape and flags and persisted by Triton (cache_results=True: a json per
+# kernel and key under TRITON_CACHE_DIR), so a second process skips the benchmarking.
+# Under the interpreter (CI on CPU) tuning is pointless and slow: one fixed config per kernel.
+# ------------------------------------------------------------------------------------------------
+
+
+def _cfg(a, b, c, warps, stages, names):
+    return triton.Config(dict(zip(names, (a, b, c))), num_warps=warps, num_stages=stages)
+
+
+_MNK = ("BLOCK_M", "BLOCK_N", "BLOCK_K")
+# (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages). Wide tiles for the 32x32 layers, small ones for the
+# 2x2-8x8 wide-channel layers (more programs: ANCHORS.md's 256->512 at 4x4 lost with 1 wave),
+# 16-wide ones for the colors/latent (1-3 channel) ends.
+FWD_CONFIGS = [
+    _cfg(128, 64, 32, 4, 3, _MNK),
+    _cfg(128, 128, 32, 8, 3, _MNK),
+    _cfg(64, 64, 32, 4, 3, _MNK),
+    _cfg(64, 64, 64, 4, 3, _MNK),
+    _cfg(32, 64, 64, 4, 3, _MNK),
+    _cfg(32, 32, 64, 4, 3, _MNK),
+    _cfg(128, 16, 16, 4, 3, _MNK),
+    _cfg(64, 128, 32, 4, 3, _MNK),
+]
+DX_CONFIGS = list(FWD_CONFIGS)
+_DW = ("BLOCK_CI", "BLOCK_CO", "BLOCK_P")
+DW_CONFIGS = [
+    _cfg(64, 64, 64, 4, 3, _DW),
+    _cfg(64, 64, 128, 4, 3, _DW),
+    _cfg(128, 64, 64, 8, 3, _DW),
+    _cfg(32, 64, 128, 4, 3, _DW),
+    _cfg(32, 32, 128, 4, 3, _DW),
+    _cfg(16, 16, 128, 4, 3, _DW),
+    _cfg(64, 128, 64, 8, 3, _DW),
+]
+# The interpreter's single configs: big enough to keep the number of (slow, Python) program
+# instances down, small enough to exercise the edge masks on the test shapes.
+INTERPRET_FWD_CONFIG = _cfg(32, 16, 16, 4, 1, _MNK)
+INTERPRET_DX_CONFIG = _cfg(32, 16, 16, 4, 1, _MNK)
+INTERPRET_DW_CONFIG = _cfg(16, 16, 32, 4, 1, _DW)
+_MAX_BLOCK_P = 256  # PIX_PER_SPLIT is a multiple of this, hence of every BLOCK_P
+
+
+def _pow2_at_least_16(v):
+    return max(16, 1 << max(0, int(v) - 1).bit_length())
+
+
+def _prune_mnk(n_name, k_name):
+    """Drop configs whose N or K tile is more than twice the (16-rounded) channel count: they only
+    add masked lanes. Keeps at least the smallest config."""
+
+    def prune(configs, named_args, **kwargs):
+        cap_n = 2 * _pow2_at_least_16(named_args[n_name])
+        cap_k = 2 * _pow2_at_least_16(named_args[k_name])
+        kept = [c for c in configs if c.kwargs["BLOCK_N"] <= cap_n and c.kwargs["BLOCK_K"] <= cap_k]
+        return kept or [min(configs, key=lambda c: c.kwargs["BLOCK_N"] * c.kwargs["BLOCK_K"])]
+
+    return prune
+
+
+def _prune_dw(configs, named_args, **kwargs):
+    cap_i, cap_o = 2 * _pow2_at_least_16(named_args["CIN"]), 2 * _pow2_at_least_16(named_args["COUT"])
+    kept = [c for c in configs if c.kwargs["BLOCK_CI"] <= cap_i and c.kwargs["BLOCK_CO"] <= cap_o]
+    return kept or [min(configs, key=lambda c: c.kwargs["BLOCK_CI"] * c.kwargs["BLOCK_CO"])]
+
+
+_KEY = ["N", "H", "W", "CIN", "COUT", "KS", "UPSAMPLE", "ACT", "POOL"]
+_TUNED = {}  # kernel name -> its triton.autotune wrapper (not under the interpreter)
+if HAS_TRITON and not INTERPRET:
+    _TUNED["fwd"] = triton.autotune(
+        configs=FWD_CONFIGS, key=_KEY, cache_results=True,
+        prune_configs_by=dict(early_config_prune=_prune_mnk("COUT", "CIN")))(_conv_fwd_kernel)
+    _TUNED["dx"] = triton.autotune(
+        configs=DX_CONFIGS, key=_KEY, cache_results=True,
+        prune_configs_by=dict(early_config_prune=_prune_mnk("CIN", "COUT")))(_conv_bwd_dx_kernel)
+    _TUNED["dw"] = triton.autotune(
+        configs=DW_CONFIGS, key=_KEY + ["PIX_PER_SPLIT"], cache_results=True,
+        prune_configs_by=dict(early_config_prune=_prune_dw))(_conv_bwd_dw_kernel)
+_KERNELS = dict(fwd=_conv_fwd_kernel, dx=_conv_bwd_dx_kernel, dw=_conv_bwd_dw_kernel)
+_INTERPRET_CONFIGS = dict(fwd=INTERPRET_FWD_CONFIG, dx=INTERPRET_DX_CONFIG, dw=INTERPRET_DW_CONFIG)
+
+
+def _launch(name, config, grid, *args, **constexprs):
+    """Launch kernel `name` ("fwd", "dx", "dw") with an explicit `config` (a triton.Config), else
+    the interpreter's fixed config, else autotuned. Returns the config that ran (None: autotuned)."""
+    if config is None and INTERPRET:
+        config = _INTERPRET_CONFIGS[name]
+    if config is None:
+        _TUNED[name][grid](*args, **constexprs)
+        return None
+    _KERNELS[name][grid(config.kwargs)](*args, **constexprs, **config.kwargs,
+                                        num_warps=config.num_warps, num_stages=config.num_stages)
+    return config
+
+
+# ------------------------------------------------------------------------------------------------
+# Weight arrangement: once per optimizer step, not per call
+# ------------------------------------------------------------------------------------------------
+
+_WEIGHT_CACHE: dict = {}  # (id(weight), dtype, kind) -> (weakref, _version, data_ptr, arranged)
+
+
+def arrange_weight(weight, dtype, kind):
+    """The weight (Cout, Cin, k, k) as the kernels read it, in `dtype`, contiguous:
+    kind "fwd": (k*k*Cin, Cout), row (kh*k + kw)*Cin + ci; kind "bwd": (k*k*Cout, Cin), row
+    (kh*k + kw)*Cout + co. Both keep the GEMM's column dimension contiguous (coalesced B tiles).
+
+    Cached per weight tensor and invalidated by `weight._version`, which every in-place update
+    bumps (torch.optim's for-loop, foreach and fused Adam; load_state_dict; `with no_grad: w -= ..`),
+    so the arrangement runs once per optimizer step however often the weight is used (the decoder
+    and critic run twice per ACAI step). Writes through `weight.data` do NOT bump the version: call
+    `clear_weight_cache()` after those. During CUDA-graph capture the cache is bypassed, so the
+    arrangement is recorded in the graph and replays see the updated weights.
+    """
+    key = (id(weight), dtype, kind)
+    capturing = weight.is_cuda and torch.cuda.is_current_stream_capturing()
+    hit = _WEIGHT_CACHE.get(key)
+    if hit is not None and not capturing:
+        ref, version, ptr, arranged = hit
+        if ref() is weight and version == weight._version and ptr == weight.data_ptr():
+            return arranged
+    order = (2, 3, 1, 0) if kind == "fwd" else (2, 3, 0, 1)
+    with torch.no_grad():
+        w = weight.detach().permute(*order)  # (k, k, Cin, Cout) or (k, k, Cout, Cin)
+        arranged = w.reshape(-1, w.shape[-1]).to(dtype).contiguous()
+    if not capturing:
+        _WEIGHT_CACHE[key] = (weakref.ref(weight, lambda _, key=key: _WEIGHT_CACHE.pop(key, None)),
+                              weight._version, weight.data_ptr(), arranged)
+    return arranged
+
+
+def clear_weight_cache():
+    """Forget every arranged weight (needed only after writes that bypass the version counter)."""
+    _WEIGHT_CACHE.clear()
+
+
+# ------------------------------------------------------------------------------------------------
+# Launchers
+# ------------------------------------------------------------------------------------------------
+
+
+def _flags(leaky_slope, pool_output):
+    act = leaky_slope is not None
+    # y > 0 <=> z > 0 holds for slope >= 0; with a pool y is a mean, so the sign must be stored.
+    sign_from_out = act and not pool_output and leaky_slope >= 0
+    return act, sign_from_out, act and not sign_from_out
+
+
+def _dot_precision(dtype):
+    # fp32 inputs: exact fp32 products (the fp32 path is for checking, not speed); bf16/fp16: tensor cores.
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def conv_fwd(x, weight, bias, *, upsample_input=False, leaky_slope=0.2, pool_output=False,
+             config=None, poison=False):
+    """Forward launcher. x (N, Cin, Hx, Wx) channels_last -> (y channels_last, sign map or None).
+
+    The sign map (N, H, W, Cout) int8 is returned only when backward needs it (activation with a
+    pool, or a negative slope). `config`: a triton.Config to force (else autotuned / the
+    interpreter's); `poison`: fill the outputs with NaN first (tests).
+    """
+    x = x.contiguous(memory_format=torch.channels_last)  # no copy when it already is
+    bias = bias.contiguous() if bias is not None else None
+    N, CIN, HX, WX = x.shape
+    COUT, _, KS, _ = weight.shape
+    H, W = (2 * HX, 2 * WX) if upsample_input else (HX, WX)
+    HO, WO = (H // 2, W // 2) if pool_output else (H, W)
+    act, _, save_sign = _flags(leaky_slope, pool_output)
+    fill = float("nan") if poison else None
+    y = _empty((N, COUT, HO, WO), x.dtype, x.device, fill, channels_last=True)
+    sign = torch.empty((N, H, W, COUT), dtype=torch.int8, device=x.device) if save_sign else None
+    if N == 0:
+        return y, sign
+    wf = arrange_weight(weight, x.dtype, "fwd")
+    m = N * HO * WO * 4 if pool_output else N * H * W
+
+    def grid(meta):
+        return (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(COUT, meta["BLOCK_N"]),)
+
+    _launch("fwd", config, grid,
+            x, wf, bias if bias is not None else wf, y, sign if sign is not None else y,
+            N, H, W, CIN, COUT, HO, WO,
+            x.stride(0), x.stride(2), x.stride(3), y.stride(0), y.stride(2), y.stride(3),
+            float(leaky_slope) if act else 0.0,
+            KS=KS, UPSAMPLE=upsample_input, ACT=act, POOL=pool_output, HAS_BIAS=bias is not None,
+            SAVE_SIGN=save_sign, DOT_PRECISION=_dot_precision(x.dtype))
+    return y, sign
+
+
+def _dw_splits(P, KS, CIN, COUT):
+    """Pixel splits of the dW reduction: enough programs to fill an H100 (~2 waves of 132 SMs at
+    64x64 tiles), each split at least 4 chunks of _MAX_BLOCK_P pixels. Depends on the shape only,
+    so the summation order (and the result) does not change from call to call."""
+    tiles = KS * KS * math.ceil(CIN / 64) * math.ceil(COUT / 64)
+    max_splits = max(1, P // (4 * _MAX_BLOCK_P))
+    splits = max(1, min(max_splits, math.ceil(264 / tiles)))
+    per_split = math.ceil(math.ceil(P / splits) / _MAX_BLOCK_P) * _MAX_BLOCK_P
+    return math.ceil(P / per_split), per_split
+
+
+def conv_bwd(grad_y, x, weight, bias_dtype, y, sign, *, upsample_input=False, leaky_slope=0.2,
+             pool_output=False, need_dx=True, need_dw=True, need_db=True, dx_config=None,
+             dw_config=None, poison=False):
+    """Backward launcher: (dx channels_last or None, dw (Cout, Cin, k, k) or None, db or None).
+
+    grad_y: dL/dy, any layout (made contiguous channels_last); x, y, sign: as saved by the forward
+    (y is read only when the sign of z is taken from it). dw/db come in the weight's / bias's
+    dtype (`bias_dtype`; db is None when there is no bias).
+    """
+    x = x.contiguous(memory_format=torch.channels_last)
+    N, CIN, HX, WX = x.shape
+    COUT, _, KS, _ = weight.shape
+    H, W = (2 * HX, 2 * WX) if upsample_input else (HX, WX)
+    HO, WO = (H // 2, W // 2) if pool_output else (H, W)
+    act, sign_from_out, _ = _flags(leaky_slope, pool_output)
+    s = y.contiguous(memory_format=torch.channels_last) if sign_from_out else sign
+    fill = float("nan") if poison else None
+    g = grad_y.contiguous(memory_format=torch.channels_last)
+    if g.dtype != x.dtype:
+        g = g.to(x.dtype)
+    s = s if s is not None else g  # dummy pointer when there is no activation
+    slope = float(leaky_slope) if act else 0.0
+    common = dict(KS=KS, UPSAMPLE=upsample_input, ACT=act, POOL=pool_output,
+                  SIGN_FROM_OUT=sign_from_out, DOT_PRECISION=_dot_precision(x.dtype))
+    dx = dw = db = None
+    need_db = need_db and bias_dtype is not None
+
+    if need_dx:
+        dx = _empty((N, CIN, HX, WX), x.dtype, x.device, fill, channels_last=True)
+        if N > 0:
+            wb = arrange_weight(weight, x.dtype, "bwd")
+
+            def grid_dx(meta):
+                return (triton.cdiv(N * H * W, meta["BLOCK_M"]) * triton.cdiv(CIN, meta["BLOCK_N"]),)
+
+            _launch("dx", dx_config, grid_dx, g, s, wb, dx, N, H, W, CIN, COUT, HO, WO,
+                    dx.stride(0), dx.stride(2), dx.stride(3), slope, **common)
+
+    if need_dw or need_db:
+        splits, per_split = _dw_splits(N * H * W, KS, CIN, COUT)
+        # (splits, Cout, Cin, k*k) fp32 partials, summed over splits below (a view when splits == 1).
+        ws = _empty((splits, COUT, CIN, KS * KS), torch.float32, x.device, fill)
+        wsb = _empty((splits, COUT), torch.float32, x.device, fill) if need_db else ws
+        if N == 0:
+            ws.zero_()
+            wsb.zero_()
+        else:
+            def grid_dw(meta):
+                return (KS * KS * triton.cdiv(CIN, meta["BLOCK_CI"]), triton.cdiv(COUT, meta["BLOCK_CO"]),
+                        splits)
+
+            _launch("dw", dw_config, grid_dw, x, g, s, ws, wsb, N, H, W, CIN, COUT, HO, WO,
+                    x.stride(0), x.stride(2), x.stride(3),
+                    ws.stride(0), ws.stride(1), ws.stride(2), ws.stride(3), wsb.stride(0),
+                    per_split, slope, NEED_DB=need_db, **common)
+        if need_dw:
+            dw = (ws[0] if splits == 1 else ws.sum(0)).view(COUT, CIN, KS, KS).to(weight.dtype)
+        if need_db:
+            db = (wsb[0] if splits == 1 else wsb.sum(0)).to(bias_dtype)
+    return dx, dw, db
+
+
+def _empty(shape, dtype, device, fill, channels_last=False):
+    """torch.empty, in channels_last for activations; fill: a poison value (tests) or None."""
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    t = torch.empty(shape, dtype=dtype, device=device, memory_format=fmt)
+    return t.fill_(fill) if fill is not None else t
+
+
+# ------------------------------------------------------------------------------------------------
+# Autograd and the functional op
+# ------------------------------------------------------------------------------------------------
+
+
+class ConvBlockFunction(torch.autograd.Function):
+    """The Triton conv block. Saves x, the weight (for its arrangement), and either y (when the
+    sign of z can be read off it) or the int8 sign map; nothing else (no pre-activation)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, upsample_input, leaky_slope, pool_output):
+        x = x.contiguous(memory_format=torch.channels_last)  # free when it already is
+        y, sign = conv_fwd(x, weight, bias, upsample_input=upsample_input, leaky_slope=leaky_slope,
+                           pool_output=pool_output)
+        _, sign_from_out, _ = _flags(leaky_slope, pool_output)
+        ctx.save_for_backward(x, weight, y if sign_from_out else None, sign)
+        ctx.flags = (upsample_input, leaky_slope, pool_output)
+        ctx.bias_dtype = bias.dtype if bias is not None else None
+        return y
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_y):
+        x, weight, y, sign = ctx.saved_tensors
+        upsample_input, leaky_slope, pool_output = ctx.flags
+        need_dx, need_dw, need_db = ctx.needs_input_grad[:3]
+        dx, dw, db = conv_bwd(grad_y, x, weight, ctx.bias_dtype, y, sign,
+                              upsample_input=upsample_input, leaky_slope=leaky_slope,
+                              pool_output=pool_output, need_dx=need_dx, need_dw=need_dw,
+                              need_db=need_db)
+        return dx, dw, db, None, None, None
+
+
+def resolve_backend(x, backend):
+    """The backend that `conv_block` will run for input x: "reference" or "triton".
+
+    "auto" -> "triton" for CUDA tensors when Triton is installed, else "reference". An explicit
+    "triton" is never replaced: it fails in `check_inputs` when it cannot run.
+    """
     if backend not in BACKENDS:
         raise ValueError(f"conv_block: unknown backend {backend!r}; valid: {', '.join(BACKENDS)}")
-    return conv_block_ref(x, weight, bias, upsample_input=upsample_input, leaky_slope=leaky_slope,
-                          pool_output=pool_output)
+    if backend != "auto":
+        return backend
+    return "triton" if HAS_TRITON and isinstance(x, torch.Tensor) and x.is_cuda else "reference"
+
+
+def check_inputs(x, weight, bias, *, upsample_input, leaky_slope, pool_output, backend):
+    """Raise ValueError naming the problem (before any launch) for input conv_block cannot take."""
+    for name, t in (("x", x), ("weight", weight)):
+        if not isinstance(t, torch.Tensor):
+            raise ValueError(f"conv_block: {name} must be a torch.Tensor, got {type(t).__name__}")
+    if x.dim() != 4:
+        raise ValueError(f"conv_block: x must be 4-D (N, C, H, W), got shape {tuple(x.shape)}")
+    if weight.dim() != 4 or weight.shape[2] != weight.shape[3] or weight.shape[2] % 2 == 0:
+        raise ValueError(f"conv_block: weight must be (Cout, Cin, k, k) with odd k (1 or 3), "
+                         f"got shape {tuple(weight.shape)}")
+    if weight.shape[1] != x.shape[1]:
+        raise ValueError(f"conv_block: x has {x.shape[1]} channels but weight {tuple(weight.shape)} "
+                         f"expects {weight.shape[1]}")
+    if min(weight.shape[:2]) < 1:
+        raise ValueError(f"conv_block: weight has no channels: {tuple(weight.shape)}")
+    if bias is not None:
+        if not isinstance(bias, torch.Tensor) or bias.shape != (weight.shape[0],):
+            raise ValueError(f"conv_block: bias must be a ({weight.shape[0]},) tensor, got "
+                             f"{tuple(bias.shape) if isinstance(bias, torch.Tensor) else type(bias).__name__}")
+    if x.dtype not in DTYPES:
+        raise ValueError(f"conv_block: x dtype {x.dtype} not supported; use one of {DTYPES}")
+    if weight.dtype not in (x.dtype, torch.float32):
+        raise ValueError(f"conv_block: wrong dtype mix: weight {weight.dtype} with x {x.dtype} "
+                         f"(weight must be x's dtype or float32 master weights)")
+    if bias is not None and bias.dtype != weight.dtype:
+        raise ValueError(f"conv_block: wrong dtype mix: bias {bias.dtype} with weight {weight.dtype}")
+    devices = {t.device for t in (x, weight, bias) if t is not None}
+    if len(devices) > 1:
+        raise ValueError(f"conv_block: x, weight and bias must be on one device, got {sorted(map(str, devices))}")
+    if leaky_slope is not None and not (isinstance(leaky_slope, (int, float)) and math.isfinite(leaky_slope)):
+        raise ValueError(f"conv_block: leaky_slope must be a finite number or None, got {leaky_slope!r}")
+    size = [s * (2 if upsample_input else 1) for s in x.shape[2:]]
+    if min(size) < 1 or pool_output and min(size) < 2:
+        raise ValueError(f"conv_block: spatial size {tuple(size)} (after upsample) is too small"
+                         f"{' for the 2x2 pool' if pool_output else ''}")
+    if backend == "triton":
+        if not HAS_TRITON:
+            raise ValueError("conv_block: backend='triton' but triton is not installed")
+        if not x.is_cuda and not INTERPRET:
+            raise ValueError(f"conv_block: backend='triton' needs CUDA tensors, got x on {x.device} "
+                             f"(use backend='reference', or TRITON_INTERPRET=1 for the interpreter)")
+
+
+def conv_block(x, weight, bias, *, upsample_input=False, leaky_slope=0.2, pool_output=False,
+               backend="auto"):
+    """pool(lrelu(conv2d(upsample(x), weight, bias, padding=k//2))): (N, Cin, H, W) -> (N, Cout, H', W').
+
+    backend: "reference" (plain PyTorch), "triton" (fused kernels; CUDA tensors, or CPU tensors
+    under TRITON_INTERPRET=1) or "auto" (triton on CUDA, reference otherwise); the choice is logged
+    at DEBUG level (`resolve_backend` returns it). x may be fp32/bf16/fp16 in any memory format;
+    weight and bias in x's dtype or fp32 (master weights, cast once per optimizer step). The output
+    is in x's dtype; the triton backend returns it in channels_last, so a chain never copies.
+    """
+    name = resolve_backend(x, backend)
+    check_inputs(x, weight, bias, upsample_input=upsample_input, leaky_slope=leaky_slope,
+                 pool_output=pool_output, backend=name)
+    logger.debug("conv_block: backend=%s (asked %s) for x %s %s on %s", name, backend,
+                 tuple(x.shape), x.dtype, x.device)
+    if name == "reference":
+        if weight.dtype != x.dtype:
+            weight = weight.to(x.dtype)
+            bias = bias.to(x.dtype) if bias is not None else None
+        return conv_block_ref(x, weight, bias, upsample_input=upsample_input,
+                              leaky_slope=leaky_slope, pool_output=pool_output)
+    return ConvBlockFunction.apply(x, weight, bias, upsample_input, leaky_slope, pool_output)
