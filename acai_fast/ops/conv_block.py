@@ -7,10 +7,10 @@ kernels, stride 1, "same" padding; no split-K in the forward (small-spatial wide
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
-import weakref
 
 import torch
 import torch.nn.functional as F
@@ -98,8 +98,9 @@ def conv_block_ref(x, weight, bias, *, upsample_input=False, leaky_slope=0.2, po
 #   x (N, Hx, Wx, Cin) the block input; u = upsample2x(x) if UPSAMPLE else x, (N, H, W, Cin);
 #   z = conv(u, w) + b (N, H, W, Cout), "same" padding PAD = KS // 2;  a = lrelu(z);
 #   y = avgpool2x2(a) (N, HO, WO, Cout) with HO = H // 2 if POOL, else y = a.
-# Weights are pre-arranged (see `arrange_weight`): Wf (KS*KS*Cin, Cout) for the forward, row
-# tap*Cin + ci with tap = kh*KS + kw; Wb (KS*KS*Cout, Cin) for dx, row tap*Cout + co.
+# The weight w (Cout, Cin, KS, KS) is read through its four strides and cast to x's dtype in the
+# kernel: any layout is correct, and the loads are coalesced when Cin or Cout is the contiguous
+# dimension (see `kernel_weight`); tap = kh*KS + kw.
 # ------------------------------------------------------------------------------------------------
 
 
@@ -108,6 +109,7 @@ def _conv_fwd_kernel(
     X_ptr, W_ptr, B_ptr, Y_ptr, S_ptr,
     N, H, W, CIN, COUT, HO, WO,
     stride_xn, stride_xh, stride_xw,
+    stride_wo, stride_wi, stride_wkh, stride_wkw,
     stride_yn, stride_yh, stride_yw,
     leaky_slope,
     KS: tl.constexpr, UPSAMPLE: tl.constexpr, ACT: tl.constexpr, POOL: tl.constexpr,
@@ -117,7 +119,7 @@ def _conv_fwd_kernel(
     """Forward: y = pool(lrelu(conv(upsample(x), w) + b)) as one implicit GEMM.
 
     GEMM view: rows = output pixels of the conv (M = N*H*W), columns = Cout, reduction over the
-    KS*KS taps x Cin: z[m, co] = sum_{tap, ci} u[pixel(m) + offset(tap), ci] * Wf[tap*Cin + ci, co].
+    KS*KS taps x Cin: z[m, co] = sum_{tap, ci} u[pixel(m) + offset(tap), ci] * w[co, ci, tap].
     Tiling: one program per (BLOCK_M pixels x BLOCK_N out-channels) tile, flattened 1-D grid with
     the Cout tiles fastest (programs that share x rows run together); one loop over
     (tap, Cin chunk of BLOCK_K), so the pipeliner sees a single loop even when Cin <= BLOCK_K.
@@ -170,9 +172,10 @@ def _conv_fwd_kernel(
             iw = iw // 2
         a = tl.load((x_rows + ih * stride_xh + iw * stride_xw)[:, None] + c[None, :],
                     mask=ok[:, None] & c_ok[None, :], other=0.0)
-        b = tl.load(W_ptr + (tap * CIN + c)[:, None] * COUT + offs_n[None, :],
-                    mask=c_ok[:, None] & n_ok[None, :], other=0.0)
-        acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
+        w_tap = W_ptr + (tap // KS) * stride_wkh + (tap % KS) * stride_wkw
+        b = tl.load(w_tap + c[:, None] * stride_wi + offs_n[None, :] * stride_wo,
+                    mask=c_ok[:, None] & n_ok[None, :], other=0.0)  # (BLOCK_K ci, BLOCK_N co)
+        acc = tl.dot(a, b.to(a.dtype), acc, input_precision=DOT_PRECISION)
 
     if HAS_BIAS:
         acc += tl.load(B_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
@@ -230,6 +233,7 @@ def _grad_pre_tile(G_ptr, S_ptr, n, h, w, ok, co, co_ok, H, W, HO, WO, COUT, lea
 def _conv_bwd_dx_kernel(
     G_ptr, S_ptr, W_ptr, DX_ptr,
     N, H, W, CIN, COUT, HO, WO,
+    stride_wo, stride_wi, stride_wkh, stride_wkw,
     stride_dxn, stride_dxh, stride_dxw,
     leaky_slope,
     KS: tl.constexpr, UPSAMPLE: tl.constexpr, ACT: tl.constexpr, POOL: tl.constexpr,
@@ -239,7 +243,7 @@ def _conv_bwd_dx_kernel(
     """Input gradient: the transposed convolution of dL/dz, with the pool, leaky-ReLU and
     upsample backward fused in.
 
-    du[p, ci] = sum_{tap, co} dz[p - offset(tap), co] * Wb[tap*Cout + co, ci]   (dz by _grad_pre_tile,
+    du[p, ci] = sum_{tap, co} dz[p - offset(tap), co] * w[co, ci, tap]   (dz by _grad_pre_tile,
     recomputed from dL/dy and the sign of z while loading the A tile: dz is never materialised);
     with UPSAMPLE dx[n, hx, wx] = sum of du over its 2x2 block, else dx = du.
     Tiling as in the forward: rows = pixels of u (M = N*H*W), columns = Cin, one loop over
@@ -284,9 +288,11 @@ def _conv_bwd_dx_kernel(
         ok = m_ok & (oh >= 0) & (oh < H) & (ow >= 0) & (ow < W)
         dz = _grad_pre_tile(G_ptr, S_ptr, n, oh, ow, ok, co, co_ok, H, W, HO, WO, COUT,
                             leaky_slope, ACT, POOL, SIGN_FROM_OUT)
-        b = tl.load(W_ptr + (tap * COUT + co)[:, None] * CIN + offs_n[None, :],
-                    mask=co_ok[:, None] & n_ok[None, :], other=0.0)
-        acc = tl.dot(dz.to(b.dtype), b, acc, input_precision=DOT_PRECISION)
+        w_tap = W_ptr + (tap // KS) * stride_wkh + (tap % KS) * stride_wkw
+        b = tl.load(w_tap + co[:, None] * stride_wo + offs_n[None, :] * stride_wi,
+                    mask=co_ok[:, None] & n_ok[None, :], other=0.0)  # (BLOCK_K co, BLOCK_N ci)
+        dtype = DX_ptr.dtype.element_ty
+        acc = tl.dot(dz.to(dtype), b.to(dtype), acc, input_precision=DOT_PRECISION)
 
     if UPSAMPLE:
         acc = tl.sum(tl.reshape(acc, (BLOCK_M // 4, 4, BLOCK_N)), axis=1)
@@ -414,9 +420,9 @@ DW_CONFIGS = [
 ]
 # The interpreter's single configs: big enough to keep the number of (slow, Python) program
 # instances down, small enough to exercise the edge masks on the test shapes.
-INTERPRET_FWD_CONFIG = _cfg(32, 16, 16, 4, 1, _MNK)
-INTERPRET_DX_CONFIG = _cfg(32, 16, 16, 4, 1, _MNK)
-INTERPRET_DW_CONFIG = _cfg(16, 16, 32, 4, 1, _DW)
+INTERPRET_FWD_CONFIG = _cfg(128, 16, 16, 4, 1, _MNK)
+INTERPRET_DX_CONFIG = _cfg(128, 16, 16, 4, 1, _MNK)
+INTERPRET_DW_CONFIG = _cfg(16, 16, 128, 4, 1, _DW)
 _MAX_BLOCK_P = 256  # PIX_PER_SPLIT is a multiple of this, hence of every BLOCK_P
 
 
@@ -476,41 +482,55 @@ def _launch(name, config, grid, *args, **constexprs):
 # Weight arrangement: once per optimizer step, not per call
 # ------------------------------------------------------------------------------------------------
 
-_WEIGHT_CACHE: dict = {}  # (id(weight), dtype, kind) -> (weakref, _version, data_ptr, arranged)
+_SCOPES: list[dict] = []  # stack of active `weight_cache()` scopes
 
 
-def arrange_weight(weight, dtype, kind):
-    """The weight (Cout, Cin, k, k) as the kernels read it, in `dtype`, contiguous:
-    kind "fwd": (k*k*Cin, Cout), row (kh*k + kw)*Cin + ci; kind "bwd": (k*k*Cout, Cin), row
-    (kh*k + kw)*Cout + co. Both keep the GEMM's column dimension contiguous (coalesced B tiles).
+def _good_layout(weight):
+    """Cin or Cout contiguous: the kernels' weight tiles are then read with wide, coalesced loads."""
+    cout, cin = weight.shape[:2]
+    return weight.stride(1) == 1 or cin == 1 or weight.stride(0) == 1 or cout == 1
 
-    Cached per weight tensor and invalidated by `weight._version`, which every in-place update
-    bumps (torch.optim's for-loop, foreach and fused Adam; load_state_dict; `with no_grad: w -= ..`),
-    so the arrangement runs once per optimizer step however often the weight is used (the decoder
-    and critic run twice per ACAI step). Writes through `weight.data` do NOT bump the version: call
-    `clear_weight_cache()` after those. During CUDA-graph capture the cache is bypassed, so the
-    arrangement is recorded in the graph and replays see the updated weights.
+
+def kernel_weight(weight, dtype):
+    """The weight (Cout, Cin, k, k) as the kernels read it, in `dtype`, with Cin or Cout contiguous.
+
+    Returned as is (no copy) when it already has x's dtype and Cin or Cout contiguous, which is the
+    case for channels_last parameters (`net.to(memory_format=torch.channels_last)`) and for 1x1
+    kernels. Otherwise (fp32 master weights with bf16 x, or a contiguous k=3 weight) a copy in
+    `dtype` with Cout contiguous (k, k, Cin, Cout order), made by the forward and kept for backward.
+
+    Inside a `weight_cache()` scope the copy is made once per weight and reused by every call in
+    the scope (the decoder and critic run twice per ACAI step). There is deliberately no cache
+    outside a scope: fused Adam (torch.optim.Adam(fused=True)) updates weights without bumping
+    `weight._version`, and CUDA-graph replays bump nothing, so no Python-side check can tell that a
+    cached copy went stale once the optimizer step may have run.
     """
-    key = (id(weight), dtype, kind)
+    if weight.dtype == dtype and _good_layout(weight):
+        return weight
     capturing = weight.is_cuda and torch.cuda.is_current_stream_capturing()
-    hit = _WEIGHT_CACHE.get(key)
-    if hit is not None and not capturing:
-        ref, version, ptr, arranged = hit
-        if ref() is weight and version == weight._version and ptr == weight.data_ptr():
-            return arranged
-    order = (2, 3, 1, 0) if kind == "fwd" else (2, 3, 0, 1)
+    key = (id(weight), dtype)
+    if _SCOPES:
+        hit = _SCOPES[-1].get(key)
+        if hit is not None and hit[0] is weight and hit[1] == weight._version and hit[2] == capturing:
+            return hit[3]
     with torch.no_grad():
-        w = weight.detach().permute(*order)  # (k, k, Cin, Cout) or (k, k, Cout, Cin)
-        arranged = w.reshape(-1, w.shape[-1]).to(dtype).contiguous()
-    if not capturing:
-        _WEIGHT_CACHE[key] = (weakref.ref(weight, lambda _, key=key: _WEIGHT_CACHE.pop(key, None)),
-                              weight._version, weight.data_ptr(), arranged)
+        arranged = weight.detach().permute(2, 3, 1, 0).to(dtype).contiguous().permute(3, 2, 0, 1)
+    if _SCOPES:
+        _SCOPES[-1][key] = (weight, weight._version, capturing, arranged)
     return arranged
 
 
-def clear_weight_cache():
-    """Forget every arranged weight (needed only after writes that bypass the version counter)."""
-    _WEIGHT_CACHE.clear()
+@contextlib.contextmanager
+def weight_cache():
+    """Within this scope each weight is cast/arranged for the kernels once (see `kernel_weight`):
+    wrap one step's forward and backward, NOT the optimizer step. In-place updates that bump
+    `_version` are still noticed; copies made during a CUDA-graph capture are used only during
+    capture (they are recorded in the graph, so replays refresh them), eager copies only eagerly."""
+    _SCOPES.append({})
+    try:
+        yield
+    finally:
+        _SCOPES.pop()
 
 
 # ------------------------------------------------------------------------------------------------
@@ -535,8 +555,9 @@ def conv_fwd(x, weight, bias, *, upsample_input=False, leaky_slope=0.2, pool_out
     """Forward launcher. x (N, Cin, Hx, Wx) channels_last -> (y channels_last, sign map or None).
 
     The sign map (N, H, W, Cout) int8 is returned only when backward needs it (activation with a
-    pool, or a negative slope). `config`: a triton.Config to force (else autotuned / the
-    interpreter's); `poison`: fill the outputs with NaN first (tests).
+    pool, or a negative slope). weight: any layout, x's dtype or fp32 (see `kernel_weight`).
+    `config`: a triton.Config to force (else autotuned / the interpreter's); `poison`: fill the
+    outputs with NaN first (tests).
     """
     x = x.contiguous(memory_format=torch.channels_last)  # no copy when it already is
     bias = bias.contiguous() if bias is not None else None
@@ -550,16 +571,17 @@ def conv_fwd(x, weight, bias, *, upsample_input=False, leaky_slope=0.2, pool_out
     sign = torch.empty((N, H, W, COUT), dtype=torch.int8, device=x.device) if save_sign else None
     if N == 0:
         return y, sign
-    wf = arrange_weight(weight, x.dtype, "fwd")
+    wk = kernel_weight(weight, x.dtype)
     m = N * HO * WO * 4 if pool_output else N * H * W
 
     def grid(meta):
         return (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(COUT, meta["BLOCK_N"]),)
 
     _launch("fwd", config, grid,
-            x, wf, bias if bias is not None else wf, y, sign if sign is not None else y,
+            x, wk, bias if bias is not None else wk, y, sign if sign is not None else y,
             N, H, W, CIN, COUT, HO, WO,
-            x.stride(0), x.stride(2), x.stride(3), y.stride(0), y.stride(2), y.stride(3),
+            x.stride(0), x.stride(2), x.stride(3), *wk.stride(),
+            y.stride(0), y.stride(2), y.stride(3),
             float(leaky_slope) if act else 0.0,
             KS=KS, UPSAMPLE=upsample_input, ACT=act, POOL=pool_output, HAS_BIAS=bias is not None,
             SAVE_SIGN=save_sign, DOT_PRECISION=_dot_precision(x.dtype))
@@ -570,6 +592,8 @@ def _dw_splits(P, KS, CIN, COUT):
     """Pixel splits of the dW reduction: enough programs to fill an H100 (~2 waves of 132 SMs at
     64x64 tiles), each split at least 4 chunks of _MAX_BLOCK_P pixels. Depends on the shape only,
     so the summation order (and the result) does not change from call to call."""
+    if P == 0:
+        return 1, _MAX_BLOCK_P
     tiles = KS * KS * math.ceil(CIN / 64) * math.ceil(COUT / 64)
     max_splits = max(1, P // (4 * _MAX_BLOCK_P))
     splits = max(1, min(max_splits, math.ceil(264 / tiles)))
@@ -577,14 +601,15 @@ def _dw_splits(P, KS, CIN, COUT):
     return math.ceil(P / per_split), per_split
 
 
-def conv_bwd(grad_y, x, weight, bias_dtype, y, sign, *, upsample_input=False, leaky_slope=0.2,
-             pool_output=False, need_dx=True, need_dw=True, need_db=True, dx_config=None,
-             dw_config=None, poison=False):
-    """Backward launcher: (dx channels_last or None, dw (Cout, Cin, k, k) or None, db or None).
+def conv_bwd(grad_y, x, weight, y, sign, *, weight_dtype=None, bias_dtype=None,
+             upsample_input=False, leaky_slope=0.2, pool_output=False, need_dx=True, need_dw=True,
+             need_db=True, dx_config=None, dw_config=None, poison=False):
+    """Backward launcher: (dx channels_last or None, dw (Cout, Cin, k, k) contiguous or None, db or None).
 
     grad_y: dL/dy, any layout (made contiguous channels_last); x, y, sign: as saved by the forward
-    (y is read only when the sign of z is taken from it). dw/db come in the weight's / bias's
-    dtype (`bias_dtype`; db is None when there is no bias).
+    (y is read only when the sign of z is taken from it); weight: as in `conv_fwd` (or the
+    `kernel_weight` the forward used). dw comes in `weight_dtype` (default weight.dtype), db in
+    `bias_dtype` (None: there is no bias, no db).
     """
     x = x.contiguous(memory_format=torch.channels_last)
     N, CIN, HX, WX = x.shape
@@ -607,12 +632,12 @@ def conv_bwd(grad_y, x, weight, bias_dtype, y, sign, *, upsample_input=False, le
     if need_dx:
         dx = _empty((N, CIN, HX, WX), x.dtype, x.device, fill, channels_last=True)
         if N > 0:
-            wb = arrange_weight(weight, x.dtype, "bwd")
+            wk = kernel_weight(weight, x.dtype)
 
             def grid_dx(meta):
                 return (triton.cdiv(N * H * W, meta["BLOCK_M"]) * triton.cdiv(CIN, meta["BLOCK_N"]),)
 
-            _launch("dx", dx_config, grid_dx, g, s, wb, dx, N, H, W, CIN, COUT, HO, WO,
+            _launch("dx", dx_config, grid_dx, g, s, wk, dx, N, H, W, CIN, COUT, HO, WO, *wk.stride(),
                     dx.stride(0), dx.stride(2), dx.stride(3), slope, **common)
 
     if need_dw or need_db:
@@ -633,7 +658,7 @@ def conv_bwd(grad_y, x, weight, bias_dtype, y, sign, *, upsample_input=False, le
                     ws.stride(0), ws.stride(1), ws.stride(2), ws.stride(3), wsb.stride(0),
                     per_split, slope, NEED_DB=need_db, **common)
         if need_dw:
-            dw = (ws[0] if splits == 1 else ws.sum(0)).view(COUT, CIN, KS, KS).to(weight.dtype)
+            dw = (ws[0] if splits == 1 else ws.sum(0)).view(COUT, CIN, KS, KS).to(weight_dtype or weight.dtype)
         if need_db:
             db = (wsb[0] if splits == 1 else wsb.sum(0)).to(bias_dtype)
     return dx, dw, db
@@ -652,27 +677,29 @@ def _empty(shape, dtype, device, fill, channels_last=False):
 
 
 class ConvBlockFunction(torch.autograd.Function):
-    """The Triton conv block. Saves x, the weight (for its arrangement), and either y (when the
-    sign of z can be read off it) or the int8 sign map; nothing else (no pre-activation)."""
+    """The Triton conv block. Saves x, the weight as the kernels read it (the parameter itself, or
+    the forward's cast/arranged copy, reused by dx), and either y (when the sign of z can be read
+    off it) or the int8 sign map: no pre-activation, no upsampled input, no pre-pool map."""
 
     @staticmethod
     def forward(ctx, x, weight, bias, upsample_input, leaky_slope, pool_output):
         x = x.contiguous(memory_format=torch.channels_last)  # free when it already is
-        y, sign = conv_fwd(x, weight, bias, upsample_input=upsample_input, leaky_slope=leaky_slope,
+        wk = kernel_weight(weight, x.dtype)
+        y, sign = conv_fwd(x, wk, bias, upsample_input=upsample_input, leaky_slope=leaky_slope,
                            pool_output=pool_output)
         _, sign_from_out, _ = _flags(leaky_slope, pool_output)
-        ctx.save_for_backward(x, weight, y if sign_from_out else None, sign)
+        ctx.save_for_backward(x, wk, y if sign_from_out else None, sign)
         ctx.flags = (upsample_input, leaky_slope, pool_output)
-        ctx.bias_dtype = bias.dtype if bias is not None else None
+        ctx.dtypes = (weight.dtype, bias.dtype if bias is not None else None)
         return y
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_y):
-        x, weight, y, sign = ctx.saved_tensors
+        x, wk, y, sign = ctx.saved_tensors
         upsample_input, leaky_slope, pool_output = ctx.flags
         need_dx, need_dw, need_db = ctx.needs_input_grad[:3]
-        dx, dw, db = conv_bwd(grad_y, x, weight, ctx.bias_dtype, y, sign,
+        dx, dw, db = conv_bwd(grad_y, x, wk, y, sign, weight_dtype=ctx.dtypes[0], bias_dtype=ctx.dtypes[1],
                               upsample_input=upsample_input, leaky_slope=leaky_slope,
                               pool_output=pool_output, need_dx=need_dx, need_dw=need_dw,
                               need_db=need_db)

@@ -1,0 +1,556 @@
+"""conv_block: the fused Triton kernels against the PyTorch reference `conv_block_ref`.
+
+CPU (TRITON_INTERPRET=1, fp32): output and the gradients of x, weight and bias for every flag
+combination, kernel sizes 1 and 3, tiny / odd / realistic shapes; every autotune config on one odd
+shape with poisoned outputs; the weight-arrangement cache; dispatch and bad input.
+GPU (marked `gpu`): bf16 under the flash-attention rule on every layer shape of every preset at
+batch 64 and 1024, every config with poisoned outputs in bf16 and fp32, fp32 master weights, CUDA
+graph capture.
+"""
+from __future__ import annotations
+
+import copy
+import importlib.util
+import itertools
+import logging
+import pathlib
+import sys
+
+import pytest
+import torch
+import triton
+
+import acai_fast.ops.conv_block as cbm
+from acai_fast import ACAIConfig
+from acai_fast.config import PRESETS
+from acai_fast.networks import Decoder, Encoder, build_networks
+from acai_fast.ops.conv_block import (DW_CONFIGS, DX_CONFIGS, FWD_CONFIGS, conv_block, conv_block_ref,
+                                      conv_bwd, conv_fwd, kernel_weight, resolve_backend, weight_cache)
+from helpers import assert_close, assert_close_lowp
+
+HAS_GPU = torch.cuda.is_available()
+DEVICE = "cuda" if HAS_GPU else "cpu"
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def make_inputs(n, cin, cout, size, k, *, dtype=torch.float32, device=DEVICE, bias=True):
+    """x (N, Cin, S, S), weight at the paper's init scale, a small random bias; all require grad."""
+    x = torch.randn(n, cin, size, size, device=device, dtype=dtype)
+    w = torch.randn(cout, cin, k, k, device=device) / (cin * k * k) ** 0.5
+    b = torch.randn(cout, device=device) * 0.1 if bias else None
+    w = w.to(dtype)
+    b = b.to(dtype) if bias else None
+    return [t.requires_grad_() if t is not None else None for t in (x, w, b)]
+
+
+def reference(x, w, b, grad, flags, upcast=True):
+    """Output and (dx, dw, db) of the reference; fp64 when upcast (the ground truth)."""
+    xs = [t.detach().double().requires_grad_() if upcast and t is not None else t for t in (x, w, b)]
+    y = conv_block_ref(*xs, **flags)
+    leaves = [t for t in xs if t is not None]
+    grads = torch.autograd.grad(y, leaves, grad.to(y.dtype))
+    return y, grads
+
+
+def assert_fp32_close(actual, expected, name):
+    """fp32 kernels vs an fp64 reference: 1e-4 relative, atol scaled by the tensor's magnitude."""
+    scale = max(1.0, expected.abs().max().item())
+    assert_close(actual, expected, atol=1e-5 * scale, rtol=1e-4, name=name)
+
+
+def check_block(x, w, b, flags, backend="triton"):
+    y = conv_block(x, w, b, backend=backend, **flags)
+    grad = torch.randn_like(y)
+    leaves = [t for t in (x, w, b) if t is not None]
+    got = torch.autograd.grad(y, leaves, grad)
+    y_ref, expected = reference(x, w, b, grad, flags)
+    assert y.dtype == x.dtype and y.shape == y_ref.shape
+    assert y_ref.abs().max() > 0 and all(e.abs().max() > 0 for e in expected), "degenerate test case"
+    assert_fp32_close(y, y_ref, "y")
+    for name, g, e in zip(("dx", "dw", "db"), got, expected):
+        assert g.dtype == e.dtype or g.dtype == torch.float32
+        assert_fp32_close(g, e, name)
+    return y, got
+
+
+# ------------------------------------------------------------------------------------------------
+# CPU (interpreter) and GPU: fp32 against the reference
+# ------------------------------------------------------------------------------------------------
+
+FLAGS = [dict(upsample_input=u, leaky_slope=s, pool_output=p)
+         for u, s, p in itertools.product((False, True), (0.2, None), (False, True))]
+# (N, Cin, Cout, size without pool, size with pool): tiny, odd channel counts, a realistic multiple of 16.
+SHAPES = {"tiny": (3, 1, 2, 1, 2), "odd_cin": (3, 17, 5, 5, 6), "odd_cout": (3, 2, 17, 5, 6),
+          "realistic": (2, 16, 32, 8, 8)}
+
+
+def flag_id(f):
+    parts = ["up"] * f["upsample_input"] + ["conv"] + ["lrelu"] * (f["leaky_slope"] is not None)
+    return "-".join(parts + ["pool"] * f["pool_output"])
+
+
+@pytest.mark.parametrize("shape", list(SHAPES), ids=list(SHAPES))
+@pytest.mark.parametrize("k", (1, 3))
+@pytest.mark.parametrize("flags", FLAGS, ids=[flag_id(f) for f in FLAGS])
+def test_matches_reference(shape, k, flags, seed):
+    n, cin, cout, size, pooled_size = SHAPES[shape]
+    size = pooled_size if flags["pool_output"] and not flags["upsample_input"] else size
+    x, w, b = make_inputs(n, cin, cout, size, k)
+    y, _ = check_block(x, w, b, flags)
+    assert y.is_contiguous(memory_format=torch.channels_last)
+
+
+@pytest.mark.parametrize("slope", (0.0, -0.3, 1.5))
+@pytest.mark.parametrize("pool", (False, True))
+def test_other_slopes(slope, pool, seed):
+    """slope >= 0 without a pool reads the sign of z off y; a negative slope needs the sign map."""
+    x, w, b = make_inputs(2, 5, 6, 6, 3)
+    check_block(x, w, b, dict(upsample_input=False, leaky_slope=slope, pool_output=pool))
+
+
+def test_odd_size_with_pool_floors(seed):
+    """avg_pool2d floors odd sizes: the last row and column get no gradient."""
+    x, w, b = make_inputs(2, 3, 4, 5, 3)
+    flags = dict(upsample_input=False, leaky_slope=0.2, pool_output=True)
+    check_block(x, w, b, flags)
+    _, (dx, _, _) = check_block(torch.randn(2, 3, 5, 7, device=DEVICE, requires_grad=True), w, b, flags)
+    assert dx.shape == (2, 3, 5, 7)
+
+
+def test_no_bias(seed):
+    x, w, _ = make_inputs(2, 5, 6, 6, 3, bias=False)
+    check_block(x, w, None, dict(upsample_input=True, leaky_slope=0.2, pool_output=False))
+
+
+def test_memory_formats_and_layouts(seed):
+    """Any input memory format; outputs and dx in channels_last, dw and db contiguous."""
+    x, w, b = make_inputs(2, 6, 5, 6, 3)
+    flags = dict(upsample_input=False, leaky_slope=0.2, pool_output=True)
+    for xin in (x, x.detach().contiguous(memory_format=torch.channels_last).requires_grad_(),
+                x.detach().transpose(2, 3).contiguous().transpose(2, 3).requires_grad_()):
+        y, (dx, dw, db) = check_block(xin, w, b, flags)
+        assert y.is_contiguous(memory_format=torch.channels_last)
+        assert dx.is_contiguous(memory_format=torch.channels_last)
+        assert dw.is_contiguous() and db.is_contiguous() and dw.shape == w.shape
+
+
+def test_several_dw_splits(seed):
+    """Enough pixels for the dW reduction to be split (partials summed in a fixed order)."""
+    n, size = 2, 32
+    splits, per_split = cbm._dw_splits(n * size * size, 3, 2, 3)
+    assert splits > 1
+    x, w, b = make_inputs(n, 2, 3, size, 3)
+    _, (dx, dw, db) = check_block(x, w, b, dict(upsample_input=False, leaky_slope=0.2, pool_output=True))
+    # Deterministic: no atomics, so a second backward is bitwise identical.
+    y = conv_block(x, w, b, upsample_input=False, leaky_slope=0.2, pool_output=True, backend="triton")
+    g = torch.randn_like(y)
+    first = torch.autograd.grad(y, (w, b), g, retain_graph=True)
+    second = torch.autograd.grad(y, (w, b), g)
+    assert all(torch.equal(a, c) for a, c in zip(first, second))
+
+
+@pytest.mark.parametrize("p", (1, 255, 256, 1000, 2048, 65536, 1 << 20))
+@pytest.mark.parametrize("cin,cout", ((1, 16), (64, 64), (256, 512)))
+def test_dw_split_plan(p, cin, cout):
+    splits, per_split = cbm._dw_splits(p, 3, cin, cout)
+    assert per_split % cbm._MAX_BLOCK_P == 0 and all(per_split % c.kwargs["BLOCK_P"] == 0 for c in DW_CONFIGS)
+    assert splits * per_split >= p > (splits - 1) * per_split  # every split has pixels, all covered
+
+
+def test_only_some_gradients(seed):
+    """x without requires_grad (the encoder's input): no dx kernel, weight grads still right."""
+    x, w, b = make_inputs(2, 3, 4, 4, 1)
+    x = x.detach()
+    y = conv_block(x, w, b, leaky_slope=None, backend="triton")
+    g = torch.randn_like(y)
+    dw, db = torch.autograd.grad(y, (w, b), g)
+    _, (_, dw_ref, db_ref) = reference(x.requires_grad_(), w, b, g, dict(leaky_slope=None))
+    assert_fp32_close(dw, dw_ref, "dw")
+    assert_fp32_close(db, db_ref, "db")
+
+
+def test_empty_batch(seed):
+    x, w, b = make_inputs(0, 3, 4, 4, 3)
+    y = conv_block(x, w, b, pool_output=True, backend="triton")
+    assert y.shape == (0, 4, 2, 2)
+    dx, dw, db = torch.autograd.grad(y.sum() + 0 * w.sum() + 0 * b.sum(), (x, w, b), allow_unused=True)
+    assert dx.shape == x.shape and not dw.any() and not db.any()
+
+
+# Small configs (16-row tiles) only for the CPU: many tiles per small test shape, so pid arithmetic
+# and the pool windows across tiles are exercised; the GPU lists are run in full as well.
+SMALL_MNK = [triton.Config(dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=16)),
+             triton.Config(dict(BLOCK_M=32, BLOCK_N=16, BLOCK_K=32))]
+SMALL_DW = [triton.Config(dict(BLOCK_CI=16, BLOCK_CO=16, BLOCK_P=16))]
+
+
+def run_configs(fwd_configs, dx_configs, dw_configs, *, dtype, device, shapes, check):
+    """Each config of each kernel on each (n, cin, cout, size, k, flags), outputs poisoned (NaN)
+    before the launch; `check(actual, expected, y_lowp_torch_or_None, name)` compares."""
+    for n, cin, cout, size, k, flags in shapes:
+        torch.manual_seed(0)
+        x, w, b = make_inputs(n, cin, cout, size, k, dtype=dtype, device=device)
+        x, w, b = x.detach(), w.detach(), b.detach()
+        y_ref = conv_block_ref(x, w, b, upcast=True, **flags)
+        grad = torch.randn_like(y_ref).to(dtype)
+        _, (dx_ref, dw_ref, db_ref) = reference(x, w, b, grad, flags)
+        lowp = None
+        if dtype != torch.float32:  # PyTorch's own error in this dtype
+            xl, wl, bl = (t.clone().requires_grad_() for t in (x, w, b))
+            yl = conv_block_ref(xl, wl, bl, **flags)
+            lowp = (yl,) + torch.autograd.grad(yl, (xl, wl, bl), grad)
+        case = f"{n}x{cin}->{cout}@{size} k{k} {flag_id(flags)}"
+        y0, sign = conv_fwd(x, w, b, **flags)
+        for cfg in fwd_configs:
+            y, _ = conv_fwd(x, w, b, **flags, config=cfg, poison=True)
+            check(y, y_ref, lowp and lowp[0], f"y [{case}] {cfg}")
+        for cfg in dx_configs:
+            dx, _, _ = conv_bwd(grad, x, w, y0, sign, bias_dtype=b.dtype, **flags, need_dw=False,
+                                need_db=False, dx_config=cfg, poison=True)
+            check(dx, dx_ref, lowp and lowp[1], f"dx [{case}] {cfg}")
+        for cfg in dw_configs:
+            _, dw, db = conv_bwd(grad, x, w, y0, sign, bias_dtype=b.dtype, **flags, need_dx=False,
+                                 dw_config=cfg, poison=True)
+            check(dw, dw_ref, lowp and lowp[2], f"dw [{case}] {cfg}")
+            check(db, db_ref, lowp and lowp[3], f"db [{case}] {cfg}")
+
+
+def fp32_check(actual, expected, _lowp, name):
+    assert_fp32_close(actual, expected, name)
+
+
+def test_every_config_interpreter():
+    """Every config of the three lists (and smaller ones) under the interpreter, outputs poisoned."""
+    shapes = [(2, 17, 20, 6, 3, dict(upsample_input=False, leaky_slope=0.2, pool_output=True)),
+              (2, 5, 3, 3, 3, dict(upsample_input=True, leaky_slope=0.2, pool_output=False))]
+    run_configs(FWD_CONFIGS + SMALL_MNK, DX_CONFIGS + SMALL_MNK, DW_CONFIGS + SMALL_DW,
+                dtype=torch.float32, device=DEVICE, shapes=shapes, check=fp32_check)
+
+
+# ------------------------------------------------------------------------------------------------
+# The networks run on the triton backend
+# ------------------------------------------------------------------------------------------------
+
+
+def test_network_chain_matches_reference(seed):
+    """A small encoder -> decoder (every block kind of SPEC section 1) on both backends."""
+    enc, dec = Encoder(colors=3, depth=8, scales=2, latent=2), Decoder(latent=2, depth=8, scales=2, colors=3)
+    enc_t, dec_t = copy.deepcopy(enc), copy.deepcopy(dec)
+    enc_t.backend = dec_t.backend = "triton"
+    x = torch.rand(2, 3, 8, 8) * 2 - 1
+    out_ref = dec(enc(x))
+    out = dec_t(enc_t(x))
+    assert out.shape == (2, 3, 8, 8)
+    assert_fp32_close(out, out_ref, "decoder output")
+    loss_ref, loss = (out_ref ** 2).mean(), (out ** 2).mean()
+    params_ref = list(enc.parameters()) + list(dec.parameters())
+    params = list(enc_t.parameters()) + list(dec_t.parameters())
+    for i, (g, e) in enumerate(zip(torch.autograd.grad(loss, params), torch.autograd.grad(loss_ref, params_ref))):
+        assert_fp32_close(g, e, f"param {i} grad")
+
+
+# ------------------------------------------------------------------------------------------------
+# Weights as the kernels read them
+# ------------------------------------------------------------------------------------------------
+
+
+def test_kernel_weight_layouts():
+    """No copy when Cin or Cout is contiguous in x's dtype; else a (k, k, Cin, Cout)-ordered copy."""
+    w = torch.randn(5, 3, 3, 3)
+    w_cl = w.contiguous(memory_format=torch.channels_last)
+    assert kernel_weight(w_cl, torch.float32) is w_cl
+    w1 = torch.randn(5, 3, 1, 1)
+    assert kernel_weight(w1, torch.float32) is w1
+    wk = kernel_weight(w, torch.float32)
+    assert wk is not w and wk.stride(0) == 1 and torch.equal(wk, w)
+    wh = kernel_weight(w_cl, torch.float16)
+    assert wh.dtype == torch.float16 and torch.equal(wh, w.half())
+
+
+@pytest.mark.parametrize("layout", ("contiguous", "channels_last", "transposed"))
+def test_weight_layouts_give_the_same_block(layout, seed):
+    x, w, b = make_inputs(2, 5, 6, 5, 3)
+    w = w.detach()
+    w = {"contiguous": w, "channels_last": w.contiguous(memory_format=torch.channels_last),
+         "transposed": w.transpose(0, 1).contiguous().transpose(0, 1)}[layout].requires_grad_()
+    _, (_, dw, _) = check_block(x, w, b, dict(upsample_input=False, leaky_slope=0.2, pool_output=True))
+    assert dw.shape == w.shape
+
+
+@pytest.mark.parametrize("impl", ("for-loop", "foreach", "fused"))
+def test_updated_weights_are_used_after_any_optimizer(impl, seed):
+    """Fused Adam updates weights without bumping weight._version: outside a weight_cache() scope
+    nothing is cached, so every call sees the current values."""
+    w = torch.nn.Parameter(torch.randn(4, 3, 3, 3))
+    kwargs = {"for-loop": dict(foreach=False), "foreach": dict(foreach=True), "fused": dict(fused=True)}[impl]
+    opt = torch.optim.Adam([w], lr=0.1, **kwargs)
+    x = torch.randn(1, 3, 4, 4)
+    for _ in range(2):
+        y = conv_block(x, w, None, leaky_slope=None, backend="triton")
+        assert_fp32_close(y, conv_block_ref(x, w.detach(), None, leaky_slope=None), "y")
+        w.grad = torch.randn_like(w)
+        opt.step()
+
+
+def test_weight_cache_scope():
+    """Inside a scope: one copy per weight (and dtype), refreshed when _version moves; none outside."""
+    w = torch.randn(4, 3, 3, 3)
+    assert kernel_weight(w, torch.float32) is not kernel_weight(w, torch.float32)
+    with weight_cache():
+        first = kernel_weight(w, torch.float32)
+        assert kernel_weight(w, torch.float32) is first
+        assert kernel_weight(w, torch.float16) is not first
+        w.mul_(2)
+        second = kernel_weight(w, torch.float32)
+        assert second is not first and torch.equal(second, w)
+    assert not cbm._SCOPES
+
+
+def test_weight_cache_scope_in_a_network(seed):
+    """A block used twice in one scope (like the decoder) gives the same results as without."""
+    x, w, b = make_inputs(2, 5, 6, 5, 3)
+    flags = dict(upsample_input=False, leaky_slope=0.2, pool_output=False)
+    with weight_cache():
+        y1 = conv_block(x, w, b, backend="triton", **flags)
+        y2 = conv_block(x * 2, w, b, backend="triton", **flags)
+        grads = torch.autograd.grad((y1 * y2).sum(), (x, w, b))
+    y1r, y2r = conv_block_ref(x, w, b, **flags), conv_block_ref(x * 2, w, b, **flags)
+    for g, e, name in zip(grads, torch.autograd.grad((y1r * y2r).sum(), (x, w, b)), ("dx", "dw", "db")):
+        assert_fp32_close(g, e, name)
+
+
+# ------------------------------------------------------------------------------------------------
+# Dispatch and bad input
+# ------------------------------------------------------------------------------------------------
+
+
+def test_resolve_backend_is_visible(caplog):
+    x = torch.randn(1, 2, 4, 4)
+    assert resolve_backend(x, "auto") == ("triton" if x.is_cuda else "reference")
+    assert resolve_backend(x, "triton") == "triton" and resolve_backend(x, "reference") == "reference"
+    w, b = torch.randn(3, 2, 3, 3), torch.zeros(3)
+    with caplog.at_level(logging.DEBUG, logger="acai_fast.ops.conv_block"):
+        conv_block(x, w, b, backend="auto")
+    assert "backend=reference" in caplog.text
+    with pytest.raises(ValueError, match="unknown backend"):
+        conv_block(x, w, b, backend="cudnn")
+
+
+def test_auto_on_cpu_is_the_reference(seed):
+    x, w, b = make_inputs(2, 3, 4, 4, 3, device="cpu")
+    y = conv_block(x, w, b, pool_output=True, backend="auto")
+    assert torch.equal(y, conv_block_ref(x, w, b, pool_output=True))
+
+
+@pytest.fixture
+def no_launch(monkeypatch):
+    """Any kernel launch fails the test: errors must come before."""
+    def launch(*args, **kwargs):
+        raise AssertionError("a kernel was launched")
+    monkeypatch.setattr(cbm, "_launch", launch)
+
+
+BAD = [
+    ("non-4D", lambda: (torch.randn(3, 4, 4), torch.randn(2, 3, 3, 3), torch.zeros(2)), "4-D"),
+    ("channels", lambda: (torch.randn(1, 4, 4, 4), torch.randn(2, 3, 3, 3), torch.zeros(2)), "4 channels"),
+    ("even kernel", lambda: (torch.randn(1, 3, 4, 4), torch.randn(2, 3, 2, 2), torch.zeros(2)), "odd k"),
+    ("bias shape", lambda: (torch.randn(1, 3, 4, 4), torch.randn(2, 3, 3, 3), torch.zeros(3)), "bias"),
+    ("dtype mix", lambda: (torch.randn(1, 3, 4, 4), torch.randn(2, 3, 3, 3).half(), torch.zeros(2).half()),
+     "dtype mix"),
+    ("dtype mix bias", lambda: (torch.randn(1, 3, 4, 4), torch.randn(2, 3, 3, 3), torch.zeros(2).double()),
+     "dtype mix"),
+    ("int input", lambda: (torch.ones(1, 3, 4, 4, dtype=torch.int32), torch.randn(2, 3, 3, 3), torch.zeros(2)),
+     "dtype"),
+    ("not a tensor", lambda: ([[1.0]], torch.randn(2, 3, 3, 3), torch.zeros(2)), "torch.Tensor"),
+]
+
+
+@pytest.mark.parametrize("backend", ("triton", "reference"))
+@pytest.mark.parametrize("case", BAD, ids=[c[0] for c in BAD])
+def test_bad_input(case, backend, no_launch):
+    _, make, match = case
+    x, w, b = make()
+    with pytest.raises(ValueError, match=match):
+        conv_block(x, w, b, backend=backend)
+
+
+def test_pool_too_small(no_launch):
+    with pytest.raises(ValueError, match="too small"):
+        conv_block(torch.randn(1, 3, 1, 1), torch.randn(2, 3, 3, 3), torch.zeros(2), pool_output=True,
+                   backend="triton")
+
+
+def test_cpu_tensors_to_triton_without_interpreter(monkeypatch, no_launch):
+    monkeypatch.setattr(cbm, "INTERPRET", False)
+    with pytest.raises(ValueError, match="CUDA tensors"):
+        conv_block(torch.randn(1, 3, 4, 4), torch.randn(2, 3, 3, 3), torch.zeros(2), backend="triton")
+
+
+@pytest.mark.gpu
+def test_mixed_devices(no_launch):
+    with pytest.raises(ValueError, match="one device"):
+        conv_block(torch.randn(1, 3, 4, 4, device="cuda"), torch.randn(2, 3, 3, 3), torch.zeros(2),
+                   backend="triton")
+
+
+# ------------------------------------------------------------------------------------------------
+# The benchmark's pure-Python parts
+# ------------------------------------------------------------------------------------------------
+
+
+def load_bench():
+    """bench/bench_conv_block.py as a module (bench/ is not a package)."""
+    if "bench_conv_block" not in sys.modules:
+        sys.path.insert(0, str(ROOT / "bench"))
+        try:
+            spec = importlib.util.spec_from_file_location("bench_conv_block", ROOT / "bench" / "bench_conv_block.py")
+            module = importlib.util.module_from_spec(spec)
+            sys.modules["bench_conv_block"] = module  # dataclasses look their module up while building
+            spec.loader.exec_module(module)
+        finally:
+            sys.path.remove(str(ROOT / "bench"))
+    return sys.modules["bench_conv_block"]
+
+
+@pytest.mark.parametrize("preset", PRESETS)
+def test_bench_layer_enumeration(preset):
+    """Every ConvBlock of encoder, decoder and critic, once per distinct shape, with the spatial
+    size it really sees (checked by running the reference networks on meta tensors)."""
+    bench = load_bench()
+    layers = bench.preset_layers(preset)
+    config = ACAIConfig.preset(preset)
+    nets = {name: net.to("meta") for name, net in build_networks(config).items()}
+    seen = {}
+    for name, size in (("encoder", 32), ("decoder", config.latent_width), ("critic", 32)):
+        x = torch.empty(2, nets[name].blocks[0].weight.shape[1], size, size, device="meta")
+        for block in nets[name].blocks:
+            cout, cin, k, _ = block.weight.shape
+            key = (cin, cout, k, x.shape[-1], block.upsample_input, block.leaky_slope, block.pool_output)
+            seen[key] = seen.get(key, 0) + 1
+            x = block(x)
+    got = {(l.cin, l.cout, l.k, l.size, l.upsample_input, l.leaky_slope, l.pool_output): l.count for l in layers}
+    assert got == seen
+    assert sum(l.count for l in layers) == sum(len(nets[n].blocks) for n in ("encoder", "decoder", "critic"))
+
+
+def test_bench_flop_count():
+    bench = load_bench()
+    layer = bench.Layer(preset="x", cin=16, cout=32, k=3, size=8, upsample_input=True, leaky_slope=0.2,
+                        pool_output=False, count=1)
+    fwd = 2 * 64 * 16 * 16 * 32 * 16 * 9  # the conv runs at 16x16 after the upsample
+    assert bench.flops(layer, 64, "fwd") == fwd
+    assert bench.flops(layer, 64, "bwd") == 2 * fwd
+    assert bench.flops(layer, 64, "fwd_bwd") == 3 * fwd
+
+
+def test_bench_summary_stats():
+    _common = sys.modules[load_bench().summarize.__module__]
+    assert _common.summarize([5.0, 1.0, 3.0, 2.0, 4.0]) == pytest.approx((3.0, 1.8, 4.2))
+
+
+# ------------------------------------------------------------------------------------------------
+# GPU: bf16 on every preset's layers, every config, fp32 master weights, CUDA graphs
+# ------------------------------------------------------------------------------------------------
+
+
+def all_preset_layers():
+    bench = load_bench()
+    unique = {}
+    for preset in PRESETS:
+        for l in bench.preset_layers(preset):
+            unique.setdefault((l.cin, l.cout, l.k, l.size, l.upsample_input, l.leaky_slope, l.pool_output), l)
+    return list(unique.values())
+
+
+def lowp_check(actual, expected, torch_lowp, name):
+    assert not actual.isnan().any(), f"{name}: NaN (poisoned output not fully written?)"
+    assert_close_lowp(actual, expected, torch_lowp, name=name)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("batch", (64, 1024))
+def test_gpu_bf16_every_preset_layer(batch):
+    """bf16 fused block (autotuned) vs the fp32 reference, within 2x PyTorch's own bf16 error."""
+    for l in all_preset_layers():
+        torch.manual_seed(0)
+        flags = dict(upsample_input=l.upsample_input, leaky_slope=l.leaky_slope, pool_output=l.pool_output)
+        x, w, b = make_inputs(batch, l.cin, l.cout, l.size, l.k, dtype=torch.bfloat16, device="cuda")
+        x = x.detach().contiguous(memory_format=torch.channels_last).requires_grad_()
+        y = conv_block(x, w, b, backend="triton", **flags)
+        grad = torch.randn_like(y)
+        got = (y,) + torch.autograd.grad(y, (x, w, b), grad)
+        xf, wf, bf = (t.detach().float().requires_grad_() for t in (x, w, b))
+        yf = conv_block_ref(xf, wf, bf, **flags)
+        ref = (yf,) + torch.autograd.grad(yf, (xf, wf, bf), grad.float())
+        xl, wl, bl = (t.detach().clone().requires_grad_() for t in (x, w, b))
+        yl = conv_block_ref(xl, wl, bl, **flags)
+        lowp = (yl,) + torch.autograd.grad(yl, (xl, wl, bl), grad)
+        for name, a, r, p in zip(("y", "dx", "dw", "db"), got, ref, lowp):
+            lowp_check(a.float(), r, p.float(), f"{name} {l} batch {batch}")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", (torch.bfloat16, torch.float16, torch.float32))
+def test_gpu_every_config(dtype):
+    """Every config that the autotuner can choose, on realistic and odd shapes, outputs poisoned."""
+    shapes = [(64, 64, 64, 32, 3, dict(upsample_input=False, leaky_slope=0.2, pool_output=True)),
+              (64, 256, 512, 4, 3, dict(upsample_input=False, leaky_slope=0.2, pool_output=False)),
+              (64, 64, 3, 16, 3, dict(upsample_input=True, leaky_slope=None, pool_output=False)),
+              (3, 17, 5, 6, 3, dict(upsample_input=False, leaky_slope=0.2, pool_output=True)),
+              (3, 2, 17, 5, 3, dict(upsample_input=True, leaky_slope=0.2, pool_output=True)),
+              (3, 1, 16, 1, 1, dict(upsample_input=False, leaky_slope=None, pool_output=False))]
+    if dtype == torch.float32:
+        torch.backends.cudnn.allow_tf32 = False  # the fp64 reference is what fp32 is held to
+        check = fp32_check
+    else:
+        check = lowp_check
+    run_configs(FWD_CONFIGS, DX_CONFIGS, DW_CONFIGS, dtype=dtype, device="cuda", shapes=shapes, check=check)
+
+
+@pytest.mark.gpu
+def test_gpu_fp32_master_weights(seed):
+    """bf16 activations with fp32 weight and bias: bf16 output, fp32 weight/bias gradients."""
+    x, w, b = make_inputs(64, 32, 64, 16, 3, dtype=torch.float32, device="cuda")
+    xb = x.detach().bfloat16().requires_grad_()
+    flags = dict(upsample_input=False, leaky_slope=0.2, pool_output=True)
+    y = conv_block(xb, w, b, backend="triton", **flags)
+    assert y.dtype == torch.bfloat16
+    grad = torch.randn_like(y)
+    dx, dw, db = torch.autograd.grad(y, (xb, w, b), grad)
+    assert dx.dtype == torch.bfloat16 and dw.dtype == db.dtype == torch.float32
+    yl = conv_block(xb, w, b, backend="reference", **flags)
+    lowp = (yl,) + torch.autograd.grad(yl, (xb, w, b), grad)
+    yf, ref = reference(xb.float(), w, b, grad.float(), flags)
+    for name, a, r, p in zip(("y", "dx", "dw", "db"), (y, dx, dw, db), (yf,) + ref, lowp):
+        lowp_check(a.double(), r, p.double(), name)
+
+
+@pytest.mark.gpu
+def test_gpu_cuda_graph_sees_weight_updates(seed):
+    """Captured forward + backward (fp32 master weights: the bf16 copy is recorded in the graph),
+    then an in-place weight update: the replay uses the new weight."""
+    x, w, b = make_inputs(64, 16, 16, 32, 3, dtype=torch.bfloat16, device="cuda")
+    w = torch.nn.Parameter(w.detach().float())
+    b = torch.nn.Parameter(b.detach().float())
+    x = x.detach()
+    flags = dict(upsample_input=False, leaky_slope=0.2, pool_output=True)
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        for _ in range(3):  # warm-up: autotune and compile outside the capture
+            y = conv_block(x, w, b, backend="triton", **flags)
+            torch.autograd.grad(y.float().sum(), (w, b))
+    torch.cuda.current_stream().wait_stream(s)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        y = conv_block(x, w, b, backend="triton", **flags)
+        dw, db = torch.autograd.grad(y.float().sum(), (w, b))
+    with torch.no_grad():
+        w.mul_(-0.5)
+        b.add_(0.1)
+    graph.replay()
+    torch.cuda.synchronize()
+    y_new = conv_block(x, w, b, backend="triton", **flags)
+    dw_new, db_new = torch.autograd.grad(y_new.float().sum(), (w, b))
+    assert_close(y, y_new, atol=0, rtol=0, name="replayed y")
+    assert_close(dw, dw_new, atol=0, rtol=0, name="replayed dw")
