@@ -30,6 +30,10 @@ int critic_loss_fwd(uintptr_t c_mix, uintptr_t c_real, uintptr_t alpha, uintptr_
                     uintptr_t partials, uintptr_t counter, int64_t n, int64_t k, float advweight,
                     bool grad_maps, int dtype, uintptr_t stream);
 
+// The alphas mix_fwd draws, computed on the CPU by the same __host__ __device__ code (mix.cu):
+// out[i] = 0.5 - |u - 0.5|, u = Philox(seed, offset + i). For tests; needs no GPU.
+void philox_alpha_host(uint64_t seed, uint64_t offset, int64_t n, float* out);
+
 // ---- runtime queries (defined in mix.cu)
 const char* cuda_error_string(int code);
 int cuda_device_count();  // 0 when there is no GPU or no driver (never throws)

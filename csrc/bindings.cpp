@@ -4,9 +4,11 @@
 // acai_fast/ops/ check tensors first. Here: argument checks with readable messages, a clear error
 // when no GPU is visible, and CUDA launch errors as RuntimeError.
 #include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
 
 #include <stdexcept>
 #include <string>
+#include <vector>
 
 #include "acai_fast.h"
 
@@ -57,6 +59,19 @@ PYBIND11_MODULE(_C, m) {
 
     m.def("cuda_device_count", &acai::cuda_device_count,
           "Number of visible CUDA devices; 0 when there is no GPU or no driver (never raises).");
+
+    m.def(
+        "philox_alpha_host",
+        [](uint64_t seed, uint64_t offset, int64_t n) {
+            ACAI_CHECK(n >= 0 && n <= (int64_t{1} << 24), "philox_alpha_host", "n must be in [0, 2^24], got " + std::to_string(n));
+            std::vector<float> out(static_cast<size_t>(n));
+            acai::philox_alpha_host(seed, offset, n, out.data());
+            return out;
+        },
+        py::arg("seed"), py::arg("offset"), py::arg("n"),
+        "The n alphas mix_fwd draws from state [seed, offset], computed on the CPU by the kernel's own\n"
+        "__host__ __device__ Philox code: alpha[i] = 0.5 - |u - 0.5|, u = tl.rand(seed, offset + i).\n"
+        "For tests (needs no GPU). seed and offset as unsigned 64-bit integers.");
 
     m.def(
         "mix_fwd",

@@ -25,14 +25,23 @@ template <> __device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(f
 // Exactly triton.language.random.randint4x(seed, offset) (Triton 3.x): counter (c0, c1, c2, c3) =
 // (offset lo, offset hi, 0, 0), key (k0, k1) = (seed lo, seed hi), 10 rounds, key bumped after each.
 // This is also Random123's philox4x32_10 (known-answer vectors checked in tests/test_mix.py).
-__device__ __forceinline__ uint32_t philox4x32_10_first(uint64_t seed, uint64_t counter) {
+// __host__ __device__ with portable, exactly rounded arithmetic (no intrinsics): the same source
+// runs on the CPU through acai_fast._C.philox_alpha_host, which the CPU tests compare bit for bit
+// with Triton's tl.rand under the interpreter.
+#define ACAI_HD __host__ __device__ __forceinline__
+
+ACAI_HD uint32_t mulhi32(uint32_t a, uint32_t b) {
+    return static_cast<uint32_t>((static_cast<uint64_t>(a) * b) >> 32);  // mul.hi.u32 on the GPU
+}
+
+ACAI_HD uint32_t philox4x32_10_first(uint64_t seed, uint64_t counter) {
     uint32_t c0 = static_cast<uint32_t>(counter), c1 = static_cast<uint32_t>(counter >> 32), c2 = 0u, c3 = 0u;
     uint32_t k0 = static_cast<uint32_t>(seed), k1 = static_cast<uint32_t>(seed >> 32);
 #pragma unroll
     for (int r = 0; r < 10; ++r) {
         const uint32_t p0 = c0, p2 = c2;
-        c0 = __umulhi(0xCD9E8D57u, p2) ^ c1 ^ k0;
-        c2 = __umulhi(0xD2511F53u, p0) ^ c3 ^ k1;
+        c0 = mulhi32(0xCD9E8D57u, p2) ^ c1 ^ k0;
+        c2 = mulhi32(0xD2511F53u, p0) ^ c3 ^ k1;
         c1 = 0xCD9E8D57u * p2;
         c3 = 0xD2511F53u * p0;
         k0 += 0x9E3779B9u;
@@ -42,18 +51,20 @@ __device__ __forceinline__ uint32_t philox4x32_10_first(uint64_t seed, uint64_t 
 }
 
 // triton.language.random.uint_to_uniform_float for 32 bits: as int32, x < 0 -> -x - 1 (= ~x), times
-// the largest float scale with INT32_MAX * scale < 1, i.e. float32(4.6566127342e-10) = 0x2fffffff.
-// Result in [0, 1). The int -> float conversion and the product both round to nearest, as Triton's do.
-__device__ __forceinline__ float uint_to_uniform_float(uint32_t bits) {
+// the largest float scale with INT32_MAX * scale < 1: float32(4.6566127342e-10) = 0x2fffffff =
+// 0x1.fffffep-32. Result in [0, 1). The int -> float conversion and the product both round to
+// nearest, as Triton's do (a lone product: nothing for the compiler to contract into an FMA).
+ACAI_HD float uint_to_uniform_float(uint32_t bits) {
     int32_t x = static_cast<int32_t>(bits);
     x = x < 0 ? ~x : x;
-    return __fmul_rn(__int2float_rn(x), __int_as_float(0x2fffffff));
+    return static_cast<float>(x) * 0x1.fffffep-32f;
 }
 
 // alpha = 0.5 - |u - 0.5|, u = tl.rand(seed, counter): uniform on [0, 0.5].
-__device__ __forceinline__ float philox_alpha(uint64_t seed, uint64_t counter) {
+ACAI_HD float philox_alpha(uint64_t seed, uint64_t counter) {
     const float u = uint_to_uniform_float(philox4x32_10_first(seed, counter));
-    return __fsub_rn(0.5f, fabsf(__fsub_rn(u, 0.5f)));
+    const float t = u - 0.5f;
+    return 0.5f - (t < 0.0f ? -t : t);
 }
 
 // ------------------------------------------------------------------ deterministic reductions

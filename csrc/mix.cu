@@ -117,6 +117,10 @@ int mix_bwd(uintptr_t g, uintptr_t alpha, uintptr_t dz, int64_t n, int64_t d, in
     return launch_status();
 }
 
+void philox_alpha_host(uint64_t seed, uint64_t offset, int64_t n, float* out) {
+    for (int64_t i = 0; i < n; ++i) out[i] = philox_alpha(seed, offset + static_cast<uint64_t>(i));
+}
+
 const char* cuda_error_string(int code) { return cudaGetErrorString(static_cast<cudaError_t>(code)); }
 
 int cuda_device_count() {

@@ -1,0 +1,481 @@
+"""acai_loss: the four ACAI losses of SPEC.md section 2 and all the gradients the step needs, fused.
+
+Two one-launch kernels, because the critic's "real" input x_real = ae + reg (x - ae) must exist
+before the critic runs on it, and the losses need that critic's output: an image pass (loss_ae,
+d loss_ae / d ae, x_real) and a critic-map pass (per-image spatial means, loss_ae_disc, loss_disc,
+loss_disc_real and the map gradients of both objectives). Backends: CUDA (csrc/acai_loss.cu),
+Triton and the PyTorch reference (here). Deterministic fp32 reductions; fp32/bf16 inputs.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+from typing import NamedTuple
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .. import _ext
+from .._ext import BACKENDS, HAS_TRITON, INTERPRET, MAX_PARTIALS, PARTIALS_PER_BLOCK  # noqa: F401
+
+if HAS_TRITON:
+    import triton
+    import triton.language as tl
+else:  # CPU-only install without triton: the kernel definitions below still parse; launching raises.
+    class _NoTriton:
+        @staticmethod
+        def jit(fn=None, **kwargs):
+            return fn if fn is not None else (lambda f: f)
+
+    triton, tl = _NoTriton(), None
+
+logger = logging.getLogger(__name__)
+_ext.fix_triton_interpreter()
+
+DTYPES = (torch.float32, torch.bfloat16)
+
+
+class ImageLoss(NamedTuple):
+    """Outputs of the image pass: loss_ae (0-d float32), d_ae = d loss_ae / d ae (ae's dtype and
+    shape) and x_real = ae + reg * (x - ae) (ae's dtype and shape), the critic's "real" input."""
+    loss_ae: torch.Tensor
+    d_ae: torch.Tensor
+    x_real: torch.Tensor
+
+
+class CriticLoss(NamedTuple):
+    """Outputs of the critic-map pass: the three losses (0-d float32) and the map gradients (the
+    maps' dtype and shape): g_mix_ae = d (advweight * loss_ae_disc) / d c_mix_map (the autoencoder
+    objective, flows into x_mix), g_mix_critic = d loss_disc / d c_mix_map and g_real_critic =
+    d loss_disc_real / d c_real_map (the critic objective). Each is constant over an image's map."""
+    loss_ae_disc: torch.Tensor
+    loss_disc: torch.Tensor
+    loss_disc_real: torch.Tensor
+    g_mix_ae: torch.Tensor
+    g_mix_critic: torch.Tensor
+    g_real_critic: torch.Tensor
+
+
+# ------------------------------------------------------------------------------------------------
+# Reference (plain PyTorch)
+# ------------------------------------------------------------------------------------------------
+
+
+def acai_image_loss_ref(x, ae, reg: float = 0.2, *, upcast: bool = False):
+    """(loss_ae = mean((ae - x)^2), x_real = ae + reg * (x - ae)), differentiable, as the SPEC's step
+    writes them. upcast: compute in fp32 (outputs fp32); else in ae's dtype (x cast to it)."""
+    if upcast:
+        x, ae = x.float(), ae.float()
+    x = x.to(ae.dtype)
+    return F.mse_loss(ae, x), ae + reg * (x - ae)
+
+
+def acai_critic_loss_ref(c_mix_map, c_real_map, alpha, *, upcast: bool = False):
+    """(loss_ae_disc, loss_disc, loss_disc_real), differentiable in both maps, as the SPEC's step
+    writes them: c = critic map (N, ...) averaged over everything but the batch, per image;
+    loss_ae_disc = mean(c_mix^2), loss_disc = mean((c_mix - alpha)^2), loss_disc_real = mean(c_real^2)."""
+    if upcast:
+        c_mix_map, c_real_map = c_mix_map.float(), c_real_map.float()
+    c_mix = c_mix_map.flatten(1).mean(1)
+    c_real = c_real_map.flatten(1).mean(1)
+    alpha = alpha.reshape(-1).to(c_mix.dtype)
+    return c_mix.square().mean(), (c_mix - alpha).square().mean(), c_real.square().mean()
+
+
+def image_loss_grads_ref(x, ae, reg: float = 0.2) -> ImageLoss:
+    """The explicit form of the image pass in closed form (fp32 math, outputs as the kernels')."""
+    m = ae.numel()
+    xf, af = x.float(), ae.float()
+    diff = af - xf
+    return ImageLoss(diff.square().mean(), (diff * (2.0 / m)).to(ae.dtype),
+                     (af + reg * (xf - af)).to(ae.dtype))
+
+
+def critic_loss_grads_ref(c_mix_map, c_real_map, alpha, advweight: float = 0.5) -> CriticLoss:
+    """The explicit form of the critic-map pass in closed form (fp32 math, outputs as the kernels')."""
+    n, k = c_mix_map.shape[0], c_mix_map.numel() // c_mix_map.shape[0]
+    c_mix = c_mix_map.float().reshape(n, k).mean(1)
+    c_real = c_real_map.float().reshape(n, k).mean(1)
+    a = alpha.reshape(n).float()
+    scale = 2.0 / (n * k)
+
+    def as_map(v):  # (N,) -> the map's shape and dtype, constant per image
+        return v.to(c_mix_map.dtype).view(n, *[1] * (c_mix_map.dim() - 1)).expand(c_mix_map.shape).contiguous()
+
+    return CriticLoss(c_mix.square().mean(), (c_mix - a).square().mean(), c_real.square().mean(),
+                      as_map(advweight * scale * c_mix), as_map(scale * (c_mix - a)),
+                      as_map(scale * c_real))
+
+
+# ------------------------------------------------------------------------------------------------
+# Triton kernels
+#
+# Deterministic grid reductions: each program stores its partial sum(s) to Partials, passes a
+# barrier (all its stores issued) and takes a ticket from an int32 atomic on Counter (acq_rel);
+# the program with the last ticket sums the partials in program order and resets the counter.
+# The grid size depends on the shape only, so the order (and the result) never changes.
+# ------------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _image_loss_fwd_kernel(X_ptr, Ae_ptr, Dae_ptr, Xreal_ptr, Loss_ptr, Partials_ptr, Counter_ptr,
+                           M, reg, grad_scale,
+                           BLOCK: tl.constexpr, MAX_PARTIALS: tl.constexpr):
+    """Image pass over the M flat elements, grid-stride in BLOCK-wide tiles:
+    diff = ae - x; loss = sum(diff^2) / M; d_ae = grad_scale * diff (grad_scale = fp32(2 / M));
+    x_real = ae + reg * (x - ae). Reads x, ae once; writes d_ae, x_real once (ae's dtype)."""
+    pid = tl.program_id(0)
+    nprog = tl.num_programs(0)
+    offs = tl.arange(0, BLOCK)
+    acc = tl.zeros([BLOCK], dtype=tl.float32)
+    out_ty = Dae_ptr.dtype.element_ty
+    for start in range(pid * BLOCK, M, nprog * BLOCK):
+        idx = start + offs
+        mask = idx < M
+        x = tl.load(X_ptr + idx, mask=mask, other=0.0).to(tl.float32)
+        a = tl.load(Ae_ptr + idx, mask=mask, other=0.0).to(tl.float32)
+        diff = a - x
+        acc += diff * diff
+        tl.store(Dae_ptr + idx, (grad_scale * diff).to(out_ty), mask=mask)
+        tl.store(Xreal_ptr + idx, (a + reg * (x - a)).to(out_ty), mask=mask)
+    tl.store(Partials_ptr + pid, tl.sum(acc, axis=0))
+    tl.debug_barrier()
+    ticket = tl.atomic_add(Counter_ptr, 1, sem="acq_rel")
+    if ticket == nprog - 1:
+        p_offs = tl.arange(0, MAX_PARTIALS)
+        p = tl.load(Partials_ptr + p_offs, mask=p_offs < nprog, other=0.0, cache_modifier=".cg")
+        tl.store(Loss_ptr, tl.sum(p, axis=0) / M)
+        tl.store(Counter_ptr, 0)
+
+
+@triton.jit
+def _critic_loss_fwd_kernel(Cmix_ptr, Creal_ptr, Alpha_ptr, Gae_ptr, Gd_ptr, Gr_ptr, Losses_ptr,
+                            Partials_ptr, Counter_ptr, N, K, inv_k, scale, advweight,
+                            GRAD_MAPS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                            MAX_PARTIALS: tl.constexpr):
+    """Critic-map pass over maps viewed as (N, K), BLOCK_N images per tile, grid-stride over tiles:
+    c = (sum over K) * inv_k per image; g_ae = advweight * scale * c_mix, g_disc = scale * (c_mix - a),
+    g_real = scale * c_real with scale = fp32(2 / (N K)), stored over the whole map row (GRAD_MAPS)
+    or once per image; the per-image terms c_mix^2, (c_mix - a)^2, c_real^2 summed per program
+    (partials laid out [term][program]) and reduced by the last program: losses = sums / N."""
+    pid = tl.program_id(0)
+    nprog = tl.num_programs(0)
+    rows0 = tl.arange(0, BLOCK_N)
+    cols0 = tl.arange(0, BLOCK_K)
+    out_ty = Gae_ptr.dtype.element_ty
+    t_ae = tl.zeros([BLOCK_N], dtype=tl.float32)
+    t_disc = tl.zeros([BLOCK_N], dtype=tl.float32)
+    t_real = tl.zeros([BLOCK_N], dtype=tl.float32)
+    for row_start in range(pid * BLOCK_N, N, nprog * BLOCK_N):
+        rows = row_start + rows0
+        rmask = rows < N
+        s_mix = tl.zeros([BLOCK_N], dtype=tl.float32)
+        s_real = tl.zeros([BLOCK_N], dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            cols = k0 + cols0
+            m2 = rmask[:, None] & (cols < K)[None, :]
+            ptrs = rows[:, None] * K + cols[None, :]  # (BLOCK_N, BLOCK_K)
+            s_mix += tl.sum(tl.load(Cmix_ptr + ptrs, mask=m2, other=0.0).to(tl.float32), axis=1)
+            s_real += tl.sum(tl.load(Creal_ptr + ptrs, mask=m2, other=0.0).to(tl.float32), axis=1)
+        c_mix = s_mix * inv_k
+        c_real = s_real * inv_k
+        a = tl.load(Alpha_ptr + rows, mask=rmask, other=0.0)
+        g_ae = advweight * scale * c_mix
+        g_d = scale * (c_mix - a)
+        g_r = scale * c_real
+        if GRAD_MAPS:
+            for k0 in range(0, K, BLOCK_K):
+                cols = k0 + cols0
+                m2 = rmask[:, None] & (cols < K)[None, :]
+                ptrs = rows[:, None] * K + cols[None, :]
+                zero = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
+                tl.store(Gae_ptr + ptrs, (zero + g_ae[:, None]).to(out_ty), mask=m2)
+                tl.store(Gd_ptr + ptrs, (zero + g_d[:, None]).to(out_ty), mask=m2)
+                tl.store(Gr_ptr + ptrs, (zero + g_r[:, None]).to(out_ty), mask=m2)
+        else:
+            tl.store(Gae_ptr + rows, g_ae.to(out_ty), mask=rmask)
+            tl.store(Gd_ptr + rows, g_d.to(out_ty), mask=rmask)
+            tl.store(Gr_ptr + rows, g_r.to(out_ty), mask=rmask)
+        t_ae += tl.where(rmask, c_mix * c_mix, 0.0)
+        t_disc += tl.where(rmask, (c_mix - a) * (c_mix - a), 0.0)
+        t_real += tl.where(rmask, c_real * c_real, 0.0)
+    tl.store(Partials_ptr + pid, tl.sum(t_ae, axis=0))
+    tl.store(Partials_ptr + nprog + pid, tl.sum(t_disc, axis=0))
+    tl.store(Partials_ptr + 2 * nprog + pid, tl.sum(t_real, axis=0))
+    tl.debug_barrier()
+    ticket = tl.atomic_add(Counter_ptr, 1, sem="acq_rel")
+    if ticket == nprog - 1:
+        p_offs = tl.arange(0, MAX_PARTIALS)
+        p_mask = p_offs < nprog
+        for t in tl.static_range(3):
+            p = tl.load(Partials_ptr + t * nprog + p_offs, mask=p_mask, other=0.0, cache_modifier=".cg")
+            tl.store(Losses_ptr + t, tl.sum(p, axis=0) / N)
+        tl.store(Counter_ptr, 0)
+
+
+# ------------------------------------------------------------------------------------------------
+# Launchers (checks, then one launch of the chosen backend)
+# ------------------------------------------------------------------------------------------------
+
+_IMAGE_BLOCK = 1024  # Triton tile of the image pass (elements)
+
+
+def _check_tensor(op, name, t, dtypes=DTYPES):
+    if not isinstance(t, torch.Tensor):
+        raise ValueError(f"{op}: {name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dtype not in dtypes:
+        raise ValueError(f"{op}: {name} dtype {t.dtype} is not supported; use "
+                         f"{' or '.join(str(d).replace('torch.', '') for d in dtypes)}")
+    if not t.is_contiguous():
+        raise ValueError(f"{op}: {name} must be contiguous (got strides {t.stride()} for shape "
+                         f"{tuple(t.shape)}); call .contiguous() first")
+    if t.numel() >= 2 ** 31:
+        raise ValueError(f"{op}: {name} has {t.numel()} elements; at most 2^31 - 1 are supported")
+
+
+def _check_same_device(op, **tensors):
+    devices = {t.device for t in tensors.values()}
+    if len(devices) > 1:
+        where = ", ".join(f"{k} on {t.device}" for k, t in tensors.items())
+        raise ValueError(f"{op}: all inputs must be on one device, got {where}")
+
+
+def _check_counter(op, counter, device):
+    if counter is None:
+        return _ext.reduction_counter(device)
+    if (not isinstance(counter, torch.Tensor) or counter.dtype != torch.int32 or counter.numel() != 1
+            or counter.device != device):
+        raise ValueError(f"{op}: counter must be a zero int32 tensor of one element on {device}")
+    return counter
+
+
+def _device_guard(t):
+    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
+
+
+def _check_image_inputs(op, x, ae, reg):
+    _check_tensor(op, "x", x)
+    _check_tensor(op, "ae", ae)
+    if x.shape != ae.shape:
+        raise ValueError(f"{op}: x and ae must have the same shape, got {tuple(x.shape)} and {tuple(ae.shape)}")
+    if ae.numel() < 1:
+        raise ValueError(f"{op}: x and ae are empty (shape {tuple(ae.shape)})")
+    _check_same_device(op, x=x, ae=ae)
+    if not isinstance(reg, (int, float)) or not np.isfinite(reg):
+        raise ValueError(f"{op}: reg must be a finite number, got {reg!r}")
+
+
+def image_loss_fwd(x: torch.Tensor, ae: torch.Tensor, reg: float = 0.2, *, backend: str = "auto",
+                   counter: torch.Tensor | None = None, poison: bool = False) -> ImageLoss:
+    """Image pass, explicit form (what the fused trainer calls): ImageLoss(loss_ae, d_ae, x_real).
+
+    x: the batch, ae: the reconstruction, same shape (any, contiguous), float32 or bfloat16 each.
+    d_ae = 2 (ae - x) / M is the gradient of loss_ae alone (weight 1 in the autoencoder objective);
+    x_real feeds the critic (no gradient flows back through it in the ACAI step). One launch.
+    counter: the int32 ticket counter of the grid reduction (default: one per device, see
+    acai_fast._ext.reduction_counter); poison: NaN-fill the outputs before the launch (tests)."""
+    op = "acai_image_loss"
+    _check_image_inputs(op, x, ae, reg)
+    name = _ext.resolve_backend(op, ae, backend)
+    _ext.check_backend_runs(op, name, ae.device)
+    logger.debug("image_loss_fwd: backend=%s (asked %s) %s x %s ae %s", name, backend,
+                 tuple(ae.shape), x.dtype, ae.dtype)
+    if name == "reference":
+        return image_loss_grads_ref(x, ae, reg)
+
+    m = ae.numel()
+    counter = _check_counter(op, counter, ae.device)
+    d_ae, x_real = torch.empty_like(ae), torch.empty_like(ae)
+    loss = torch.empty((), dtype=torch.float32, device=ae.device)
+    partials = torch.empty(MAX_PARTIALS * PARTIALS_PER_BLOCK, dtype=torch.float32, device=ae.device)
+    if poison:
+        for t in (d_ae, x_real, loss):
+            t.fill_(float("nan"))
+    with _device_guard(ae):
+        if name == "cuda":
+            _ext.extension().image_loss_fwd(
+                x.data_ptr(), ae.data_ptr(), d_ae.data_ptr(), x_real.data_ptr(), loss.data_ptr(),
+                partials.data_ptr(), counter.data_ptr(), m, float(reg), _ext.dtype_code(x.dtype),
+                _ext.dtype_code(ae.dtype), _ext.stream_handle(ae.device))
+        else:
+            grid = (min(triton.cdiv(m, _IMAGE_BLOCK), MAX_PARTIALS),)
+            grad_scale = float(np.float32(2.0) / np.float32(m))  # as the CUDA kernel: fp32(2) / fp32(M)
+            _image_loss_fwd_kernel[grid](x, ae, d_ae, x_real, loss, partials, counter, m, float(reg),
+                                         grad_scale, BLOCK=_IMAGE_BLOCK, MAX_PARTIALS=MAX_PARTIALS)
+    return ImageLoss(loss, d_ae, x_real)
+
+
+def _check_critic_inputs(op, c_mix_map, c_real_map, alpha):
+    _check_tensor(op, "c_mix_map", c_mix_map)
+    _check_tensor(op, "c_real_map", c_real_map)
+    if c_mix_map.shape != c_real_map.shape or c_mix_map.dtype != c_real_map.dtype:
+        raise ValueError(f"{op}: c_mix_map and c_real_map must have the same shape and dtype, got "
+                         f"{tuple(c_mix_map.shape)} {c_mix_map.dtype} and {tuple(c_real_map.shape)} "
+                         f"{c_real_map.dtype}")
+    if c_mix_map.dim() < 1 or c_mix_map.shape[0] < 1 or c_mix_map.numel() < 1:
+        raise ValueError(f"{op}: the critic maps must be (N, ...) with N >= 1 and at least one value "
+                         f"per image, got shape {tuple(c_mix_map.shape)}")
+    n = c_mix_map.shape[0]
+    _check_tensor(op, "alpha", alpha, dtypes=(torch.float32,))
+    if alpha.numel() != n or alpha.shape[0] != n:
+        raise ValueError(f"{op}: alpha must have N={n} values, shape ({n},) or ({n}, 1, 1, 1), got "
+                         f"shape {tuple(alpha.shape)}")
+    _check_same_device(op, c_mix_map=c_mix_map, c_real_map=c_real_map, alpha=alpha)
+
+
+def critic_loss_fwd(c_mix_map: torch.Tensor, c_real_map: torch.Tensor, alpha: torch.Tensor,
+                    advweight: float = 0.5, *, grad_maps: bool = True, backend: str = "auto",
+                    counter: torch.Tensor | None = None, poison: bool = False) -> CriticLoss:
+    """Critic-map pass, explicit form (what the fused trainer calls): CriticLoss(loss_ae_disc,
+    loss_disc, loss_disc_real, g_mix_ae, g_mix_critic, g_real_critic).
+
+    c_mix_map, c_real_map: the critic's output maps before their mean, (N, latent, w, w) (any
+    (N, ...)), contiguous, one dtype (float32 or bfloat16); alpha: float32 (N,) or (N, 1, 1, 1) (mix's).
+    advweight scales g_mix_ae only (the autoencoder objective is loss_ae + advweight * loss_ae_disc).
+    grad_maps=True writes the three gradients as whole contiguous maps; False writes one value per
+    image and returns stride-0 expanded views of the map shape (no map bytes written: a consumer
+    that can broadcast saves 3 N K elements of traffic). One launch."""
+    op = "acai_critic_loss"
+    _check_critic_inputs(op, c_mix_map, c_real_map, alpha)
+    if not isinstance(advweight, (int, float)) or not np.isfinite(advweight):
+        raise ValueError(f"{op}: advweight must be a finite number, got {advweight!r}")
+    name = _ext.resolve_backend(op, c_mix_map, backend)
+    _ext.check_backend_runs(op, name, c_mix_map.device)
+    logger.debug("critic_loss_fwd: backend=%s (asked %s) maps %s %s grad_maps=%s", name, backend,
+                 tuple(c_mix_map.shape), c_mix_map.dtype, grad_maps)
+    if name == "reference":
+        out = critic_loss_grads_ref(c_mix_map, c_real_map, alpha, advweight)
+        if not grad_maps:  # same values, as expanded per-image views
+            out = out._replace(**{f: _expand(getattr(out, f).flatten(1)[:, 0].contiguous(), c_mix_map)
+                                  for f in ("g_mix_ae", "g_mix_critic", "g_real_critic")})
+        return out
+
+    n, k = c_mix_map.shape[0], c_mix_map.numel() // c_mix_map.shape[0]
+    counter = _check_counter(op, counter, c_mix_map.device)
+    gshape = c_mix_map.shape if grad_maps else (n,)
+    grads = [torch.empty(gshape, dtype=c_mix_map.dtype, device=c_mix_map.device) for _ in range(3)]
+    losses = torch.empty(3, dtype=torch.float32, device=c_mix_map.device)
+    partials = torch.empty(MAX_PARTIALS * PARTIALS_PER_BLOCK, dtype=torch.float32, device=c_mix_map.device)
+    if poison:
+        for t in (*grads, losses):
+            t.fill_(float("nan"))
+    with _device_guard(c_mix_map):
+        if name == "cuda":
+            _ext.extension().critic_loss_fwd(
+                c_mix_map.data_ptr(), c_real_map.data_ptr(), alpha.data_ptr(), *(g.data_ptr() for g in grads),
+                losses.data_ptr(), partials.data_ptr(), counter.data_ptr(), n, k, float(advweight),
+                grad_maps, _ext.dtype_code(c_mix_map.dtype), _ext.stream_handle(c_mix_map.device))
+        else:
+            block_k = min(triton.next_power_of_2(k), 1024)
+            block_n = max(1, min(triton.next_power_of_2(n), 4096 // block_k))
+            grid = (min(triton.cdiv(n, block_n), MAX_PARTIALS),)
+            # The same fp32 constants as the CUDA kernel: 1 / fp32(K) and 2 / (fp32(N) fp32(K)).
+            inv_k = float(np.float32(1.0) / np.float32(k))
+            scale = float(np.float32(2.0) / (np.float32(n) * np.float32(k)))
+            _critic_loss_fwd_kernel[grid](c_mix_map, c_real_map, alpha, *grads, losses, partials, counter,
+                                          n, k, inv_k, scale, float(advweight), GRAD_MAPS=grad_maps,
+                                          BLOCK_N=block_n, BLOCK_K=block_k, MAX_PARTIALS=MAX_PARTIALS)
+    if not grad_maps:
+        grads = [_expand(g, c_mix_map) for g in grads]
+    return CriticLoss(losses[0], losses[1], losses[2], *grads)
+
+
+def _expand(v, like):
+    """(N,) -> a stride-0 view of like's shape: v[n] at every position of image n."""
+    return v.view(-1, *[1] * (like.dim() - 1)).expand(like.shape)
+
+
+# ------------------------------------------------------------------------------------------------
+# Autograd and the functional ops
+# ------------------------------------------------------------------------------------------------
+
+
+class ImageLossFunction(torch.autograd.Function):
+    """(loss_ae, x_real) from one launch. Saves d_ae = d loss_ae / d ae only (the kernel wrote it).
+    Backward (elementwise PyTorch): d_ae * g_loss + (1 - reg) g_xreal for ae, -d_ae * g_loss +
+    reg g_xreal for x; in the ACAI step g_xreal is None (the critic's gradient stays in the critic)."""
+
+    @staticmethod
+    def forward(ctx, x, ae, reg, backend):
+        out = image_loss_fwd(x, ae, reg, backend=backend)
+        ctx.save_for_backward(out.d_ae)
+        ctx.reg, ctx.x_dtype = reg, x.dtype
+        ctx.set_materialize_grads(False)
+        return out.loss_ae, out.x_real
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, g_loss, g_xreal):
+        (d_ae,) = ctx.saved_tensors
+        need_x, need_ae = ctx.needs_input_grad[:2]
+        dx = dae = None
+        if g_loss is not None:
+            base = d_ae.float() * g_loss.float()
+            dx, dae = -base if need_x else None, base if need_ae else None
+        if g_xreal is not None:
+            g = g_xreal.float()
+            if need_x:
+                dx = ctx.reg * g if dx is None else dx + ctx.reg * g
+            if need_ae:
+                dae = (1 - ctx.reg) * g if dae is None else dae + (1 - ctx.reg) * g
+        dx = dx.to(ctx.x_dtype) if dx is not None else None
+        dae = dae.to(d_ae.dtype) if dae is not None else None
+        return dx, dae, None, None
+
+
+class CriticLossFunction(torch.autograd.Function):
+    """(loss_ae_disc, loss_disc, loss_disc_real) from one launch (grad_maps=False, advweight=1: the
+    kernel writes three (N,) coefficient vectors). Backward (elementwise PyTorch) broadcasts them:
+    d c_mix_map = g1 * 2 c_mix / (N K) + g2 * 2 (c_mix - alpha) / (N K), d c_real_map = g3 * 2 c_real / (N K)."""
+
+    @staticmethod
+    def forward(ctx, c_mix_map, c_real_map, alpha, backend):
+        out = critic_loss_fwd(c_mix_map, c_real_map, alpha, 1.0, grad_maps=False, backend=backend)
+        ctx.save_for_backward(out.g_mix_ae, out.g_mix_critic, out.g_real_critic)
+        ctx.set_materialize_grads(False)
+        return out.loss_ae_disc, out.loss_disc, out.loss_disc_real
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, g_ae_disc, g_disc, g_disc_real):
+        v_ae, v_disc, v_real = ctx.saved_tensors  # expanded (N,) coefficient vectors
+        need_mix, need_real = ctx.needs_input_grad[:2]
+        d_mix = d_real = None
+        if need_mix and (g_ae_disc is not None or g_disc is not None):
+            terms = [v.float() * g.float() for v, g in ((v_ae, g_ae_disc), (v_disc, g_disc)) if g is not None]
+            d_mix = (terms[0] if len(terms) == 1 else terms[0] + terms[1]).to(v_ae.dtype)
+        if need_real and g_disc_real is not None:
+            d_real = (v_real.float() * g_disc_real.float()).to(v_real.dtype)
+        return d_mix, d_real, None, None
+
+
+def acai_image_loss(x: torch.Tensor, ae: torch.Tensor, reg: float = 0.2, *,
+                    backend: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
+    """(loss_ae = mean((ae - x)^2), x_real = ae + reg * (x - ae)), differentiable in x and ae.
+
+    x, ae: same shape, contiguous, float32 or bfloat16 each; loss_ae is 0-d float32, x_real in ae's
+    dtype. backend: "auto" (cuda if acai_fast._C is built and the tensors are on a GPU, else triton
+    on a GPU, else reference), "cuda", "triton" (CUDA tensors, or CPU ones under
+    TRITON_INTERPRET=1) or "reference"; logged at DEBUG level. See `image_loss_fwd` for the
+    explicit form that also returns d loss_ae / d ae."""
+    name = _ext.resolve_backend("acai_image_loss", ae, backend)
+    if name == "reference":
+        _check_image_inputs("acai_image_loss", x, ae, reg)
+        loss_ae, x_real = acai_image_loss_ref(x, ae, reg, upcast=True)
+        return loss_ae, x_real.to(ae.dtype)
+    return ImageLossFunction.apply(x, ae, reg, name)
+
+
+def acai_critic_loss(c_mix_map: torch.Tensor, c_real_map: torch.Tensor, alpha: torch.Tensor, *,
+                     backend: str = "auto") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(loss_ae_disc, loss_disc, loss_disc_real), differentiable in both critic maps (alpha gets no
+    gradient). c_mix_map: critic(x_mix) before its mean, c_real_map: critic(x_real) before its mean,
+    (N, latent, w, w), one dtype (float32 or bfloat16), contiguous; alpha float32 (N,) or (N,1,1,1).
+    backend as for `acai_image_loss`. See `critic_loss_fwd` for the explicit form that also returns
+    the map gradients of both objectives."""
+    name = _ext.resolve_backend("acai_critic_loss", c_mix_map, backend)
+    if name == "reference":
+        _check_critic_inputs("acai_critic_loss", c_mix_map, c_real_map, alpha)
+        return acai_critic_loss_ref(c_mix_map, c_real_map, alpha, upcast=True)
+    return CriticLossFunction.apply(c_mix_map, c_real_map, alpha.detach(), name)

@@ -1,0 +1,386 @@
+"""mix: ACAI's latent mixing (SPEC.md section 2) as one fused op: z_mix[i] = alpha_i z[i] + (1 - alpha_i) z[N-1-i].
+
+alpha is given, or drawn inside the kernel (alpha = 0.5 - |u - 0.5|, u = Philox4x32-10 from a device
+int64 state [seed, offset, counter] that the kernel advances), so the op can live in a CUDA graph and
+is reproducible from a seed. Backends: CUDA (csrc/mix.cu), Triton and the PyTorch reference (here);
+all three draw bit-identical alphas. Limits: fp32/bf16, contiguous z, alpha gets no gradient.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+
+import torch
+
+from .. import _ext
+from .._ext import BACKENDS, HAS_TRITON, INTERPRET  # noqa: F401  (re-exported for callers)
+
+if HAS_TRITON:
+    import triton
+    import triton.language as tl
+else:  # CPU-only install without triton: the kernel definitions below still parse; launching raises.
+    class _NoTriton:
+        @staticmethod
+        def jit(fn=None, **kwargs):
+            return fn if fn is not None else (lambda f: f)
+
+    triton, tl = _NoTriton(), None
+
+logger = logging.getLogger(__name__)
+_ext.fix_triton_interpreter()
+
+DTYPES = (torch.float32, torch.bfloat16)
+RNG_STATE_SIZE = 3  # int64 [seed, offset, counter]
+_MAX_SEED = 2 ** 63  # the state holds the seed as int64
+
+
+# ------------------------------------------------------------------------------------------------
+# Reference (plain PyTorch) and the seeded generator
+# ------------------------------------------------------------------------------------------------
+
+
+def make_rng_state(seed: int, device, offset: int = 0) -> torch.Tensor:
+    """The device-side generator state of `mix`: int64 [seed, offset, counter=0] on `device`.
+
+    Every draw of N alphas uses Philox counters offset .. offset+N-1 and adds N to offset on the
+    device (stream-ordered), so a CUDA graph that contains the draw gets fresh alphas on each replay
+    and the whole sequence is fixed by the seed. The counter (element 2) is the kernel's ticket
+    counter: it is 0 between launches and must not be touched. One state per stream of use."""
+    if not isinstance(seed, int) or not 0 <= seed < _MAX_SEED:
+        raise ValueError(f"mix: seed must be an int in [0, 2^63), got {seed!r}")
+    if not isinstance(offset, int) or not 0 <= offset < _MAX_SEED:
+        raise ValueError(f"mix: offset must be an int in [0, 2^63), got {offset!r}")
+    return torch.tensor([seed, offset, 0], dtype=torch.int64, device=device)
+
+
+_M32 = 0xFFFFFFFF
+
+
+def _mulhilo32(a: int, b: torch.Tensor):
+    """(hi, lo) 32-bit words of a * b for a constant a and b an int64 tensor of values in [0, 2^32):
+    split b in 16-bit halves so that no int64 product overflows."""
+    pl, ph = a * (b & 0xFFFF), a * (b >> 16)  # each < 2^48
+    return ((ph + (pl >> 16)) >> 16) & _M32, (((ph & 0xFFFF) << 16) + pl) & _M32
+
+
+def philox4x32_ref(c0, c1, c2, c3, k0, k1, rounds: int = 10):
+    """Philox4x32-10 on int64 tensors holding uint32 values: exactly triton.language.random's
+    philox_impl (and Random123's philox4x32_10; known-answer vectors in tests/test_mix.py)."""
+    k0, k1 = k0 & _M32, k1 & _M32
+    for _ in range(rounds):
+        hi_b, lo_b = _mulhilo32(0xCD9E8D57, c2)
+        hi_a, lo_a = _mulhilo32(0xD2511F53, c0)
+        c0, c1, c2, c3 = hi_b ^ c1 ^ k0, lo_b, hi_a ^ c3 ^ k1, lo_a
+        k0, k1 = (k0 + 0x9E3779B9) & _M32, (k1 + 0xBB67AE85) & _M32
+    return c0, c1, c2, c3
+
+
+def philox_alpha_ref(state: torch.Tensor, n: int, *, advance: bool = True) -> torch.Tensor:
+    """The n alphas that `mix` draws from `state`, as float32 (n,), and (advance=True) state's offset
+    moved on by n, all on state's device without a host sync.
+
+    u_i = tl.rand(seed, offset + i): the first Philox word w as int32, w < 0 -> -w - 1, times
+    float32(4.6566127342e-10); alpha_i = 0.5 - |u_i - 0.5| in float32 (uniform on [0, 0.5])."""
+    seed, offset = state[0], state[1]
+    ctr = offset + torch.arange(n, dtype=torch.int64, device=state.device)
+    zero = torch.zeros_like(ctr)
+    w, _, _, _ = philox4x32_ref(ctr & _M32, (ctr >> 32) & _M32, zero, zero, seed & _M32,
+                                (seed >> 32) & _M32)
+    w = torch.where(w >= 2 ** 31, w ^ _M32, w)  # as int32, x < 0 -> -x - 1
+    u = w.to(torch.float32) * torch.tensor(4.6566127342e-10, dtype=torch.float32, device=state.device)
+    alpha = 0.5 - (u - 0.5).abs()
+    if advance:
+        state[1] += n
+    return alpha
+
+
+def _rows(alpha: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    return alpha.reshape(-1, *([1] * (like.dim() - 1)))  # (N,) -> (N, 1, ..., 1)
+
+
+def mix_ref(z: torch.Tensor, alpha: torch.Tensor, *, upcast: bool = False) -> torch.Tensor:
+    """z_mix = alpha * z + (1 - alpha) * z.flip(0), the SPEC's expression; alpha (N,) or (N,1,1,1).
+    upcast: compute in fp32 (and return fp32); else in z's dtype."""
+    if upcast:
+        z = z.float()
+    a = _rows(alpha, z).to(z.dtype)
+    return a * z + (1 - a) * z.flip(0)
+
+
+def mix_bwd_ref(g: torch.Tensor, alpha: torch.Tensor, *, upcast: bool = False) -> torch.Tensor:
+    """dL/dz from g = dL/dz_mix: dz[i] = alpha_i g[i] + (1 - alpha_{N-1-i}) g[N-1-i]."""
+    if upcast:
+        g = g.float()
+    a = _rows(alpha, g).to(g.dtype)
+    return a * g + ((1 - a) * g).flip(0)
+
+
+# ------------------------------------------------------------------------------------------------
+# Triton kernels
+#
+# Both views are (N, D) row-major, D = numel / N. One program per (pair p, column block): rows
+# i = p and j = N-1-p, p < ceil(N/2) (i == j for the middle row of an odd batch: both stores then
+# write the same values). Every element of z (or g) is read once and written once.
+# ------------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _mix_fwd_kernel(Z_ptr, Zmix_ptr, Alpha_ptr, State_ptr, N, D,
+                    DRAW: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Forward: z_mix[i] = a_i z[i] + (1 - a_i) z[j], z_mix[j] = a_j z[j] + (1 - a_j) z[i], fp32 math.
+
+    DRAW: a = 0.5 - |tl.rand(seed, offset + row) - 0.5| with seed, offset = State[0], State[1];
+    programs of column block 0 store a_i, a_j to Alpha; the last program to finish (ticket from an
+    atomic on State[2], after a barrier so that every read of the offset is done) stores
+    offset + N and resets the ticket counter. Otherwise a = Alpha[row]."""
+    pid_p = tl.program_id(0)
+    pid_c = tl.program_id(1)
+    i = pid_p.to(tl.int64)
+    j = N - 1 - i
+    two = tl.arange(0, 2)
+    rows = tl.where(two == 0, i, j)  # (2,): i, j
+    if DRAW:
+        seed = tl.load(State_ptr)
+        offset = tl.load(State_ptr + 1)
+        u = tl.rand(seed, offset + rows)
+        a2 = 0.5 - tl.abs(u - 0.5)
+    else:
+        a2 = tl.load(Alpha_ptr + rows)
+    ai = tl.sum(tl.where(two == 0, a2, 0.0))
+    aj = tl.sum(tl.where(two == 1, a2, 0.0))
+
+    cols = pid_c * BLOCK_D + tl.arange(0, BLOCK_D)
+    mask = cols < D
+    zi = tl.load(Z_ptr + i * D + cols, mask=mask, other=0.0).to(tl.float32)
+    zj = tl.load(Z_ptr + j * D + cols, mask=mask, other=0.0).to(tl.float32)
+    out_ty = Zmix_ptr.dtype.element_ty
+    tl.store(Zmix_ptr + i * D + cols, (ai * zi + (1.0 - ai) * zj).to(out_ty), mask=mask)
+    tl.store(Zmix_ptr + j * D + cols, (aj * zj + (1.0 - aj) * zi).to(out_ty), mask=mask)
+
+    if DRAW:
+        tl.store(Alpha_ptr + rows, a2, mask=(two < 2) & (pid_c == 0))
+        tl.debug_barrier()
+        ticket = tl.atomic_add(State_ptr + 2, 1, sem="acq_rel")
+        if ticket == tl.num_programs(0) * tl.num_programs(1) - 1:
+            tl.store(State_ptr + 1, offset + N)
+            tl.store(State_ptr + 2, 0)
+
+
+@triton.jit
+def _mix_bwd_kernel(G_ptr, Alpha_ptr, Dz_ptr, N, D,
+                    ACCUMULATE: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Backward: dz[i] (+)= a_i g[i] + (1 - a_j) g[j], dz[j] (+)= a_j g[j] + (1 - a_i) g[i], fp32
+    math, one rounding to dz's dtype; both rows of dz are read before either is written."""
+    pid_p = tl.program_id(0)
+    pid_c = tl.program_id(1)
+    i = pid_p.to(tl.int64)
+    j = N - 1 - i
+    ai = tl.load(Alpha_ptr + i)
+    aj = tl.load(Alpha_ptr + j)
+    cols = pid_c * BLOCK_D + tl.arange(0, BLOCK_D)
+    mask = cols < D
+    gi = tl.load(G_ptr + i * D + cols, mask=mask, other=0.0).to(tl.float32)
+    gj = tl.load(G_ptr + j * D + cols, mask=mask, other=0.0).to(tl.float32)
+    di = ai * gi + (1.0 - aj) * gj
+    dj = aj * gj + (1.0 - ai) * gi
+    if ACCUMULATE:
+        di += tl.load(Dz_ptr + i * D + cols, mask=mask, other=0.0).to(tl.float32)
+        dj += tl.load(Dz_ptr + j * D + cols, mask=mask, other=0.0).to(tl.float32)
+    out_ty = Dz_ptr.dtype.element_ty
+    tl.store(Dz_ptr + i * D + cols, di.to(out_ty), mask=mask)
+    tl.store(Dz_ptr + j * D + cols, dj.to(out_ty), mask=mask)
+
+
+# ------------------------------------------------------------------------------------------------
+# Launchers (checks, then one launch of the chosen backend)
+# ------------------------------------------------------------------------------------------------
+
+
+def _triton_grid(n, d):
+    block_d = min(triton.next_power_of_2(d), 1024)
+    return ((n + 1) // 2, triton.cdiv(d, block_d)), block_d
+
+
+def _check_z(op, name, z):
+    if not isinstance(z, torch.Tensor):
+        raise ValueError(f"{op}: {name} must be a torch.Tensor, got {type(z).__name__}")
+    if z.dim() < 1 or z.shape[0] < 1 or z.numel() < 1:
+        raise ValueError(f"{op}: {name} must be (N, ...) with N >= 1 and at least one element, "
+                         f"got shape {tuple(z.shape)}")
+    if z.dtype not in DTYPES:
+        raise ValueError(f"{op}: {name} dtype {z.dtype} is not supported; use float32 or bfloat16")
+    if not z.is_contiguous():
+        raise ValueError(f"{op}: {name} must be contiguous (got strides {z.stride()} for shape "
+                         f"{tuple(z.shape)}); call .contiguous() first")
+    if z.numel() >= 2 ** 31:
+        raise ValueError(f"{op}: {name} has {z.numel()} elements; at most 2^31 - 1 are supported")
+
+
+def _check_alpha(op, alpha, n, device):
+    if not isinstance(alpha, torch.Tensor):
+        raise ValueError(f"{op}: alpha must be a torch.Tensor, got {type(alpha).__name__}")
+    if alpha.numel() != n or alpha.dim() < 1 or alpha.shape[0] != n:
+        raise ValueError(f"{op}: alpha must have N={n} values, shape ({n},) or ({n}, 1, ..., 1), "
+                         f"got shape {tuple(alpha.shape)}")
+    if alpha.dtype != torch.float32:
+        raise ValueError(f"{op}: alpha must be float32 (whatever z's dtype), got {alpha.dtype}")
+    if alpha.device != device:
+        raise ValueError(f"{op}: alpha is on {alpha.device} but z on {device}; put them on one device")
+    if not alpha.is_contiguous():
+        raise ValueError(f"{op}: alpha must be contiguous")
+    if alpha.requires_grad:
+        raise ValueError(f"{op}: alpha requires grad, but mix gives alpha no gradient (ACAI never "
+                         f"learns it); pass alpha.detach()")
+
+
+def _check_state(op, state, device):
+    if not isinstance(state, torch.Tensor):
+        raise ValueError(f"{op}: state must be a torch.Tensor from make_rng_state, got {type(state).__name__}")
+    if state.dtype != torch.int64 or tuple(state.shape) != (RNG_STATE_SIZE,) or not state.is_contiguous():
+        raise ValueError(f"{op}: state must be a contiguous int64 tensor of shape ({RNG_STATE_SIZE},) "
+                         f"[seed, offset, counter] (see make_rng_state), got {state.dtype} "
+                         f"{tuple(state.shape)}")
+    if state.device != device:
+        raise ValueError(f"{op}: state is on {state.device} but z on {device}; the generator state "
+                         f"must live on z's device")
+
+
+def _check_inputs(op, z, alpha, state):
+    _check_z(op, "z", z)
+    if (alpha is None) == (state is None):
+        raise ValueError(f"{op}: pass exactly one of alpha (given mixing weights) and state "
+                         f"(draw them; see make_rng_state)")
+    if alpha is not None:
+        _check_alpha(op, alpha, z.shape[0], z.device)
+    else:
+        _check_state(op, state, z.device)
+
+
+def mix_fwd(z: torch.Tensor, alpha: torch.Tensor | None = None, *, state: torch.Tensor | None = None,
+            backend: str = "auto", poison: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Forward launcher: (z_mix in z's dtype and shape, alpha float32 (N,)).
+
+    Exactly one of alpha (float32, (N,) or (N, 1, ..., 1); returned as an (N,) view) and state
+    (from `make_rng_state`; alpha is drawn and state's offset advanced by N on the device).
+    backend: "auto" | "cuda" | "triton" | "reference" (see acai_fast._ext.resolve_backend).
+    poison: fill the outputs with NaN before the launch (tests)."""
+    op = "mix"
+    _check_inputs(op, z, alpha, state)
+    n, d = z.shape[0], z.numel() // z.shape[0]
+    name = _ext.resolve_backend(op, z, backend)
+    _ext.check_backend_runs(op, name, z.device)
+    logger.debug("mix_fwd: backend=%s (asked %s) z %s %s draw=%s", name, backend, tuple(z.shape),
+                 z.dtype, state is not None)
+
+    if name == "reference":
+        if state is not None:
+            alpha = philox_alpha_ref(state, n)
+        return mix_ref(z, alpha, upcast=True).to(z.dtype), alpha.view(n)
+
+    z_mix = torch.empty_like(z)
+    alpha_out = alpha.view(n) if alpha is not None else torch.empty(n, dtype=torch.float32, device=z.device)
+    if poison:
+        z_mix.fill_(float("nan"))
+        if state is not None:
+            alpha_out.fill_(float("nan"))
+    with torch.cuda.device(z.device) if z.is_cuda else contextlib.nullcontext():
+        if name == "cuda":
+            _ext.extension().mix_fwd(z.data_ptr(), z_mix.data_ptr(), alpha_out.data_ptr(),
+                                     state.data_ptr() if state is not None else 0, n, d,
+                                     _ext.dtype_code(z.dtype), _ext.stream_handle(z.device))
+        else:
+            grid, block_d = _triton_grid(n, d)
+            _mix_fwd_kernel[grid](z, z_mix, alpha_out, state if state is not None else alpha_out, n, d,
+                                  DRAW=state is not None, BLOCK_D=block_d)
+    return z_mix, alpha_out
+
+
+def mix_bwd(g: torch.Tensor, alpha: torch.Tensor, *, dz: torch.Tensor | None = None,
+            backend: str = "auto", poison: bool = False) -> torch.Tensor:
+    """Backward launcher: dL/dz from g = dL/dz_mix (contiguous, z's dtype and shape) and the forward's
+    alpha. dz=None: a fresh tensor; dz given (g's shape and dtype, contiguous, not overlapping g): the
+    result is ADDED into it in place (fp32 math, one rounding) and dz is returned; that is how the
+    fused trainer adds the mix path to the gradient z already has from the ae path."""
+    op = "mix_bwd"
+    _check_z(op, "g", g)
+    n, d = g.shape[0], g.numel() // g.shape[0]
+    _check_alpha(op, alpha, n, g.device)
+    if dz is not None:
+        _check_z(op, "dz", dz)
+        if dz.shape != g.shape or dz.dtype != g.dtype or dz.device != g.device:
+            raise ValueError(f"{op}: dz must match g (shape {tuple(g.shape)}, {g.dtype}, {g.device}), "
+                             f"got {tuple(dz.shape)}, {dz.dtype}, {dz.device}")
+        if dz.untyped_storage().data_ptr() == g.untyped_storage().data_ptr():
+            raise ValueError(f"{op}: dz and g share memory; the kernel reads both rows of g and writes "
+                             f"both rows of dz, so they must not overlap")
+    name = _ext.resolve_backend(op, g, backend)
+    _ext.check_backend_runs(op, name, g.device)
+    logger.debug("mix_bwd: backend=%s (asked %s) g %s %s accumulate=%s", name, backend,
+                 tuple(g.shape), g.dtype, dz is not None)
+
+    if name == "reference":
+        r = mix_bwd_ref(g, alpha, upcast=True)
+        if dz is None:
+            return r.to(g.dtype)
+        return dz.copy_(dz.float() + r)
+
+    accumulate = dz is not None
+    if dz is None:
+        dz = torch.empty_like(g)
+        if poison:
+            dz.fill_(float("nan"))
+    with torch.cuda.device(g.device) if g.is_cuda else contextlib.nullcontext():
+        if name == "cuda":
+            _ext.extension().mix_bwd(g.data_ptr(), alpha.data_ptr(), dz.data_ptr(), n, d,
+                                     _ext.dtype_code(g.dtype), accumulate, _ext.stream_handle(g.device))
+        else:
+            grid, block_d = _triton_grid(n, d)
+            _mix_bwd_kernel[grid](g, alpha, dz, n, d, ACCUMULATE=accumulate, BLOCK_D=block_d)
+    return dz
+
+
+# ------------------------------------------------------------------------------------------------
+# Autograd and the functional op
+# ------------------------------------------------------------------------------------------------
+
+
+class MixFunction(torch.autograd.Function):
+    """The fused mix: one launch forward, one backward. Saves alpha (N floats) only."""
+
+    @staticmethod
+    def forward(ctx, z, alpha, state, backend):
+        z_mix, alpha_out = mix_fwd(z, alpha, state=state, backend=backend)
+        ctx.save_for_backward(alpha_out)
+        ctx.backend = backend
+        ctx.mark_non_differentiable(alpha_out)
+        return z_mix, alpha_out
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_z_mix, _grad_alpha):
+        (alpha,) = ctx.saved_tensors
+        dz = None
+        if ctx.needs_input_grad[0]:
+            dz = mix_bwd(grad_z_mix.contiguous(), alpha, backend=ctx.backend)
+        return dz, None, None, None
+
+
+def mix(z: torch.Tensor, alpha: torch.Tensor | None = None, *, state: torch.Tensor | None = None,
+        backend: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
+    """ACAI's latent mixing, differentiable in z: (z_mix, alpha).
+
+    z: (N, ...) latents, float32 or bfloat16, contiguous. Either alpha (float32, (N,) or
+    (N, 1, ..., 1); no gradient) or state (from `make_rng_state(seed, device)`: alpha drawn on the
+    device, alpha_i = 0.5 - |u_i - 0.5|, and the state advanced, so CUDA-graph replays draw fresh
+    values). Returns z_mix (z's dtype and shape) and alpha as float32 (N,).
+    backend: "auto" (cuda if acai_fast._C is built and z is on a GPU, else triton on a GPU, else
+    reference), "cuda", "triton" (CUDA tensors, or CPU ones under TRITON_INTERPRET=1) or "reference";
+    the choice is logged at DEBUG level (`acai_fast._ext.resolve_backend` returns it).
+    """
+    name = _ext.resolve_backend("mix", z, backend)
+    if name != "reference":
+        return MixFunction.apply(z, alpha, state, name)
+    _check_inputs("mix", z, alpha, state)  # the reference path: autograd through PyTorch ops
+    n = z.shape[0]
+    alpha = alpha.reshape(n) if alpha is not None else philox_alpha_ref(state, n)
+    return mix_ref(z, alpha, upcast=True).to(z.dtype), alpha
