@@ -83,10 +83,15 @@ def acai_critic_loss_ref(c_mix_map, c_real_map, alpha, *, upcast: bool = False):
     return c_mix.square().mean(), (c_mix - alpha).square().mean(), c_real.square().mean()
 
 
+def _upcast(t):
+    """At least fp32 (fp64 stays fp64: the tests check the closed forms in fp64)."""
+    return t.to(torch.promote_types(t.dtype, torch.float32))
+
+
 def image_loss_grads_ref(x, ae, reg: float = 0.2) -> ImageLoss:
     """The explicit form of the image pass in closed form (fp32 math, outputs as the kernels')."""
     m = ae.numel()
-    xf, af = x.float(), ae.float()
+    xf, af = _upcast(x), _upcast(ae)
     diff = af - xf
     return ImageLoss(diff.square().mean(), (diff * (2.0 / m)).to(ae.dtype),
                      (af + reg * (xf - af)).to(ae.dtype))
@@ -95,9 +100,9 @@ def image_loss_grads_ref(x, ae, reg: float = 0.2) -> ImageLoss:
 def critic_loss_grads_ref(c_mix_map, c_real_map, alpha, advweight: float = 0.5) -> CriticLoss:
     """The explicit form of the critic-map pass in closed form (fp32 math, outputs as the kernels')."""
     n, k = c_mix_map.shape[0], c_mix_map.numel() // c_mix_map.shape[0]
-    c_mix = c_mix_map.float().reshape(n, k).mean(1)
-    c_real = c_real_map.float().reshape(n, k).mean(1)
-    a = alpha.reshape(n).float()
+    c_mix = _upcast(c_mix_map).reshape(n, k).mean(1)
+    c_real = _upcast(c_real_map).reshape(n, k).mean(1)
+    a = _upcast(alpha).reshape(n)
     scale = 2.0 / (n * k)
 
     def as_map(v):  # (N,) -> the map's shape and dtype, constant per image
