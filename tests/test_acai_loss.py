@@ -371,3 +371,57 @@ def test_gpu_cuda_graph(backend, seed):
         for a, b, name in zip(crit, ref_crit, crit._fields):
             assert_close(a, b, atol=1e-12, rtol=1e-5, name=f"{name} replay {r}")
     assert counter_of("cuda").item() == 0
+
+
+# ------------------------------------------------------------------------------------------------
+# bench/bench_fused_ops.py: its pure-Python parts (the timings need a GPU)
+# ------------------------------------------------------------------------------------------------
+
+
+def load_bench():
+    import importlib.util
+    import pathlib
+    import sys
+
+    if "bench_fused_ops" not in sys.modules:
+        bench_dir = pathlib.Path(__file__).resolve().parents[1] / "bench"
+        sys.path.insert(0, str(bench_dir))
+        try:
+            spec = importlib.util.spec_from_file_location("bench_fused_ops", bench_dir / "bench_fused_ops.py")
+            module = importlib.util.module_from_spec(spec)
+            sys.modules["bench_fused_ops"] = module  # dataclasses look their module up while building
+            spec.loader.exec_module(module)
+        finally:
+            sys.path.remove(str(bench_dir))
+    return sys.modules["bench_fused_ops"]
+
+
+def test_bench_covers_every_preset_shape():
+    bench = load_bench()
+    cases = bench.cases([64, 1024], "bf16")
+    for p in PRESETS:
+        cfg = ACAIConfig.preset(p)
+        for op, shape in (("mix", cfg.latent_shape), ("critic_loss", cfg.latent_shape),
+                          ("image_loss", (cfg.colors, 32, 32))):
+            for b in (64, 1024):
+                assert any(c.op == op and c.shape == tuple(shape) and c.batch == b and p in c.presets
+                           for c in cases), (p, op, b)
+
+
+def test_bench_bytes_moved():
+    bench = load_bench()
+    c = bench.Case("image_loss", (3, 32, 32), 1024, "bf16", ("cifar1024",))
+    assert bench.bytes_moved(c) == 4 * 1024 * 3 * 1024 * 2  # read x, ae; write d_ae, x_real
+    c = bench.Case("mix", (64, 4, 4), 64, "fp32", ("cifar1024",))
+    assert bench.bytes_moved(c) == 5 * 64 * 1024 * 4 + 8 * 64
+    c = bench.Case("critic_loss", (16, 2, 2), 64, "bf16", ("lines",))
+    assert bench.bytes_moved(c) == 5 * 64 * 64 * 2 + 4 * 64
+    assert bench.bytes_moved(c, "cuda_maps1") == 2 * 64 * 64 * 2 + 3 * 64 * 2 + 4 * 64
+
+
+@pytest.mark.skipif(HAS_GPU, reason="checks the message without a GPU")
+def test_bench_without_gpu_says_so(capsys):
+    bench = load_bench()
+    with pytest.raises(SystemExit) as exc:
+        bench.main(["--quick"])
+    assert "needs a CUDA GPU" in str(exc.value.code)
