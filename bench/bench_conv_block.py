@@ -168,11 +168,11 @@ def make_callables(layer: Layer, batch: int, backend: str) -> dict:
 def run_layer(layer: Layer, batch: int, backends, *, warmup: int, reps: int, inner: int) -> list[Result]:
     results = []
     for backend in backends:
+        fns, error = None, None
         try:
             fns = make_callables(layer, batch, backend)
-            error = None
         except Exception as e:  # e.g. a capture failing: record the reason, keep going
-            fns, error = None, f"{type(e).__name__}: {e}"
+            error = f"{type(e).__name__}: {e}"
         for direction in DIRECTIONS:
             gflop = flops(layer, batch, direction) / 1e9
             base = dict(preset=layer.preset, layer=str(layer), count=layer.count, batch=batch,
@@ -180,7 +180,11 @@ def run_layer(layer: Layer, batch: int, backends, *, warmup: int, reps: int, inn
             if fns is None:
                 results.append(Result(**base, skipped=error))
                 continue
-            med, p20, p80 = summarize(cuda_time(fns[direction], warmup=warmup, reps=reps, inner=inner))
+            try:
+                med, p20, p80 = summarize(cuda_time(fns[direction], warmup=warmup, reps=reps, inner=inner))
+            except Exception as e:
+                results.append(Result(**base, skipped=f"{type(e).__name__}: {e}"))
+                continue
             results.append(Result(**base, ms_median=med, ms_p20=p20, ms_p80=p80, tflops=gflop / med))
         del fns
         torch.cuda.synchronize()

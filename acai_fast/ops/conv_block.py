@@ -1,9 +1,10 @@
 """conv_block: avgpool2x2(leaky_relu(conv2d(upsample2x(x)))) as one op, the building block of every
 ACAI network (SPEC.md section 1).
 
-Reference in plain PyTorch (`conv_block_ref`); fused Triton kernels (implicit GEMM, NHWC, fp32
-accumulation): one forward kernel, and a dx and a dW/db kernel for backward. Limits: odd square
-kernels, stride 1, "same" padding; no split-K in the forward (small-spatial wide layers use small tiles).
+Reference in plain PyTorch (`conv_block_ref`); fused Triton kernels (implicit GEMM over NHWC
+activations, fp32 accumulation, autotuned and cached on disk): one forward kernel, and a dx and a
+deterministic dW/db kernel for backward. Limits: odd square kernels, stride 1, "same" padding; no
+split-K in the forward (small-spatial wide layers rely on small tiles); not timed on a GPU yet.
 """
 from __future__ import annotations
 
@@ -413,7 +414,7 @@ DW_CONFIGS = [
     _cfg(64, 64, 64, 4, 3, _DW),
     _cfg(64, 64, 128, 4, 3, _DW),
     _cfg(128, 64, 64, 8, 3, _DW),
-    _cfg(32, 64, 128, 4, 3, _DW),
+    _cfg(32, 64, 128, 8, 3, _DW),  # 4 warps: 255 registers + spills (ptxas -v, sm_90a)
     _cfg(32, 32, 128, 4, 3, _DW),
     _cfg(16, 16, 128, 4, 3, _DW),
     _cfg(64, 128, 64, 8, 3, _DW),
@@ -479,7 +480,7 @@ def _launch(name, config, grid, *args, **constexprs):
 
 
 # ------------------------------------------------------------------------------------------------
-# Weight arrangement: once per optimizer step, not per call
+# Weights as the kernels read them
 # ------------------------------------------------------------------------------------------------
 
 _SCOPES: list[dict] = []  # stack of active `weight_cache()` scopes
@@ -738,8 +739,10 @@ def check_inputs(x, weight, bias, *, upsample_input, leaky_slope, pool_output, b
         if not isinstance(bias, torch.Tensor) or bias.shape != (weight.shape[0],):
             raise ValueError(f"conv_block: bias must be a ({weight.shape[0]},) tensor, got "
                              f"{tuple(bias.shape) if isinstance(bias, torch.Tensor) else type(bias).__name__}")
-    if x.dtype not in DTYPES:
-        raise ValueError(f"conv_block: x dtype {x.dtype} not supported; use one of {DTYPES}")
+    dtypes = DTYPES if backend == "triton" else DTYPES + (torch.float64,)  # fp64: reference checks
+    if x.dtype not in dtypes:
+        raise ValueError(f"conv_block: x dtype {x.dtype} not supported by backend {backend!r}; "
+                         f"use one of {dtypes}")
     if weight.dtype not in (x.dtype, torch.float32):
         raise ValueError(f"conv_block: wrong dtype mix: weight {weight.dtype} with x {x.dtype} "
                          f"(weight must be x's dtype or float32 master weights)")
