@@ -4,12 +4,13 @@ twin (acai_fast.ops.mix, acai_fast.ops.acai_loss) share: backend resolution, dty
 the grid-reduction workspace."""
 from __future__ import annotations
 
+import importlib
 import os
 
 import torch
 
-try:
-    from . import _C  # noqa: F401
+try:  # import_module, not `from . import _C`: its error names the missing module plainly
+    _C = importlib.import_module(f"{__package__}._C")
 except ImportError as exc:  # built without CUDA, or not built at all
     _C = None
     _IMPORT_ERROR = str(exc)
