@@ -13,6 +13,7 @@ import copy
 import importlib.util
 import itertools
 import logging
+import os
 import pathlib
 import sys
 
@@ -225,6 +226,79 @@ def test_every_config_interpreter():
               (2, 5, 3, 3, 3, dict(upsample_input=True, leaky_slope=0.2, pool_output=False))]
     run_configs(FWD_CONFIGS + SMALL_MNK, DX_CONFIGS + SMALL_MNK, DW_CONFIGS + SMALL_DW,
                 dtype=torch.float32, device=DEVICE, shapes=shapes, check=fp32_check)
+
+
+def test_config_lists_fit_the_gpu_rules():
+    """tl.dot needs every tile dimension >= 16 on a GPU (the interpreter does not check); the pool /
+    upsample epilogues need BLOCK_M % 4 == 0; the dW splits need BLOCK_P | _MAX_BLOCK_P."""
+    for c in FWD_CONFIGS + DX_CONFIGS + [cbm.INTERPRET_FWD_CONFIG, cbm.INTERPRET_DX_CONFIG]:
+        m, n, k = (c.kwargs[name] for name in ("BLOCK_M", "BLOCK_N", "BLOCK_K"))
+        assert min(m, n, k) >= 16 and m % 4 == 0 and all(v & (v - 1) == 0 for v in (m, n, k)), c
+    for c in DW_CONFIGS + [cbm.INTERPRET_DW_CONFIG]:
+        ci, co, p = (c.kwargs[name] for name in ("BLOCK_CI", "BLOCK_CO", "BLOCK_P"))
+        assert min(ci, co, p) >= 16 and cbm._MAX_BLOCK_P % p == 0 and all(v & (v - 1) == 0 for v in (ci, co, p)), c
+
+
+@pytest.mark.parametrize("cin,cout", ((1, 16), (3, 64), (16, 1), (64, 64), (256, 512)))
+def test_autotune_pruning(cin, cout):
+    """Pruning drops only tiles far wider than the channels, and never empties the list."""
+    fwd = cbm._prune_mnk("COUT", "CIN")(FWD_CONFIGS, dict(CIN=cin, COUT=cout))
+    dw = cbm._prune_dw(DW_CONFIGS, dict(CIN=cin, COUT=cout))
+    assert fwd and dw
+    assert all(c.kwargs["BLOCK_N"] <= max(32, 2 * cout) for c in fwd) or len(fwd) == 1
+    if min(cin, cout) >= 64:
+        assert len(fwd) == len(FWD_CONFIGS) and len(dw) == len(DW_CONFIGS)
+
+
+def compile_sm90(dtypes=("bf16", "fp32")):
+    """Compile each kernel (first config, every flag on) for sm_90 without a GPU: catches what only
+    the GPU compiler rejects (dot tile sizes, layouts of the pool reshape). Run with the
+    interpreter off (see test_kernels_compile_for_sm90)."""
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    ints = lambda names: {n: "i32" for n in names.split()}  # noqa: E731
+    for dt in dtypes:
+        p = "*" + dt
+        prec = "ieee" if dt == "fp32" else "tf32"
+        flags = dict(KS=3, UPSAMPLE=True, ACT=True, POOL=True, DOT_PRECISION=prec)
+        kernels = [
+            (cbm._conv_fwd_kernel, FWD_CONFIGS[0],
+             dict(X_ptr=p, W_ptr="*fp32", B_ptr="*fp32", Y_ptr=p, S_ptr="*i8",
+                  **ints("N H W CIN COUT HO WO stride_xn stride_xh stride_xw stride_wo stride_wi stride_wkh "
+                         "stride_wkw stride_yn stride_yh stride_yw"), leaky_slope="fp32"),
+             dict(flags, HAS_BIAS=True, SAVE_SIGN=True)),
+            (cbm._conv_bwd_dx_kernel, DX_CONFIGS[0],
+             dict(G_ptr=p, S_ptr="*i8", W_ptr=p, DX_ptr=p,
+                  **ints("N H W CIN COUT HO WO stride_wo stride_wi stride_wkh stride_wkw stride_dxn "
+                         "stride_dxh stride_dxw"), leaky_slope="fp32"),
+             dict(flags, SIGN_FROM_OUT=False)),
+            (cbm._conv_bwd_dw_kernel, DW_CONFIGS[0],
+             dict(X_ptr=p, G_ptr=p, S_ptr="*i8", DW_ptr="*fp32", DB_ptr="*fp32",
+                  **ints("N H W CIN COUT HO WO stride_xn stride_xh stride_xw stride_dws stride_dwo "
+                         "stride_dwi stride_dwt stride_dbs PIX_PER_SPLIT"), leaky_slope="fp32"),
+             dict(flags, SIGN_FROM_OUT=False, NEED_DB=True)),
+        ]
+        for fn, cfg, signature, constexprs in kernels:
+            constexprs = dict(constexprs, **cfg.kwargs)
+            signature = dict(signature, **{name: "constexpr" for name in constexprs})
+            compiled = triton.compile(ASTSource(fn=fn, signature=signature, constexprs=constexprs),
+                                      target=GPUTarget("cuda", 90, 32),
+                                      options=dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages))
+            assert "wgmma" in compiled.asm["ptx"] or dt == "fp32", f"{fn.__name__} {dt}: no tensor-core MMA"
+
+
+@pytest.mark.skipif(HAS_GPU, reason="the GPU tests compile and run every config")
+def test_kernels_compile_for_sm90():
+    import subprocess
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    code = (f"import sys; sys.path[:0] = [{str(ROOT / 'tests')!r}, {str(ROOT)!r}]; "
+            "import test_conv_block as t; t.compile_sm90()")
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
+    if "No module named 'triton.backends.nvidia'" in done.stderr:
+        pytest.skip("this triton has no NVIDIA backend")
+    assert done.returncode == 0, done.stderr[-3000:]
 
 
 # ------------------------------------------------------------------------------------------------

@@ -772,8 +772,10 @@ def conv_block(x, weight, bias, *, upsample_input=False, leaky_slope=0.2, pool_o
     backend: "reference" (plain PyTorch), "triton" (fused kernels; CUDA tensors, or CPU tensors
     under TRITON_INTERPRET=1) or "auto" (triton on CUDA, reference otherwise); the choice is logged
     at DEBUG level (`resolve_backend` returns it). x may be fp32/bf16/fp16 in any memory format;
-    weight and bias in x's dtype or fp32 (master weights, cast once per optimizer step). The output
-    is in x's dtype; the triton backend returns it in channels_last, so a chain never copies.
+    weight and bias in x's dtype or fp32 (master weights). The output is in x's dtype; the triton
+    backend returns it in channels_last, so a chain never copies. Weights already in x's dtype with
+    Cin or Cout contiguous (channels_last parameters) are read in place; others are cast/arranged
+    once per call, or once per step inside a `weight_cache()` scope.
     """
     name = resolve_backend(x, backend)
     check_inputs(x, weight, bias, upsample_input=upsample_input, leaky_slope=leaky_slope,
