@@ -70,7 +70,7 @@ PYBIND11_MODULE(_C, m) {
         },
         py::arg("seed"), py::arg("offset"), py::arg("n"),
         "The n alphas mix_fwd draws from state [seed, offset], computed on the CPU by the kernel's own\n"
-        "__host__ __device__ Philox code: alpha[i] = 0.5 - |u - 0.5|, u = tl.rand(seed, offset + i).\n"
+        "__host__ __device__ Philox code (csrc/common.cuh philox_alpha, counter offset + i).\n"
         "For tests (needs no GPU). seed and offset as unsigned 64-bit integers.");
 
     m.def(
@@ -91,8 +91,9 @@ PYBIND11_MODULE(_C, m) {
         py::arg("dtype"), py::arg("stream"),
         "z_mix[i] = alpha[i]*z[i] + (1-alpha[i])*z[n-1-i] for contiguous z, z_mix (n, d) of `dtype`.\n"
         "alpha: float32 (n,). state: 0 -> alpha is read; else a device int64[3] [seed, offset, counter]:\n"
-        "alpha[i] = 0.5 - |u - 0.5|, u = Philox4x32-10(key=seed, counter=offset+i) as triton's tl.rand,\n"
-        "is written to alpha and the kernel adds n to offset on the device (counter must be 0).\n"
+        "alpha[i] = 0.5 - |u - 0.5| with u from the Philox4x32-10 word of (key=seed, counter=offset+i)\n"
+        "(as triton's tl.randint; folded in integers, see csrc/common.cuh) is written to alpha, and\n"
+        "the kernel adds n to offset on the device (counter must be 0 before; it is left at 0).\n"
         "One launch on `stream` (a cudaStream_t as int, 0 = legacy default stream).");
 
     m.def(

@@ -25,9 +25,9 @@ template <> __device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(f
 // Exactly triton.language.random.randint4x(seed, offset) (Triton 3.x): counter (c0, c1, c2, c3) =
 // (offset lo, offset hi, 0, 0), key (k0, k1) = (seed lo, seed hi), 10 rounds, key bumped after each.
 // This is also Random123's philox4x32_10 (known-answer vectors checked in tests/test_mix.py).
-// __host__ __device__ with portable, exactly rounded arithmetic (no intrinsics): the same source
-// runs on the CPU through acai_fast._C.philox_alpha_host, which the CPU tests compare bit for bit
-// with Triton's tl.rand under the interpreter.
+// __host__ __device__ with exactly rounded arithmetic: the same source runs on the CPU through
+// acai_fast._C.philox_alpha_host, which the CPU tests compare bit for bit with the reference
+// (itself checked against Triton's tl.randint under the interpreter).
 #define ACAI_HD __host__ __device__ __forceinline__
 
 ACAI_HD uint32_t mulhi32(uint32_t a, uint32_t b) {
@@ -50,21 +50,22 @@ ACAI_HD uint32_t philox4x32_10_first(uint64_t seed, uint64_t counter) {
     return c0;  // randint returns the first word of randint4x
 }
 
-// triton.language.random.uint_to_uniform_float for 32 bits: as int32, x < 0 -> -x - 1 (= ~x), times
-// the largest float scale with INT32_MAX * scale < 1: float32(4.6566127342e-10) = 0x2fffffff =
-// 0x1.fffffep-32. Result in [0, 1). The int -> float conversion and the product both round to
-// nearest, as Triton's do (a lone product: nothing for the compiler to contract into an FMA).
-ACAI_HD float uint_to_uniform_float(uint32_t bits) {
-    int32_t x = static_cast<int32_t>(bits);
-    x = x < 0 ? ~x : x;
-    return static_cast<float>(x) * 0x1.fffffep-32f;
-}
-
-// alpha = 0.5 - |u - 0.5|, u = tl.rand(seed, counter): uniform on [0, 0.5].
+// alpha from one Philox word w, computed so that no compiler can change it (every backend gets the
+// same bits): x = w as int32, x < 0 -> ~x (Triton's uint_to_uniform_float: x in [0, 2^31 - 1], and
+// tl.rand = x * scale); fold y = min(x, 2^31 - 1 - x) in integers (y in [0, 2^30 - 1], uniform);
+// alpha = float(y) * scale, scale = float32(4.6566127342e-10) = 0x2fffffff = 0x1.fffffep-32.
+// So alpha = 0.5 - |u - 0.5| with u = tl.rand(seed, counter) to within 2.4e-7 (exactly u for
+// u < 0.5), and uniform on [0, 0.5): each y comes from exactly four words w. Why the fold in integers: `u - 0.5` after `x * scale` is an FMA candidate (nvcc and
+// Triton both contract by default), which would make the float formula backend-dependent.
 ACAI_HD float philox_alpha(uint64_t seed, uint64_t counter) {
-    const float u = uint_to_uniform_float(philox4x32_10_first(seed, counter));
-    const float t = u - 0.5f;
-    return 0.5f - (t < 0.0f ? -t : t);
+    int32_t x = static_cast<int32_t>(philox4x32_10_first(seed, counter));
+    x = x < 0 ? ~x : x;
+    const int32_t y = x < 0x7fffffff - x ? x : 0x7fffffff - x;
+#ifdef __CUDA_ARCH__
+    return __fmul_rn(__int2float_rn(y), 0x1.fffffep-32f);  // never contracted
+#else
+    return static_cast<float>(y) * 0x1.fffffep-32f;
+#endif
 }
 
 // ------------------------------------------------------------------ deterministic reductions

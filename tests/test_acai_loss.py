@@ -28,6 +28,17 @@ BATCHES = (1, 3, 64)
 ODD_IMAGE, ODD_LATENT = (5, 7, 9), (3, 5, 7)
 
 
+def assert_close_grad(got, want, name, rtol=1e-5):
+    """Map gradients: 2 (c - alpha) / (N K) can be tiny where c_mix ~ alpha, so the absolute
+    tolerance scales with the largest gradient (fp32 rounding of the per-image mean)."""
+    assert_close(got, want, atol=1e-6 * want.float().abs().max().item() + 1e-20, rtol=rtol, name=name)
+
+
+def assert_close_loss(got, want, name, rtol=1e-6):
+    """Losses: mean((c_mix - alpha)^2) of one image can be tiny; its error is ~1e-8 absolute."""
+    assert_close(got, want, atol=1e-8, rtol=rtol, name=name)
+
+
 def counter_of(device):
     return _ext.reduction_counter(torch.device(device))
 
@@ -106,12 +117,12 @@ def test_critic_pass_matches_reference(shape, n, grad_maps, seed):
     ref = critic_loss_grads_ref(c_mix, c_real, alpha, 0.5)
     for name in ("loss_ae_disc", "loss_disc", "loss_disc_real"):
         assert getattr(out, name).shape == ()
-        assert_close(getattr(out, name), getattr(ref, name), atol=1e-12, rtol=1e-6, name=name)
+        assert_close_loss(getattr(out, name), getattr(ref, name), name)
     for name in ("g_mix_ae", "g_mix_critic", "g_real_critic"):
         got = getattr(out, name)
         assert got.shape == c_mix.shape
         assert got.is_contiguous() == grad_maps
-        assert_close(got, getattr(ref, name), atol=1e-12, rtol=1e-5, name=name)
+        assert_close_grad(got, getattr(ref, name), name)
     assert counter_of(c_mix.device).item() == 0
 
 
@@ -130,7 +141,7 @@ def test_reductions_over_many_programs_and_grid_stride(monkeypatch, seed):
     out = critic_loss_fwd(c_mix, c_real, alpha, 0.5, backend="triton", poison=True)
     ref = critic_loss_grads_ref(c_mix, c_real, alpha, 0.5)
     for a, b, name in zip(out, ref, out._fields):
-        assert_close(a, b, atol=1e-12, rtol=1e-5, name=name)
+        assert_close_grad(a, b, name)
     assert counter_of(x.device).item() == 0
 
 
@@ -140,7 +151,7 @@ def test_long_critic_rows_loop_over_k(seed):
     out = critic_loss_fwd(c_mix, c_real, alpha, 0.5, backend="triton", poison=True)
     ref = critic_loss_grads_ref(c_mix, c_real, alpha, 0.5)
     for a, b, name in zip(out, ref, out._fields):
-        assert_close(a, b, atol=1e-12, rtol=1e-5, name=name)
+        assert_close_grad(a, b, name)
 
 
 @pytest.mark.parametrize("n", (1, 3))
@@ -170,7 +181,7 @@ def test_critic_autograd(n, seed):
     ref_in = [t.detach().clone().requires_grad_() for t in (c_mix, c_real)]
     losses_r = acai_critic_loss_ref(*ref_in, alpha)
     for got, want in zip(losses, losses_r):
-        assert_close(got, want, atol=1e-12, rtol=1e-6, name="loss")
+        assert_close_loss(got, want, "loss")
     # The two objectives of the step, each on its own.
     for weights in ((0.5, 0.0, 0.0), (0.0, 1.0, 1.0), (0.7, -1.3, 2.0)):
         obj = sum(w * l for w, l in zip(weights, losses) if w)
@@ -181,7 +192,7 @@ def test_critic_autograd(n, seed):
             if r is None:
                 assert g is None or not g.any(), name
             else:
-                assert_close(g, r, atol=1e-12, rtol=1e-5, name=f"{name} for weights {weights}")
+                assert_close_grad(g, r, f"{name} for weights {weights}")
 
 
 def test_reference_backends(seed):
@@ -296,10 +307,11 @@ def test_gpu_image_pass(shape, n, dtypes, backend, seed):
         assert_close(out.d_ae, ref.d_ae, atol=1e-12, rtol=1e-6, name="d_ae")
         assert_close(out.x_real, ref.x_real, atol=1e-7, rtol=1e-6, name="x_real")
     else:
+        ref32 = image_loss_grads_ref(x.float(), ae.float(), 0.2)  # fp32 outputs, not rounded to bf16
         lp_loss, lp_xreal = acai_image_loss_ref(x.to(ae.dtype), ae, 0.2)
         lp_dae = 2 * (ae - x.to(ae.dtype)) / ae.numel()
-        assert_close_lowp(out.d_ae, ref.d_ae.float(), lp_dae, name="d_ae", floor=1e-9)
-        assert_close_lowp(out.x_real, ref.x_real.float(), lp_xreal, name="x_real")
+        assert_close_lowp(out.d_ae, ref32.d_ae, lp_dae, name="d_ae", floor=1e-9)
+        assert_close_lowp(out.x_real, ref32.x_real, lp_xreal, name="x_real")
     again = image_loss_fwd(x, ae, 0.2, backend=backend)
     assert torch.equal(out.loss_ae, again.loss_ae), "the reduction is not deterministic"
     assert counter_of("cuda").item() == 0
@@ -316,13 +328,11 @@ def test_gpu_critic_pass(shape, n, dtype, grad_maps, backend, seed):
     out = critic_loss_fwd(c_mix, c_real, alpha, 0.5, grad_maps=grad_maps, backend=backend, poison=True)
     ref = critic_loss_grads_ref(c_mix, c_real, alpha, 0.5)
     for name in ("loss_ae_disc", "loss_disc", "loss_disc_real"):
-        assert_close(getattr(out, name), getattr(ref, name), atol=1e-12, rtol=2e-6, name=name)
+        assert_close_loss(getattr(out, name), getattr(ref, name), name, rtol=2e-6)
     for name in ("g_mix_ae", "g_mix_critic", "g_real_critic"):
         got, want = getattr(out, name), getattr(ref, name)
-        if dtype == torch.float32:
-            assert_close(got, want, atol=1e-12, rtol=1e-5, name=name)
-        else:  # one bf16 rounding of an fp32 value on both sides: at most one ulp apart
-            assert_close(got, want, atol=1e-12, rtol=2 ** -7, name=name)
+        # bf16: one rounding of (nearly) the same fp32 value on both sides, at most one ulp apart
+        assert_close_grad(got, want, name, rtol=1e-5 if dtype == torch.float32 else 2 ** -7)
     again = critic_loss_fwd(c_mix, c_real, alpha, 0.5, grad_maps=grad_maps, backend=backend)
     for a, b, name in zip(out, again, out._fields):
         assert torch.equal(a, b), f"{name} is not deterministic"
@@ -335,11 +345,14 @@ def test_gpu_cuda_matches_triton(seed):
     x, ae = image_inputs(1024, (3, 32, 32), device="cuda")
     a, b = (image_loss_fwd(x, ae, 0.2, backend=k) for k in ("cuda", "triton"))
     assert_close(a.loss_ae, b.loss_ae, atol=0, rtol=1e-6, name="loss_ae cuda vs triton")
-    assert torch.equal(a.d_ae, b.d_ae) and torch.equal(a.x_real, b.x_real)
+    assert_close(a.d_ae, b.d_ae, atol=1e-12, rtol=1e-6, name="d_ae cuda vs triton")
+    assert_close(a.x_real, b.x_real, atol=1e-7, rtol=1e-6, name="x_real cuda vs triton")
     maps = critic_inputs(1024, (64, 4, 4), device="cuda")
     a, b = (critic_loss_fwd(*maps, 0.5, backend=k) for k in ("cuda", "triton"))
-    for u, v, name in zip(a, b, a._fields):
-        assert_close(u, v, atol=1e-12, rtol=1e-6, name=f"{name} cuda vs triton")
+    for u, v, name in zip(a[:3], b[:3], a._fields):
+        assert_close_loss(u, v, f"{name} cuda vs triton")
+    for u, v, name in zip(a[3:], b[3:], a._fields[3:]):
+        assert_close_grad(u, v, f"{name} cuda vs triton", rtol=1e-6)
 
 
 @pytest.mark.gpu
@@ -369,7 +382,7 @@ def test_gpu_cuda_graph(backend, seed):
         assert_close(img.loss_ae, ref_img.loss_ae, atol=0, rtol=2e-6, name=f"loss_ae replay {r}")
         assert_close(img.x_real, ref_img.x_real, atol=1e-7, rtol=1e-6, name=f"x_real replay {r}")
         for a, b, name in zip(crit, ref_crit, crit._fields):
-            assert_close(a, b, atol=1e-12, rtol=1e-5, name=f"{name} replay {r}")
+            assert_close_grad(a, b, f"{name} replay {r}")
     assert counter_of("cuda").item() == 0
 
 

@@ -79,16 +79,20 @@ def philox_alpha_ref(state: torch.Tensor, n: int, *, advance: bool = True) -> to
     """The n alphas that `mix` draws from `state`, as float32 (n,), and (advance=True) state's offset
     moved on by n, all on state's device without a host sync.
 
-    u_i = tl.rand(seed, offset + i): the first Philox word w as int32, w < 0 -> -w - 1, times
-    float32(4.6566127342e-10); alpha_i = 0.5 - |u_i - 0.5| in float32 (uniform on [0, 0.5])."""
+    w_i = the first word of Philox4x32-10(counter = offset + i, key = seed) (= tl.randint); x = w_i
+    as int32 with x < 0 -> -x - 1 (Triton's uint_to_uniform_float; tl.rand = x * scale);
+    y = min(x, 2^31 - 1 - x) in integers; alpha_i = float32(y) * scale, scale = float32(4.6566127342e-10).
+    That is 0.5 - |u_i - 0.5| with u_i = tl.rand(seed, offset + i), to 2.4e-7, uniform on
+    [0, 0.5); the fold is done in integers so that no FMA contraction (nvcc and Triton contract
+    `x * scale - 0.5` by default) can make backends differ: all three give these bits."""
     seed, offset = state[0], state[1]
     ctr = offset + torch.arange(n, dtype=torch.int64, device=state.device)
     zero = torch.zeros_like(ctr)
     w, _, _, _ = philox4x32_ref(ctr & _M32, (ctr >> 32) & _M32, zero, zero, seed & _M32,
                                 (seed >> 32) & _M32)
-    w = torch.where(w >= 2 ** 31, w ^ _M32, w)  # as int32, x < 0 -> -x - 1
-    u = w.to(torch.float32) * torch.tensor(4.6566127342e-10, dtype=torch.float32, device=state.device)
-    alpha = 0.5 - (u - 0.5).abs()
+    x = torch.where(w >= 2 ** 31, w ^ _M32, w)  # as int32, x < 0 -> -x - 1
+    y = torch.minimum(x, (2 ** 31 - 1) - x)
+    alpha = y.to(torch.float32) * torch.tensor(4.6566127342e-10, dtype=torch.float32, device=state.device)
     if advance:
         state[1] += n
     return alpha
@@ -129,7 +133,8 @@ def _mix_fwd_kernel(Z_ptr, Zmix_ptr, Alpha_ptr, State_ptr, N, D,
                     DRAW: tl.constexpr, BLOCK_D: tl.constexpr):
     """Forward: z_mix[i] = a_i z[i] + (1 - a_i) z[j], z_mix[j] = a_j z[j] + (1 - a_j) z[i], fp32 math.
 
-    DRAW: a = 0.5 - |tl.rand(seed, offset + row) - 0.5| with seed, offset = State[0], State[1];
+    DRAW: a = fold(tl.randint(seed, offset + row)) (see `philox_alpha_ref`; = 0.5 - |tl.rand - 0.5|
+    to 2.4e-7) with seed, offset = State[0], State[1];
     programs of column block 0 store a_i, a_j to Alpha; the last program to finish (ticket from an
     atomic on State[2], after a barrier so that every read of the offset is done) stores
     offset + N and resets the ticket counter. Otherwise a = Alpha[row]."""
@@ -142,8 +147,10 @@ def _mix_fwd_kernel(Z_ptr, Zmix_ptr, Alpha_ptr, State_ptr, N, D,
     if DRAW:
         seed = tl.load(State_ptr)
         offset = tl.load(State_ptr + 1)
-        u = tl.rand(seed, offset + rows)
-        a2 = 0.5 - tl.abs(u - 0.5)
+        x = tl.randint(seed, offset + rows).to(tl.int32, bitcast=True)  # randint gives uint32
+        x = tl.where(x < 0, -x - 1, x)
+        y = tl.minimum(x, 2147483647 - x)
+        a2 = y.to(tl.float32) * 4.6566127342e-10
     else:
         a2 = tl.load(Alpha_ptr + rows)
     ai = tl.sum(tl.where(two == 0, a2, 0.0))
