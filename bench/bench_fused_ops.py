@@ -238,6 +238,7 @@ def print_table(results: list[Result]) -> None:
     for r in results:
         rows.setdefault(r.case, {})[r.variant] = r
     head = f"{'op':<12} {'shape':<12} {'batch':>5} {'floor MB':>8} | " + " | ".join(f"{v:>22}" for v in variants)
+    print("cells: median time, GB/s against the bytes-moved floor, #kernel launches per call (not for graphs)")
     print(head)
     print("-" * len(head))
     for case, by in rows.items():
@@ -247,7 +248,7 @@ def print_table(results: list[Result]) -> None:
             if r is None or r.ms_median is None:
                 cells.append(f"{'-':>22}")
             else:
-                launches = f"{r.launches}k" if r.launches is not None else "  "
+                launches = f"#{r.launches}" if r.launches is not None else "  "
                 cells.append(f"{r.ms_median * 1e3:7.1f}us {r.gbps:6.0f}GB/s {launches:>3}")
         shape = "x".join(map(str, case.shape))
         print(f"{case.op:<12} {shape:<12} {case.batch:>5} {bytes_moved(case) / 1e6:8.2f} | " + " | ".join(cells))
