@@ -3,7 +3,8 @@
 CPU (TRITON_INTERPRET=1, fp32): the closed-form gradients are the autograd of the SPEC's loss
 expressions; the Triton kernels match them (values and every gradient) on every preset's image and
 latent shapes at odd batch sizes, with per-image or whole-map gradients, through the grid-stride
-and multi-program reduction paths; the autograd Functions; the reduction counter is left at 0; bad input.
+and multi-program reduction paths; the autograd Functions; the reduction counter is left at 0; bad input;
+the Triton kernels compile for sm_90 (no GPU needed) with the PTX the grid reduction relies on.
 GPU (marked `gpu`): CUDA vs Triton vs reference in fp32 and bf16 (and mixed x/ae dtypes), bitwise
 determinism across runs, CUDA-graph capture and replay.
 """
@@ -201,6 +202,58 @@ def test_reference_backends(seed):
     assert loss.requires_grad and x_real.requires_grad
     out = critic_loss_fwd(*critic_inputs(3, (2, 4, 4), device="cpu"), 0.5, grad_maps=False, backend="reference")
     assert out.g_mix_ae.stride()[1:] == (0, 0, 0)
+
+
+def compile_sm90():
+    """Compile both kernels (both dtypes, both gradient layouts) for sm_90 without a GPU
+    (interpreter off, see test_kernels_compile_for_sm90) and check the PTX of the grid reduction:
+    one acq_rel ticket atomic after a barrier, partials read back through L2 (ld.global.cg)."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    def compile_(fn, signature, constexprs):
+        signature = dict(signature, **{k: "constexpr" for k in constexprs})
+        return triton.compile(ASTSource(fn=fn, signature=signature, constexprs=constexprs),
+                              target=GPUTarget("cuda", 90, 32), options=dict(num_warps=4)).asm["ptx"]
+
+    ptxs = []
+    for dt in ("fp32", "bf16"):
+        p = "*" + dt
+        ptxs.append(compile_(al._image_loss_fwd_kernel,
+                             dict(X_ptr="*fp32", Ae_ptr=p, Dae_ptr=p, Xreal_ptr=p, Loss_ptr="*fp32",
+                                  Partials_ptr="*fp32", Counter_ptr="*i32", M="i32", reg="fp32",
+                                  grad_scale="fp32"),
+                             dict(BLOCK=1024, MAX_PARTIALS=al.MAX_PARTIALS)))
+        for grad_maps in (True, False):
+            ptxs.append(compile_(al._critic_loss_fwd_kernel,
+                                 dict(Cmix_ptr=p, Creal_ptr=p, Alpha_ptr="*fp32", Gae_ptr=p, Gd_ptr=p,
+                                      Gr_ptr=p, Losses_ptr="*fp32", Partials_ptr="*fp32",
+                                      Counter_ptr="*i32", N="i32", K="i32", inv_k="fp32", scale="fp32",
+                                      advweight="fp32"),
+                                 dict(GRAD_MAPS=grad_maps, BLOCK_N=16, BLOCK_K=256,
+                                      MAX_PARTIALS=al.MAX_PARTIALS)))
+    for ptx in ptxs:
+        assert ptx.count("atom.global.gpu.acq_rel.add.u32") == 1
+        assert ptx.rindex("bar.sync", 0, ptx.index("atom.global")) > 0
+        assert "ld.global.cg" in ptx
+
+
+@pytest.mark.skipif(HAS_GPU, reason="the GPU tests compile and run the kernels")
+def test_kernels_compile_for_sm90():
+    import os
+    import pathlib
+    import subprocess
+    import sys
+
+    root = pathlib.Path(__file__).resolve().parents[1]
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    code = (f"import sys; sys.path[:0] = [{str(root / 'tests')!r}, {str(root)!r}]; "
+            "import test_acai_loss as t; t.compile_sm90()")
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
+    if "No module named 'triton.backends.nvidia'" in done.stderr:
+        pytest.skip("this triton has no NVIDIA backend")
+    assert done.returncode == 0, done.stderr[-3000:]
 
 
 # ------------------------------------------------------------------------------------------------

@@ -3,7 +3,8 @@
 CPU (TRITON_INTERPRET=1, fp32): Philox known-answer vectors; the reference generator, Triton's
 tl.randint/tl.rand and the CUDA kernel's own Philox code (run on the host through _C) agree bit for
 bit; forward, backward (fresh and accumulating) and autograd on every preset's latent shape at odd
-batch sizes; the device-side state's reproducibility; alpha's distribution; bad input.
+batch sizes; the device-side state's reproducibility; alpha's distribution; bad input; the
+Triton kernels compile for sm_90 (no GPU needed) with the PTX the design relies on.
 GPU (marked `gpu`): CUDA vs Triton vs reference in fp32 and bf16, identical seeded alphas, their
 uniformity, and CUDA-graph capture with fresh draws on every replay.
 """
@@ -207,6 +208,51 @@ def test_auto_on_cpu_is_the_reference(caplog):
     with caplog.at_level(logging.DEBUG, logger="acai_fast.ops.mix"):
         mix_fwd(z, torch.full((3,), 0.25), backend="auto")
     assert "backend=reference (asked auto)" in caplog.text
+
+
+def compile_sm90():
+    """Compile both kernels (every flag, both dtypes) for sm_90 without a GPU (interpreter off, see
+    test_kernels_compile_for_sm90) and check the PTX: alpha is one rounded multiply (no FMA), the
+    offset advance is one single-thread acq_rel atomic after a barrier."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    def compile_(fn, signature, constexprs):
+        signature = dict(signature, **{k: "constexpr" for k in constexprs})
+        return triton.compile(ASTSource(fn=fn, signature=signature, constexprs=constexprs),
+                              target=GPUTarget("cuda", 90, 32), options=dict(num_warps=4)).asm["ptx"]
+
+    for dt in ("fp32", "bf16"):
+        p, ints = "*" + dt, dict(N="i32", D="i32")
+        for draw in (True, False):
+            ptx = compile_(mm._mix_fwd_kernel, dict(Z_ptr=p, Zmix_ptr=p, Alpha_ptr="*fp32",
+                                                    State_ptr="*i64" if draw else "*fp32", **ints),
+                           dict(DRAW=draw, BLOCK_D=64))
+            if draw:
+                assert "mul.f32" in ptx and "0f2FFFFFFF" in ptx, "alpha is not float(y) * scale"
+                assert ptx.count("atom.global.gpu.acq_rel.add.u64") == 1
+                assert ptx.index("bar.sync") < ptx.index("atom.global")
+        for acc in (True, False):
+            compile_(mm._mix_bwd_kernel, dict(G_ptr=p, Alpha_ptr="*fp32", Dz_ptr=p, **ints),
+                     dict(ACCUMULATE=acc, BLOCK_D=1024))
+
+
+@pytest.mark.skipif(HAS_GPU, reason="the GPU tests compile and run the kernels")
+def test_kernels_compile_for_sm90():
+    import os
+    import pathlib
+    import subprocess
+    import sys
+
+    root = pathlib.Path(__file__).resolve().parents[1]
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    code = (f"import sys; sys.path[:0] = [{str(root / 'tests')!r}, {str(root)!r}]; "
+            "import test_mix as t; t.compile_sm90()")
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
+    if "No module named 'triton.backends.nvidia'" in done.stderr:
+        pytest.skip("this triton has no NVIDIA backend")
+    assert done.returncode == 0, done.stderr[-3000:]
 
 
 # ------------------------------------------------------------------------------------------------
