@@ -115,22 +115,39 @@ def reduction_counter(device: torch.device) -> torch.Tensor:
 
 
 def fix_triton_interpreter() -> None:
-    """Triton 3.6's interpreter turns a scalar into a Python int with int(array of shape (1,)),
-    which NumPy >= 2.4 refuses ("only 0-dimensional arrays can be converted to Python scalars"), so
-    every loop with a runtime bound fails under TRITON_INTERPRET=1. Re-patch tl.tensor.__index__ to
-    take the single element. Interpreter only, idempotent (the same marker as the copy in
-    acai_fast/ops/conv_block.py, so the two never stack); harmless with older NumPy."""
+    """Work around two bugs of Triton's CPU interpreter (TRITON_INTERPRET=1); idempotent, and a
+    no-op when the interpreter is off.
+
+    1. Triton 3.6 turns a scalar into a Python int with int(array of shape (1,)), which NumPy >= 2.4
+       refuses ("only 0-dimensional arrays can be converted to Python scalars"), so every loop with a
+       runtime bound fails. Re-patch tl.tensor.__index__ to take the single element.
+    2. The interpreter types the result of a comparison as its operands' type (a bool array tagged
+       int32); Triton 3.9's splat then casts by the tag, so `(cols < n) & (pid == 0)` becomes an
+       int32 mask and tl.store refuses it ("mask has unsupported dtype"). Tag bool results int1.
+    """
     if not (HAS_TRITON and INTERPRET):
         return
+    import numpy as np
+    import triton.language as tl
     from triton.runtime import interpreter
 
     original = interpreter._patch_lang_tensor
-    if getattr(original, "_acai_fixed", False):
-        return
+    if not getattr(original, "_acai_fixed", False):
+        def patch_lang_tensor(tensor, scope):
+            original(tensor, scope)
+            scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(-1)[0]))
 
-    def patch_lang_tensor(tensor, scope):
-        original(tensor, scope)
-        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(-1)[0]))
+        patch_lang_tensor._acai_fixed = True
+        interpreter._patch_lang_tensor = patch_lang_tensor
 
-    patch_lang_tensor._acai_fixed = True
-    interpreter._patch_lang_tensor = patch_lang_tensor
+    builder = interpreter.InterpreterBuilder
+    binary_op = builder.binary_op
+    if not getattr(binary_op, "_acai_fixed", False):
+        def typed_binary_op(self, lhs, rhs, op):
+            out = binary_op(self, lhs, rhs, op)
+            if out.data.dtype == np.bool_ and out.dtype != tl.int1:
+                out = interpreter.TensorHandle(out.data, tl.int1)
+            return out
+
+        typed_binary_op._acai_fixed = True
+        builder.binary_op = typed_binary_op

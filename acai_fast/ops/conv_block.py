@@ -11,10 +11,11 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
-import os
 
 import torch
 import torch.nn.functional as F
+
+from .. import _ext
 
 try:
     import triton
@@ -46,31 +47,8 @@ logger = logging.getLogger(__name__)
 
 BACKENDS = ("auto", "reference", "triton")
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-# The interpreter is chosen when triton.jit runs (at import): read it once, the same way.
-INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-
-def _fix_interpreter_for_numpy_2_4():
-    """Triton 3.6's interpreter turns a scalar into a Python int with int(array of shape (1,)),
-    which NumPy >= 2.4 refuses ("only 0-dimensional arrays can be converted to Python scalars"),
-    so every loop with a runtime bound fails under TRITON_INTERPRET=1. Re-patch tl.tensor.__index__
-    to take the single element. Interpreter only, idempotent; harmless with older NumPy."""
-    from triton.runtime import interpreter
-
-    original = interpreter._patch_lang_tensor
-    if getattr(original, "_acai_fixed", False):
-        return
-
-    def patch_lang_tensor(tensor, scope):
-        original(tensor, scope)
-        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(-1)[0]))
-
-    patch_lang_tensor._acai_fixed = True
-    interpreter._patch_lang_tensor = patch_lang_tensor
-
-
-if HAS_TRITON and INTERPRET:
-    _fix_interpreter_for_numpy_2_4()
+INTERPRET = _ext.INTERPRET
+_ext.fix_triton_interpreter()
 
 
 def conv_block_ref(x, weight, bias, *, upsample_input=False, leaky_slope=0.2, pool_output=False,
