@@ -52,7 +52,11 @@ def build_parser() -> argparse.ArgumentParser:
                        help="train on this many thousand (x1024) images in total (the paper: 16384)")
     train.add_argument("--out", required=True, help="output folder (metrics.jsonl, checkpoint.pt, interpolations.png)")
     train.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
-    train.add_argument("--backend", default="auto", help="reference (plain PyTorch) or auto (fastest available)")
+    train.add_argument("--backend", default="auto",
+                       help="auto, reference or fused. ""reference: plain PyTorch fp32; fused: the Triton/CUDA kernels (a GPU); "
+                            "auto: the fastest backend verified on this device")
+    train.add_argument("--dtype", default=None, choices=("fp32", "bf16"),
+                       help="activation dtype (default: bf16 for fused on a GPU, else fp32)")
     train.add_argument("--seed", type=int, default=0, help="seed of the weights, alphas and lines data")
     train.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
     train.add_argument("--eval-kimg", type=_positive_float, default=64.0,
@@ -122,14 +126,15 @@ def cmd_train(parser, args) -> int:
     try:
         config = ACAIConfig.preset(args.preset, **overrides)
         if args.resume and checkpoint.exists():
-            trainer = ACAITrainer.load(checkpoint, device=device, backend=args.backend)
+            trainer = ACAITrainer.load(checkpoint, device=device, backend=args.backend, dtype=args.dtype)
             if trainer.config != config:
                 print(f"note: resuming with the checkpoint's configuration {trainer.config}", file=sys.stderr)
             print(f"resuming {checkpoint} at {trainer.nimg / 1024:.1f} kimg", file=sys.stderr)
         else:
             if args.resume:
                 print(f"note: no checkpoint in {out}; starting a new run", file=sys.stderr)
-            trainer = ACAITrainer(config, backend=args.backend, device=device, seed=args.seed)
+            trainer = ACAITrainer(config, backend=args.backend, device=device, seed=args.seed,
+                                  dtype=args.dtype)
     except ValueError as exc:
         parser.error(str(exc))
 
@@ -148,7 +153,8 @@ def cmd_train(parser, args) -> int:
         parser.error(f"preset {args.preset}: its dataset (SVHN, CelebA or CIFAR-10) has no loader yet; "
                      f"supported: lines (built in), {', '.join(IMAGE_PRESETS)} (--data)")
     out.mkdir(parents=True, exist_ok=True)
-    print(f"acai-fast: training {args.preset} on {trainer.device} (backend {trainer.backend}) "
+    print(f"acai-fast: training {args.preset} on {trainer.device} (backend {trainer.backend}, "
+          f"{str(trainer.dtype).replace('torch.', '')}) "
           f"to {args.kimg:g} kimg; outputs in {out}", file=sys.stderr)
     history = trainer.fit(data, **fit_args)
     if history:

@@ -101,8 +101,12 @@ class Decoder(ConvChain):
 class Critic(Encoder):
     """An encoder of its own whose output map is averaged to one scalar per image: (N,)."""
 
+    def forward_map(self, x: torch.Tensor) -> torch.Tensor:
+        """The output map before its mean, (N, latent, w, w): what the fused ACAI loss reads."""
+        return super().forward(x)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return super().forward(x).mean(dim=(1, 2, 3))
+        return self.forward_map(x).mean(dim=(1, 2, 3))
 
 
 class LinearProbe(nn.Module):

@@ -11,9 +11,18 @@ One step, top to bottom (`ACAITrainer.step`):
     Adam(enc+dec) on loss_ae + advweight * loss_ae_disc; Adam(critic) on loss_disc + loss_disc_real;
     Adam(probe) on the softmax cross-entropy of a linear probe on the detached latent.
 All three updates come from the same forward pass.
+
+Backends: "reference" runs that in plain PyTorch, fp32 (the oracle and the baseline). "fused" runs
+the same step on the fused ops, side by side with it in `_forward_reference` / `_forward_fused`:
+Triton conv blocks (acai_fast.ops.conv_block) on channels_last activations in bf16 (fp32 master
+weights, fp32 accumulation), one mix launch with alpha drawn on the device from a Philox state
+(acai_fast.ops.mix) and the fused ACAI losses (acai_fast.ops.acai_loss); CUDA kernels where
+acai_fast._C is built, their Triton twins otherwise. On the CPU "fused" runs only under
+TRITON_INTERPRET=1, in fp32 (tests).
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -25,23 +34,70 @@ from typing import Callable, Iterable
 import torch
 import torch.nn.functional as F
 
+from . import _ext
 from .config import ACAIConfig
 from .networks import build_networks
+from .ops.acai_loss import acai_critic_loss, acai_image_loss
+from .ops.conv_block import weight_cache
+from .ops.mix import make_rng_state, mix
 
 log = logging.getLogger("acai_fast")
 
-BACKENDS = ("auto", "reference")
+BACKENDS = ("auto", "reference", "fused")
+# "auto" picks "fused" on a GPU only once the fused step has been checked there against the
+# reference (tests/test_trainer_fused.py -m gpu) and timed (bench/throughput.py); until then the
+# reference is the default everywhere and "fused" must be asked for by name.
+AUTO_PICKS_FUSED = False
+DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16}
 CHECKPOINT_VERSION = 1
 LOSS_NAMES = ("loss_ae", "loss_ae_disc", "loss_disc", "loss_disc_real", "probe_loss", "probe_accuracy")
 
 
 def resolve_backend(backend: str, device: torch.device) -> str:
-    """The backend that `backend` means on `device` ("auto" -> the fastest one available)."""
+    """The backend that `backend` means on `device` ("auto" -> the fastest one verified there)."""
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; valid backends: {', '.join(BACKENDS)}")
     if backend == "auto":
-        return "reference"  # the only backend so far; the fused one joins it on CUDA
+        fused_ok = AUTO_PICKS_FUSED and device.type == "cuda" and _ext.HAS_TRITON
+        return "fused" if fused_ok else "reference"
+    if backend == "fused":
+        if not _ext.HAS_TRITON:
+            raise ValueError("backend 'fused' needs triton (pip install 'acai_fast[triton]'); "
+                             "use backend='reference'")
+        if device.type != "cuda" and not _ext.INTERPRET:
+            raise ValueError(f"backend 'fused' runs on a CUDA GPU, not on {device.type} (on the CPU "
+                             f"only under TRITON_INTERPRET=1, slowly, for tests); use backend='reference'")
     return backend
+
+
+def resolve_dtype(dtype, backend: str, device: torch.device) -> torch.dtype:
+    """The activation dtype of the step: fp32 for "reference"; bf16 for "fused" on a GPU (fp32
+    under the CPU interpreter, which has no bf16 arithmetic) unless fp32 is asked for."""
+    if dtype is None:
+        return torch.bfloat16 if backend == "fused" and device.type == "cuda" else torch.float32
+    resolved = DTYPES.get(dtype) if isinstance(dtype, str) else dtype
+    if resolved not in (torch.float32, torch.bfloat16):
+        raise ValueError(f"dtype must be one of {', '.join(DTYPES)} (or torch.float32 / torch.bfloat16), "
+                         f"got {dtype!r}")
+    if resolved == torch.bfloat16 and backend != "fused":
+        raise ValueError("dtype bf16 needs backend='fused'; the reference backend computes in fp32")
+    if resolved == torch.bfloat16 and device.type != "cuda":
+        raise ValueError("dtype bf16 runs on a GPU only (the CPU interpreter has no bf16 arithmetic)")
+    return resolved
+
+
+def _channels_last(t: torch.Tensor) -> torch.Tensor:
+    """t in channels_last: free for the Triton convs' outputs (they already are)."""
+    return t.contiguous(memory_format=torch.channels_last)
+
+
+def _nhwc(t: torch.Tensor) -> torch.Tensor:
+    """A channels_last (N, C, H, W) tensor as the contiguous (N, H, W, C) tensor it is (a view)."""
+    return t.permute(0, 2, 3, 1)
+
+
+def _nchw(t: torch.Tensor) -> torch.Tensor:
+    return t.permute(0, 3, 1, 2)
 
 
 def _adam(params, config: ACAIConfig, device: torch.device) -> torch.optim.Adam:
@@ -61,7 +117,7 @@ class ACAITrainer:
     """
 
     def __init__(self, config: ACAIConfig | None = None, backend: str = "auto", device=None,
-                 seed: int = 0):
+                 seed: int = 0, dtype=None):
         self.config = config if config is not None else ACAIConfig.preset("lines")
         if not isinstance(self.config, ACAIConfig):
             raise ValueError(f"config must be an ACAIConfig, got {type(self.config).__name__}")
@@ -70,8 +126,10 @@ class ACAITrainer:
         if self.device.type == "cuda" and not torch.cuda.is_available():
             raise ValueError("device 'cuda' was asked for but no CUDA GPU is available")
         self.backend = resolve_backend(backend, self.device)
+        self.dtype = resolve_dtype(dtype, self.backend, self.device)
         self.seed = int(seed)
-        log.info("ACAITrainer: backend=%s (asked %s) on %s", self.backend, backend, self.device)
+        log.info("ACAITrainer: backend=%s (asked %s), %s activations, on %s", self.backend, backend,
+                 str(self.dtype).replace("torch.", ""), self.device)
 
         with torch.random.fork_rng(devices=[]):  # initialise on the CPU: same weights on every device
             torch.manual_seed(self.seed)
@@ -80,20 +138,37 @@ class ACAITrainer:
         self.critic, self.probe = nets["critic"], nets["probe"]
         for net in self._networks():
             net.to(self.device)
-            if hasattr(net, "backend"):
-                net.backend = self.backend
+        self._set_conv_backend(self.backend)
         self.ae_params = [*self.encoder.parameters(), *self.decoder.parameters()]
         self.critic_params = list(self.critic.parameters())
         self.opt_ae = _adam(self.ae_params, self.config, self.device)
         self.opt_critic = _adam(self.critic_params, self.config, self.device)
         self.opt_probe = _adam(self.probe.parameters(), self.config, self.device)
-        self.generator = torch.Generator(self.device).manual_seed(self.seed)  # alpha draws
+        self.generator = torch.Generator(self.device).manual_seed(self.seed)  # alpha draws (reference)
+        self.alpha_state = make_rng_state(self.seed, self.device)  # alpha draws (fused: Philox)
+        # The fused ops: the CUDA/Triton choice of acai_fast.ops on a GPU; Triton (interpreted) on the CPU.
+        self.op_backend = "auto" if self.device.type == "cuda" else "triton"
         self.nimg = 0  # images trained on
         self.steps = 0
         self._labels_checked = False
 
     def _networks(self):
         return (self.encoder, self.decoder, self.critic, self.probe)
+
+    def _set_conv_backend(self, backend: str) -> None:
+        conv = "triton" if backend == "fused" else "reference"
+        for net in (self.encoder, self.decoder, self.critic):
+            net.backend = conv
+
+    @contextlib.contextmanager
+    def _fp32_inference(self):
+        """encode/decode run the reference convs in fp32 whatever the training backend: evaluations
+        and pictures are exact and comparable across backends (and cuDNN is quick at inference)."""
+        self._set_conv_backend("reference")
+        try:
+            yield
+        finally:
+            self._set_conv_backend(self.backend)
 
     # ------------------------------------------------------------------ the step
     def draw_alpha(self, n: int) -> torch.Tensor:
@@ -111,6 +186,30 @@ class ACAITrainer:
         for net in self._networks():
             net.train()
 
+        forward = self._forward_fused if self.backend == "fused" else self._forward_reference
+        with weight_cache():  # fused: each weight cast to the kernels' layout once per step
+            z, (loss_ae, loss_ae_disc, loss_disc, loss_disc_real) = forward(x)
+            # Each objective's gradient goes to its own parameters only.
+            ae_grads = torch.autograd.grad(loss_ae + cfg.advweight * loss_ae_disc, self.ae_params,
+                                           retain_graph=True)
+            critic_grads = torch.autograd.grad(loss_disc + loss_disc_real, self.critic_params)
+        for params, grads in ((self.ae_params, ae_grads), (self.critic_params, critic_grads)):
+            for p, g in zip(params, grads):
+                p.grad = g
+        self.opt_ae.step()
+        self.opt_critic.step()
+
+        losses = dict(loss_ae=loss_ae.detach(), loss_ae_disc=loss_ae_disc.detach(),
+                      loss_disc=loss_disc.detach(), loss_disc_real=loss_disc_real.detach())
+        if labels is not None:
+            losses.update(self._probe_step(z.detach().float(), labels))
+        self.nimg += x.shape[0]
+        self.steps += 1
+        return losses
+
+    def _forward_reference(self, x: torch.Tensor):
+        """SPEC section 2 in plain PyTorch: -> (z, (loss_ae, loss_ae_disc, loss_disc, loss_disc_real))."""
+        cfg = self.config
         z = self.encoder(x)
         ae = self.decoder(z)
         alpha = self.draw_alpha(x.shape[0])
@@ -123,24 +222,25 @@ class ACAITrainer:
         loss_ae_disc = critic_mix.square().mean()
         loss_disc = (critic_mix - alpha.flatten()).square().mean()
         loss_disc_real = critic_real.square().mean()
+        return z, (loss_ae, loss_ae_disc, loss_disc, loss_disc_real)
 
-        # Each objective's gradient goes to its own parameters only.
-        ae_grads = torch.autograd.grad(loss_ae + cfg.advweight * loss_ae_disc, self.ae_params,
-                                       retain_graph=True)
-        critic_grads = torch.autograd.grad(loss_disc + loss_disc_real, self.critic_params)
-        for params, grads in ((self.ae_params, ae_grads), (self.critic_params, critic_grads)):
-            for p, g in zip(params, grads):
-                p.grad = g
-        self.opt_ae.step()
-        self.opt_critic.step()
-
-        losses = dict(loss_ae=loss_ae.detach(), loss_ae_disc=loss_ae_disc.detach(),
-                      loss_disc=loss_disc.detach(), loss_disc_real=loss_disc_real.detach())
-        if labels is not None:
-            losses.update(self._probe_step(z.detach(), labels))
-        self.nimg += x.shape[0]
-        self.steps += 1
-        return losses
+    def _forward_fused(self, x: torch.Tensor):
+        """The same on the fused ops. Activations are channels_last in self.dtype; the mix and loss
+        ops see them as the contiguous NHWC tensors they are. x_real is detached: only the critic
+        objective reads critic(x_real), and it trains the critic alone (as in the reference, where
+        autograd.grad over the critic's parameters never reaches the autoencoder)."""
+        cfg, ops = self.config, self.op_backend
+        x = x.contiguous(memory_format=torch.channels_last)  # fp32: the loss target stays exact
+        z = _channels_last(self.encoder(x.to(self.dtype)))
+        ae = _channels_last(self.decoder(z))
+        z_mix, alpha = mix(_nhwc(z), state=self.alpha_state, backend=ops)  # alpha (N,) fp32
+        x_mix = self.decoder(_nchw(z_mix))
+        loss_ae, x_real = acai_image_loss(_nhwc(x), _nhwc(ae), cfg.reg, backend=ops)
+        critic_mix = _channels_last(self.critic.forward_map(x_mix))  # (N, latent, w, w): pre-mean
+        critic_real = _channels_last(self.critic.forward_map(_nchw(x_real).detach()))
+        loss_ae_disc, loss_disc, loss_disc_real = acai_critic_loss(
+            _nhwc(critic_mix), _nhwc(critic_real), alpha, backend=ops)
+        return z, (loss_ae, loss_ae_disc, loss_disc, loss_disc_real)
 
     def _probe_step(self, z: torch.Tensor, labels: torch.Tensor) -> dict[str, torch.Tensor]:
         logits = self.probe(z)
@@ -184,7 +284,8 @@ class ACAITrainer:
         """Latents of images x (N, colors, 32, 32): -> (N, latent, w, w) on the trainer's device."""
         x, _ = self._check_batch(x, None)
         self.encoder.eval()
-        return torch.cat([self.encoder(b) for b in x.split(batch_size)])
+        with self._fp32_inference():
+            return torch.cat([self.encoder(b) for b in x.split(batch_size)])
 
     @torch.no_grad()
     def decode(self, z: torch.Tensor, batch_size: int = 512) -> torch.Tensor:
@@ -194,7 +295,8 @@ class ACAITrainer:
             raise ValueError(f"z must have shape (N, {', '.join(map(str, self.config.latent_shape))}), got {shape}")
         self.decoder.eval()
         z = z.to(self.device, torch.float32)
-        return torch.cat([self.decoder(b) for b in z.split(batch_size)])
+        with self._fp32_inference():
+            return torch.cat([self.decoder(b) for b in z.split(batch_size)])
 
     @torch.no_grad()
     def interpolate(self, x_a: torch.Tensor, x_b: torch.Tensor, steps: int = 16) -> torch.Tensor:
@@ -329,6 +431,7 @@ class ACAITrainer:
             opt_ae=self.opt_ae.state_dict(), opt_critic=self.opt_critic.state_dict(),
             opt_probe=self.opt_probe.state_dict(),
             generator=self.generator.get_state(), generator_device=self.device.type,
+            alpha_state=self.alpha_state.cpu(),
         )
 
     def save(self, path: str | os.PathLike) -> None:
@@ -340,8 +443,10 @@ class ACAITrainer:
         os.replace(tmp, path)
 
     @classmethod
-    def load(cls, path: str | os.PathLike, device=None, backend: str = "auto") -> "ACAITrainer":
-        """A trainer restored from `path` (weights, optimiser states, counters, alpha generator)."""
+    def load(cls, path: str | os.PathLike, device=None, backend: str = "auto",
+             dtype=None) -> "ACAITrainer":
+        """A trainer restored from `path` (weights, optimiser states, counters, alpha generators).
+        Any backend can continue any checkpoint: the weights are fp32 whatever trained them."""
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"no checkpoint at {path}")
@@ -349,7 +454,7 @@ class ACAITrainer:
         if not isinstance(state, dict) or state.get("version") != CHECKPOINT_VERSION:
             raise ValueError(f"{path} is not an acai_fast checkpoint (version {CHECKPOINT_VERSION})")
         trainer = cls(ACAIConfig.from_dict(state["config"]), backend=backend, device=device,
-                      seed=state["seed"])
+                      seed=state["seed"], dtype=dtype)
         for name in ("encoder", "decoder", "critic", "probe"):
             getattr(trainer, name).load_state_dict(state[name])
         for name in ("opt_ae", "opt_critic", "opt_probe"):
@@ -361,6 +466,8 @@ class ACAITrainer:
             log.warning("checkpoint from %s loaded on %s: alpha draws restart from seed %d + step",
                         state["generator_device"], trainer.device.type, trainer.seed)
             trainer.generator.manual_seed(trainer.seed + trainer.steps)
+        if "alpha_state" in state:  # a Philox state is plain integers: it carries across devices
+            trainer.alpha_state.copy_(state["alpha_state"])
         return trainer
 
 
