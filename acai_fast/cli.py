@@ -57,6 +57,8 @@ def build_parser() -> argparse.ArgumentParser:
                             "auto: the fastest backend verified on this device")
     train.add_argument("--dtype", default=None, choices=("fp32", "bf16"),
                        help="activation dtype (default: bf16 for fused on a GPU, else fp32)")
+    train.add_argument("--cuda-graph", action="store_true",
+                       help="fused on a GPU: replay each step as one CUDA graph (after 3 eager steps)")
     train.add_argument("--seed", type=int, default=0, help="seed of the weights, alphas and lines data")
     train.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
     train.add_argument("--eval-kimg", type=_positive_float, default=64.0,
@@ -126,7 +128,8 @@ def cmd_train(parser, args) -> int:
     try:
         config = ACAIConfig.preset(args.preset, **overrides)
         if args.resume and checkpoint.exists():
-            trainer = ACAITrainer.load(checkpoint, device=device, backend=args.backend, dtype=args.dtype)
+            trainer = ACAITrainer.load(checkpoint, device=device, backend=args.backend, dtype=args.dtype,
+                                       cuda_graph=args.cuda_graph)
             if trainer.config != config:
                 print(f"note: resuming with the checkpoint's configuration {trainer.config}", file=sys.stderr)
             print(f"resuming {checkpoint} at {trainer.nimg / 1024:.1f} kimg", file=sys.stderr)
@@ -134,7 +137,7 @@ def cmd_train(parser, args) -> int:
             if args.resume:
                 print(f"note: no checkpoint in {out}; starting a new run", file=sys.stderr)
             trainer = ACAITrainer(config, backend=args.backend, device=device, seed=args.seed,
-                                  dtype=args.dtype)
+                                  dtype=args.dtype, cuda_graph=args.cuda_graph)
     except ValueError as exc:
         parser.error(str(exc))
 

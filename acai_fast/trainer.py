@@ -50,6 +50,7 @@ BACKENDS = ("auto", "reference", "fused")
 AUTO_PICKS_FUSED = False
 DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16}
 CHECKPOINT_VERSION = 1
+GRAPH_WARMUP_STEPS = 3  # eager steps (per batch shape) before a cuda_graph trainer captures its step
 LOSS_NAMES = ("loss_ae", "loss_ae_disc", "loss_disc", "loss_disc_real", "probe_loss", "probe_accuracy")
 
 
@@ -100,12 +101,12 @@ def _nchw(t: torch.Tensor) -> torch.Tensor:
     return t.permute(0, 3, 1, 2)
 
 
-def _adam(params, config: ACAIConfig, device: torch.device) -> torch.optim.Adam:
-    # PyTorch's Adam (fused kernels on CUDA). TF1's AdamOptimizer, used by the paper's code, adds eps
+def _adam(params, config: ACAIConfig, device: torch.device, capturable: bool = False) -> torch.optim.Adam:
+    # PyTorch's Adam (fused kernels on CUDA; capturable: its step count on the device, for graphs). TF1's AdamOptimizer, used by the paper's code, adds eps
     # to sqrt(v_hat) * sqrt(1 - beta2^t) instead of sqrt(v_hat): a difference of 1e-8 in the
     # denominator, negligible beside gradients of this size.
     return torch.optim.Adam(params, lr=config.lr, betas=(0.9, 0.999), eps=1e-8,
-                            fused=device.type == "cuda")
+                            fused=device.type == "cuda", capturable=capturable)
 
 
 class ACAITrainer:
@@ -117,7 +118,7 @@ class ACAITrainer:
     """
 
     def __init__(self, config: ACAIConfig | None = None, backend: str = "auto", device=None,
-                 seed: int = 0, dtype=None):
+                 seed: int = 0, dtype=None, cuda_graph: bool = False):
         self.config = config if config is not None else ACAIConfig.preset("lines")
         if not isinstance(self.config, ACAIConfig):
             raise ValueError(f"config must be an ACAIConfig, got {type(self.config).__name__}")
@@ -127,6 +128,10 @@ class ACAITrainer:
             raise ValueError("device 'cuda' was asked for but no CUDA GPU is available")
         self.backend = resolve_backend(backend, self.device)
         self.dtype = resolve_dtype(dtype, self.backend, self.device)
+        self.cuda_graph = bool(cuda_graph)
+        if self.cuda_graph and (self.backend != "fused" or self.device.type != "cuda"):
+            raise ValueError(f"cuda_graph=True needs backend='fused' on a CUDA device, got backend "
+                             f"{self.backend!r} on {self.device}")
         self.seed = int(seed)
         log.info("ACAITrainer: backend=%s (asked %s), %s activations, on %s", self.backend, backend,
                  str(self.dtype).replace("torch.", ""), self.device)
@@ -141,9 +146,9 @@ class ACAITrainer:
         self._set_conv_backend(self.backend)
         self.ae_params = [*self.encoder.parameters(), *self.decoder.parameters()]
         self.critic_params = list(self.critic.parameters())
-        self.opt_ae = _adam(self.ae_params, self.config, self.device)
-        self.opt_critic = _adam(self.critic_params, self.config, self.device)
-        self.opt_probe = _adam(self.probe.parameters(), self.config, self.device)
+        self.opt_ae = _adam(self.ae_params, self.config, self.device, self.cuda_graph)
+        self.opt_critic = _adam(self.critic_params, self.config, self.device, self.cuda_graph)
+        self.opt_probe = _adam(self.probe.parameters(), self.config, self.device, self.cuda_graph)
         self.generator = torch.Generator(self.device).manual_seed(self.seed)  # alpha draws (reference)
         self.alpha_state = make_rng_state(self.seed, self.device)  # alpha draws (fused: Philox)
         # The fused ops: the CUDA/Triton choice of acai_fast.ops on a GPU; Triton (interpreted) on the CPU.
@@ -151,6 +156,8 @@ class ACAITrainer:
         self.nimg = 0  # images trained on
         self.steps = 0
         self._labels_checked = False
+        self._graphs: dict = {}  # (batch, with labels) -> (CUDAGraph, static inputs, static losses)
+        self._graph_warmups: dict = {}
 
     def _networks(self):
         return (self.encoder, self.decoder, self.critic, self.probe)
@@ -182,10 +189,16 @@ class ACAITrainer:
         Returns the logged losses as 0-d tensors on the device (float() them to read; they are not
         synchronised, so a loop of steps never waits for the GPU)."""
         x, labels = self._check_batch(x, labels)
-        cfg = self.config
         for net in self._networks():
             net.train()
+        losses = self._graph_step(x, labels) if self.cuda_graph else self._train_step(x, labels)
+        self.nimg += x.shape[0]
+        self.steps += 1
+        return losses
 
+    def _train_step(self, x: torch.Tensor, labels: torch.Tensor | None) -> dict[str, torch.Tensor]:
+        """SPEC section 2: one forward, then both Adam updates (and the probe's) from it."""
+        cfg = self.config
         forward = self._forward_fused if self.backend == "fused" else self._forward_reference
         with weight_cache():  # fused: each weight cast to the kernels' layout once per step
             z, (loss_ae, loss_ae_disc, loss_disc, loss_disc_real) = forward(x)
@@ -203,9 +216,40 @@ class ACAITrainer:
                       loss_disc=loss_disc.detach(), loss_disc_real=loss_disc_real.detach())
         if labels is not None:
             losses.update(self._probe_step(z.detach().float(), labels))
-        self.nimg += x.shape[0]
-        self.steps += 1
         return losses
+
+    def _graph_step(self, x: torch.Tensor, labels: torch.Tensor | None) -> dict[str, torch.Tensor]:
+        """The step as one CUDA-graph replay (one per batch size, with or without labels).
+
+        The first GRAPH_WARMUP_STEPS steps of each kind run eagerly on a side stream (they are real
+        steps: Triton autotuning, the ops' reduction counters and Adam's state are set up outside the
+        capture); the next one captures the step on static input buffers, and every step from then on
+        copies its batch in and replays. Alpha comes from the device-side Philox state, which the
+        graph advances, and the capturable Adams keep their step counts on the device."""
+        key = (x.shape[0], labels is not None)
+        if key not in self._graphs:
+            current = torch.cuda.current_stream(self.device)
+            if self._graph_warmups.get(key, 0) < GRAPH_WARMUP_STEPS:
+                self._graph_warmups[key] = self._graph_warmups.get(key, 0) + 1
+                side = torch.cuda.Stream(self.device)
+                side.wait_stream(current)
+                with torch.cuda.stream(side):
+                    losses = self._train_step(x, labels)
+                current.wait_stream(side)
+                return losses
+            static_x = x.clone()
+            static_labels = labels.clone() if labels is not None else None
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                static_losses = self._train_step(static_x, static_labels)
+            self._graphs[key] = (graph, static_x, static_labels, static_losses)
+            log.info("captured the training step of batch %d (labels: %s) in a CUDA graph", *key)
+        graph, static_x, static_labels, static_losses = self._graphs[key]
+        static_x.copy_(x)
+        if labels is not None:
+            static_labels.copy_(labels)
+        graph.replay()
+        return {k: v.clone() for k, v in static_losses.items()}
 
     def _forward_reference(self, x: torch.Tensor):
         """SPEC section 2 in plain PyTorch: -> (z, (loss_ae, loss_ae_disc, loss_disc, loss_disc_real))."""
@@ -444,7 +488,7 @@ class ACAITrainer:
 
     @classmethod
     def load(cls, path: str | os.PathLike, device=None, backend: str = "auto",
-             dtype=None) -> "ACAITrainer":
+             dtype=None, cuda_graph: bool = False) -> "ACAITrainer":
         """A trainer restored from `path` (weights, optimiser states, counters, alpha generators).
         Any backend can continue any checkpoint: the weights are fp32 whatever trained them."""
         path = Path(path)
@@ -454,7 +498,7 @@ class ACAITrainer:
         if not isinstance(state, dict) or state.get("version") != CHECKPOINT_VERSION:
             raise ValueError(f"{path} is not an acai_fast checkpoint (version {CHECKPOINT_VERSION})")
         trainer = cls(ACAIConfig.from_dict(state["config"]), backend=backend, device=device,
-                      seed=state["seed"], dtype=dtype)
+                      seed=state["seed"], dtype=dtype, cuda_graph=cuda_graph)
         for name in ("encoder", "decoder", "critic", "probe"):
             getattr(trainer, name).load_state_dict(state[name])
         for name in ("opt_ae", "opt_critic", "opt_probe"):

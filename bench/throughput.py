@@ -6,7 +6,8 @@ both Adam updates, the probe):
   eager_bf16   the same under torch.autocast(bfloat16) with channels_last weights and inputs
   graph_bf16   eager_bf16 captured whole into one CUDA graph (capturable fused Adam; alpha drawn from
                the default CUDA generator, which graph capture supports)
-  fused        ACAITrainer(backend="fused") when the package has it (skipped with the reason if not)
+  fused        ACAITrainer(backend="fused"): Triton conv blocks, fused mix and losses, bf16 activations
+  fused_graph  the same with cuda_graph=True (each step one CUDA-graph replay after 3 eager steps)
 
 Per variant: ms/step (median, p20, p80 over repeats of `--steps` steps, CUDA-event timing after
 warm-up), images/s, achieved TFLOP/s from torch's FLOP counter on one eager step, peak GPU memory, and
@@ -25,9 +26,7 @@ import time
 import torch
 
 from acai_fast import ACAIConfig, ACAITrainer
-from acai_fast.trainer import BACKENDS
-
-VARIANTS = ("eager_fp32", "eager_bf16", "graph_bf16", "fused")
+VARIANTS = ("eager_fp32", "eager_bf16", "graph_bf16", "fused", "fused_graph")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -61,12 +60,13 @@ def percentile(values, q):
 def make_step(case: Case, seed: int = 0):
     """A zero-argument callable running one training step of `case` on fixed GPU batches."""
     config = ACAIConfig.preset(case.preset, batch=case.batch)
-    backend = "fused" if case.variant == "fused" else "reference"
-    trainer = ACAITrainer(config, backend=backend, device="cuda", seed=seed)
+    fused = case.variant.startswith("fused")
+    trainer = ACAITrainer(config, backend="fused" if fused else "reference", device="cuda", seed=seed,
+                          cuda_graph=case.variant == "fused_graph")
     g = torch.Generator(device="cuda").manual_seed(seed)
     x = torch.rand(case.batch, config.colors, 32, 32, device="cuda", generator=g) * 2 - 1
     labels = torch.randint(0, config.nclass, (case.batch,), device="cuda", generator=g)
-    if case.variant in ("eager_fp32", "fused"):
+    if case.variant == "eager_fp32" or fused:
         return lambda: trainer.step(x, labels), trainer
 
     # bf16 variants: channels_last everywhere, autocast around the step.
@@ -109,8 +109,6 @@ def count_gflop(case: Case) -> float:
 
 
 def run_case(case: Case, steps: int, repeats: int, gflop: float) -> Result:
-    if case.variant == "fused" and "fused" not in BACKENDS:
-        return Result(case, skipped="the trainer has no fused backend yet")
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
     torch.cuda.synchronize()

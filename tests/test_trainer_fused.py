@@ -139,3 +139,27 @@ def test_fused_bf16_step_tracks_reference_on_gpu():
         scale = float(pr.grad.abs().max()) + 1e-12
         err = float((pf.grad - pr.grad).abs().max())
         assert err <= 0.05 * scale, f"gradient error {err:.3g} vs scale {scale:.3g}"
+
+
+@pytest.mark.gpu
+def test_cuda_graph_steps_equal_eager_steps():
+    """cuda_graph=True: 3 eager warm-up steps, a capture, then replays; the same losses and weights
+    as the eager fused trainer on the same batches (both deterministic), labels on and off."""
+    config = ACAIConfig(**{**TINY, "batch": 8})
+    eager = ACAITrainer(config, backend="fused", device="cuda", seed=2, dtype="fp32")
+    graphed = ACAITrainer(config, backend="fused", device="cuda", seed=2, dtype="fp32", cuda_graph=True)
+    for s in range(7):
+        x, labels = batch(8, seed=10 + s)
+        labels = labels if s != 5 else None
+        le, lg = eager.step(x, labels), graphed.step(x, labels)
+        for k in le:
+            assert_close(lg[k], le[k], atol=1e-6, rtol=1e-5, name=f"step {s} {k}")
+    assert len(graphed._graphs) == 1  # the label-free step of s=5 is still warming up
+    for pe, pg in zip(eager.ae_params + eager.critic_params, graphed.ae_params + graphed.critic_params):
+        assert_close(pg, pe, atol=1e-6, rtol=1e-5, name="weights after 7 steps")
+    assert torch.equal(eager.alpha_state, graphed.alpha_state)
+
+
+def test_cuda_graph_needs_fused_on_a_gpu():
+    with pytest.raises(ValueError, match="cuda_graph=True needs"):
+        ACAITrainer(ACAIConfig(**TINY), backend="reference", device="cpu", cuda_graph=True)
