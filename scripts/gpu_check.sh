@@ -1,17 +1,37 @@
 #!/usr/bin/env bash
-# One call on a GPU machine: build the package (CUDA extension included), run the GPU tests, then the
-# benchmarks, writing every log and JSON under $OUT (default ./out). Usage: bash scripts/gpu_check.sh
+# On a GPU machine: build the package (CUDA extension included), run the GPU tests, the benchmarks and
+# a short fused training run, writing every log and JSON under $OUT (default ./out).
+#
+#   bash scripts/gpu_check.sh [STAGE ...]      STAGE: tests, ops, throughput, train, all (default)
+#
+# Every stage builds first (incremental after the first call, ~30 s cold). One device call is limited
+# to 10 minutes: on a fresh machine run `tests ops` in one call and `throughput train` in the next.
 set -uo pipefail
 OUT=${OUT:-out}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
+stages=${*:-all}
+want() { [[ " $stages " == *" all "* || " $stages " == *" $1 "* ]]; }
+
 nvidia-smi 2>&1 | tee "$OUT/nvidia-smi.txt"
 python -m pip install --no-build-isolation --no-deps -e . 2>&1 | tail -20 | tee "$OUT/build.log"
 python -c "import acai_fast; print('cuda extension:', acai_fast.cuda_extension_available())" 2>&1 | tee -a "$OUT/build.log"
-python -m pytest -q -m gpu tests 2>&1 | tee "$OUT/gpu_tests.log"
-for b in bench/bench_conv_block.py bench/bench_fused_ops.py; do
-  name=$(basename "$b" .py)
-  [ -f "$b" ] && timeout 300 python "$b" --json "$OUT/$name.json" 2>&1 | tee "$OUT/$name.log"
-done
-timeout 400 python bench/throughput.py --presets lines,cifar1024 --batches 64,1024 \
-  --json "$OUT/throughput.json" 2>&1 | tee "$OUT/throughput.log"
+
+if want tests; then
+  timeout 400 python -m pytest -q -m gpu tests 2>&1 | tee "$OUT/gpu_tests.log"
+fi
+if want ops; then
+  for b in bench_conv_block bench_fused_ops; do
+    timeout 300 python "bench/$b.py" --json "$OUT/$b.json" 2>&1 | tee "$OUT/$b.log"
+  done
+fi
+if want throughput; then
+  timeout 400 python bench/throughput.py --presets lines,cifar1024 --batches 64,1024 \
+    --json "$OUT/throughput.json" 2>&1 | tee "$OUT/throughput.log"
+fi
+if want train; then
+  # The lines preset end to end on the fused backend (metrics, PNG, checkpoint under $OUT/lines).
+  rm -rf "$OUT/lines"
+  timeout 300 acai-fast train --preset lines --kimg 2048 --eval-kimg 512 --backend fused --cuda-graph \
+    --device cuda --out "$OUT/lines" --no-progress 2>&1 | tee "$OUT/train_lines.log"
+fi

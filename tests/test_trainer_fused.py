@@ -11,7 +11,7 @@ import torch
 from acai_fast import ACAIConfig, ACAITrainer
 from acai_fast.ops.mix import philox_alpha_ref
 from acai_fast.trainer import resolve_backend, resolve_dtype
-from helpers import assert_close
+from helpers import assert_close, assert_close_lowp
 
 HAS_GPU = torch.cuda.is_available()
 DEVICE = "cuda" if HAS_GPU else "cpu"
@@ -128,17 +128,22 @@ def test_fused_on_cpu_without_the_interpreter_is_refused(monkeypatch):
 
 @pytest.mark.gpu
 def test_fused_bf16_step_tracks_reference_on_gpu():
-    """bf16 activations: losses and gradients near the fp32 reference (relative to each
-    tensor's scale); fp32 on the GPU is checked by the unmarked tests above."""
-    fused, ref = pair(dtype="bf16", batch=64, depth=16, latent=16, latent_width=2, advdepth=16)
+    """bf16 activations at the lines preset's size: each loss and gradient's error against the fp32
+    reference is within 3x that of PyTorch's own bf16 step (autocast, same weights and alphas)
+    plus a small floor (the flash-attention rule, with room for a whole network's compounding)."""
+    lines = dict(batch=64, depth=16, latent=16, latent_width=2, advdepth=0)
+    fused, ref = pair(dtype="bf16", **lines)
+    _, ref_bf16 = pair(**lines)
     x, labels = batch(64)
     lf, lr = fused.step(x, labels), ref.step(x, labels)
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        lb = ref_bf16.step(x, labels)
     for k in ("loss_ae", "loss_ae_disc", "loss_disc", "loss_disc_real"):
-        assert_close(lf[k], lr[k], atol=2e-3 * float(lr[k].abs()) + 1e-6, rtol=3e-2, name=k)
-    for pf, pr in zip(fused.ae_params + fused.critic_params, ref.ae_params + ref.critic_params):
-        scale = float(pr.grad.abs().max()) + 1e-12
-        err = float((pf.grad - pr.grad).abs().max())
-        assert err <= 0.05 * scale, f"gradient error {err:.3g} vs scale {scale:.3g}"
+        assert_close_lowp(lf[k], lr[k], lb[k], name=k, factor=3.0, floor=1e-6 + 1e-3 * float(lr[k].abs()))
+    named = [*fused.encoder.named_parameters(), *fused.decoder.named_parameters(), *fused.critic.named_parameters()]
+    for (name, pf), pr, pb in zip(named, ref.ae_params + ref.critic_params, ref_bf16.ae_params + ref_bf16.critic_params):
+        assert_close_lowp(pf.grad, pr.grad, pb.grad, name=f"{name}.grad", factor=3.0,
+                          floor=1e-3 * float(pr.grad.abs().max()) + 1e-9)
 
 
 @pytest.mark.gpu
