@@ -18,11 +18,34 @@ else:
     _IMPORT_ERROR = None
 
 try:
-    import triton  # noqa: F401
+    import triton
+    import triton.language as tl
 
     HAS_TRITON = True
 except ImportError:
     HAS_TRITON = False
+
+
+class _NoTriton:
+    """Stands in for triton where it is not installed (a CPU-only install): the kernel definitions
+    of acai_fast.ops still parse, and only the reference backends can run."""
+
+    @staticmethod
+    def jit(fn=None, **kwargs):
+        return fn if fn is not None else (lambda f: f)
+
+    @staticmethod
+    def Config(kwargs, num_warps=4, num_stages=3):
+        return dict(kwargs=kwargs, num_warps=num_warps, num_stages=num_stages)
+
+    @staticmethod
+    def autotune(**kwargs):
+        return lambda fn: fn
+
+
+def triton_modules():
+    """(triton, triton.language), or (a stand-in, None) without triton."""
+    return (triton, tl) if HAS_TRITON else (_NoTriton(), None)
 
 # The Triton interpreter is chosen when triton.jit runs (at import): read it once, the same way.
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"

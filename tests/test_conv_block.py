@@ -14,7 +14,6 @@ import copy
 import importlib.util
 import itertools
 import logging
-import os
 import pathlib
 import sys
 
@@ -29,7 +28,7 @@ from acai_fast.config import PRESETS
 from acai_fast.networks import Decoder, Encoder, build_networks
 from acai_fast.ops.conv_block import (DW_CONFIGS, DX_CONFIGS, FWD_CONFIGS, conv_block, conv_block_ref,
                                       conv_bwd, conv_fwd, kernel_weight, resolve_backend, weight_cache)
-from helpers import assert_close, assert_close_lowp
+from helpers import assert_close, assert_close_lowp, compile_sm90_in_subprocess
 
 HAS_GPU = torch.cuda.is_available()
 DEVICE = "cuda" if HAS_GPU else "cpu"
@@ -292,15 +291,7 @@ def compile_sm90(dtypes=("bf16", "fp32")):
 
 @pytest.mark.skipif(HAS_GPU, reason="the GPU tests compile and run every config")
 def test_kernels_compile_for_sm90():
-    import subprocess
-
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    code = (f"import sys; sys.path[:0] = [{str(ROOT / 'tests')!r}, {str(ROOT)!r}]; "
-            "import test_conv_block as t; t.compile_sm90()")
-    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
-    if "No module named 'triton.backends.nvidia'" in done.stderr:
-        pytest.skip("this triton has no NVIDIA backend")
-    assert done.returncode == 0, done.stderr[-3000:]
+    compile_sm90_in_subprocess("test_conv_block")
 
 
 # ------------------------------------------------------------------------------------------------

@@ -20,7 +20,7 @@ from acai_fast import _ext
 from acai_fast.config import PRESETS, ACAIConfig
 from acai_fast.ops.mix import (make_rng_state, mix, mix_bwd, mix_bwd_ref, mix_fwd, mix_ref,
                                philox4x32_ref, philox_alpha_ref)
-from helpers import assert_close, assert_close_lowp
+from helpers import assert_close, assert_close_lowp, compile_sm90_in_subprocess
 
 HAS_GPU = torch.cuda.is_available()
 DEVICE = "cuda" if HAS_GPU else "cpu"
@@ -240,19 +240,7 @@ def compile_sm90():
 
 @pytest.mark.skipif(HAS_GPU, reason="the GPU tests compile and run the kernels")
 def test_kernels_compile_for_sm90():
-    import os
-    import pathlib
-    import subprocess
-    import sys
-
-    root = pathlib.Path(__file__).resolve().parents[1]
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    code = (f"import sys; sys.path[:0] = [{str(root / 'tests')!r}, {str(root)!r}]; "
-            "import test_mix as t; t.compile_sm90()")
-    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
-    if "No module named 'triton.backends.nvidia'" in done.stderr:
-        pytest.skip("this triton has no NVIDIA backend")
-    assert done.returncode == 0, done.stderr[-3000:]
+    compile_sm90_in_subprocess("test_mix")
 
 
 # ------------------------------------------------------------------------------------------------

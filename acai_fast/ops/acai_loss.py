@@ -19,16 +19,7 @@ import torch.nn.functional as F
 from .. import _ext
 from .._ext import BACKENDS, HAS_TRITON, INTERPRET, MAX_PARTIALS, PARTIALS_PER_BLOCK  # noqa: F401
 
-if HAS_TRITON:
-    import triton
-    import triton.language as tl
-else:  # CPU-only install without triton: the kernel definitions below still parse; launching raises.
-    class _NoTriton:
-        @staticmethod
-        def jit(fn=None, **kwargs):
-            return fn if fn is not None else (lambda f: f)
-
-    triton, tl = _NoTriton(), None
+triton, tl = _ext.triton_modules()  # a stand-in without triton: only the reference can run
 
 logger = logging.getLogger(__name__)
 _ext.fix_triton_interpreter()

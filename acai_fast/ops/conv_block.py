@@ -17,31 +17,8 @@ import torch.nn.functional as F
 
 from .. import _ext
 
-try:
-    import triton
-    import triton.language as tl
-
-    HAS_TRITON = True
-except ImportError:  # CPU-only install without triton: only the reference backend exists.
-    HAS_TRITON = False
-
-    class _NoTriton:
-        """Stand-in so that the kernel definitions below still parse; launching them raises."""
-
-        @staticmethod
-        def jit(fn=None, **kwargs):
-            return fn if fn is not None else (lambda f: f)
-
-        @staticmethod
-        def Config(kwargs, num_warps=4, num_stages=3):
-            return dict(kwargs=kwargs, num_warps=num_warps, num_stages=num_stages)
-
-        @staticmethod
-        def autotune(**kwargs):
-            return lambda fn: fn
-
-    triton = _NoTriton()
-    tl = None
+HAS_TRITON = _ext.HAS_TRITON
+triton, tl = _ext.triton_modules()  # a stand-in without triton: only the reference can run
 
 logger = logging.getLogger(__name__)
 

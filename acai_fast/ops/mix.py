@@ -15,16 +15,7 @@ import torch
 from .. import _ext
 from .._ext import BACKENDS, HAS_TRITON, INTERPRET  # noqa: F401  (re-exported for callers)
 
-if HAS_TRITON:
-    import triton
-    import triton.language as tl
-else:  # CPU-only install without triton: the kernel definitions below still parse; launching raises.
-    class _NoTriton:
-        @staticmethod
-        def jit(fn=None, **kwargs):
-            return fn if fn is not None else (lambda f: f)
-
-    triton, tl = _NoTriton(), None
+triton, tl = _ext.triton_modules()  # a stand-in without triton: only the reference can run
 
 logger = logging.getLogger(__name__)
 _ext.fix_triton_interpreter()
