@@ -18,14 +18,14 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
-import statistics
 import sys
 import time
 
 import torch
+from _common import cuda_time, environment, require_cuda, summarize, write_json
 
 from acai_fast import ACAIConfig, ACAITrainer
+
 VARIANTS = ("eager_fp32", "eager_bf16", "graph_bf16", "fused", "fused_graph")
 
 
@@ -48,13 +48,6 @@ class Result:
     peak_mem_mib: float | None = None
     first_step_s: float | None = None
     skipped: str | None = None
-
-
-def percentile(values, q):
-    values = sorted(values)
-    k = (len(values) - 1) * q
-    lo, hi = int(k), min(int(k) + 1, len(values) - 1)
-    return values[lo] + (values[hi] - values[lo]) * (k - lo)
 
 
 def make_step(case: Case, seed: int = 0):
@@ -117,19 +110,8 @@ def run_case(case: Case, steps: int, repeats: int, gflop: float) -> Result:
     step()
     torch.cuda.synchronize()
     first = time.perf_counter() - t0
-    for _ in range(5):
-        step()
-    times = []
-    for _ in range(repeats):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        for _ in range(steps):
-            step()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end) / steps)
-    ms = statistics.median(times)
-    return Result(case, ms_median=ms, ms_p20=percentile(times, 0.2), ms_p80=percentile(times, 0.8),
+    ms, p20, p80 = summarize(cuda_time(step, warmup=5, reps=repeats, inner=steps))
+    return Result(case, ms_median=ms, ms_p20=p20, ms_p80=p80,
                   images_per_s=case.batch / ms * 1e3, tflops=gflop / ms, gflop_per_step=gflop,
                   peak_mem_mib=torch.cuda.max_memory_allocated() / 2 ** 20, first_step_s=first)
 
@@ -143,9 +125,7 @@ def main(argv=None) -> int:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--json", default=None, help="write the results here")
     args = parser.parse_args(argv)
-    if not torch.cuda.is_available():
-        print("bench/throughput.py needs a CUDA GPU (none found); nothing measured.", file=sys.stderr)
-        return 1
+    require_cuda("bench/throughput.py")
     variants = args.variants.split(",")
     unknown = set(variants) - set(VARIANTS)
     if unknown:
@@ -173,17 +153,9 @@ def main(argv=None) -> int:
                           f"{r.tflops:6.1f} TFLOP/s  {r.peak_mem_mib:8.0f} MiB  first {r.first_step_s:5.1f} s  "
                           f"x{speedup:.2f} vs eager fp32", flush=True)
     if args.json:
-        meta = dict(gpu=torch.cuda.get_device_name(), torch=torch.__version__,
-                    cuda=torch.version.cuda, timestamp=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
-        try:
-            import triton
-            meta["triton"] = triton.__version__
-        except ImportError:
-            pass
         rows = [dict(dataclasses.asdict(r.case), **{k: v for k, v in dataclasses.asdict(r).items() if k != "case"})
                 for r in results]
-        with open(args.json, "w") as f:
-            json.dump(dict(meta=meta, results=rows), f, indent=1)
+        write_json(args.json, dict(environment=environment(), arguments=vars(args), results=rows))
     return 0
 
 
