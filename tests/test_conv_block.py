@@ -171,6 +171,26 @@ def test_only_some_gradients(seed):
     assert_fp32_close(db, db_ref, "db")
 
 
+def test_frozen_weights_skip_their_gradients(seed, monkeypatch):
+    """Inside frozen_weights([w, b]) backward launches no dW kernel and gives w and b no gradient
+    (None); dx is unchanged; other weights in the same graph still get theirs."""
+    x, w, b = make_inputs(2, 3, 4, 6, 3)
+    _, w2, b2 = make_inputs(1, 4, 5, 6, 3)
+    y = conv_block(conv_block(x, w, b, pool_output=True, backend="triton"), w2, b2, backend="triton")
+    g = torch.randn_like(y)
+    launched = []
+    real_launch = cbm._launch
+    monkeypatch.setattr(cbm, "_launch", lambda name, *a, **k: (launched.append(name), real_launch(name, *a, **k))[1])
+    with cbm.frozen_weights([w, b]):
+        dx, dw, db, dw2 = torch.autograd.grad(y, (x, w, b, w2), g, retain_graph=True, allow_unused=True)
+    assert dw is None and db is None and dw2 is not None
+    assert launched.count("dw") == 1  # the second block's only
+    dx_all, dw_all, dw2_all = torch.autograd.grad(y, (x, w, w2), g)
+    assert_fp32_close(dx, dx_all, "dx")
+    assert_fp32_close(dw2, dw2_all, "dw2")
+    assert dw_all is not None and not cbm._FROZEN  # the scope is left clean
+
+
 def test_empty_batch(seed):
     x, w, b = make_inputs(0, 3, 4, 4, 3)
     y = conv_block(x, w, b, pool_output=True, backend="triton")

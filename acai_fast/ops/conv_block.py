@@ -489,6 +489,24 @@ def weight_cache():
         _SCOPES.pop()
 
 
+_FROZEN: set[int] = set()  # ids of weights whose gradients the running backward pass skips
+
+
+@contextlib.contextmanager
+def frozen_weights(params):
+    """Backward passes run inside this scope compute no weight or bias gradient for the triton
+    conv blocks of `params` (they return None: zero), only the input gradient. For a gradient that
+    is taken with respect to other parameters through these blocks (the ACAI autoencoder objective
+    through the critic), where autograd.grad would compute the weight gradients and drop them.
+    A plain set, not a thread-local: CUDA backward passes run on autograd's device threads."""
+    ids = {id(p) for p in params} - _FROZEN
+    _FROZEN.update(ids)
+    try:
+        yield
+    finally:
+        _FROZEN.difference_update(ids)
+
+
 # ------------------------------------------------------------------------------------------------
 # Launchers
 # ------------------------------------------------------------------------------------------------
@@ -647,6 +665,7 @@ class ConvBlockFunction(torch.autograd.Function):
         ctx.save_for_backward(x, wk, y if sign_from_out else None, sign)
         ctx.flags = (upsample_input, leaky_slope, pool_output)
         ctx.dtypes = (weight.dtype, bias.dtype if bias is not None else None)
+        ctx.param_ids = (id(weight), id(bias))
         return y
 
     @staticmethod
@@ -655,6 +674,9 @@ class ConvBlockFunction(torch.autograd.Function):
         x, wk, y, sign = ctx.saved_tensors
         upsample_input, leaky_slope, pool_output = ctx.flags
         need_dx, need_dw, need_db = ctx.needs_input_grad[:3]
+        if _FROZEN:
+            need_dw = need_dw and ctx.param_ids[0] not in _FROZEN
+            need_db = need_db and ctx.param_ids[1] not in _FROZEN
         dx, dw, db = conv_bwd(grad_y, x, wk, y, sign, weight_dtype=ctx.dtypes[0], bias_dtype=ctx.dtypes[1],
                               upsample_input=upsample_input, leaky_slope=leaky_slope,
                               pool_output=pool_output, need_dx=need_dx, need_dw=need_dw,
