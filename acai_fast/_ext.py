@@ -151,7 +151,6 @@ def fix_triton_interpreter() -> None:
     if not (HAS_TRITON and INTERPRET):
         return
     import numpy as np
-    import triton.language as tl
     from triton.runtime import interpreter
 
     original = interpreter._patch_lang_tensor

@@ -53,7 +53,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--out", required=True, help="output folder (metrics.jsonl, checkpoint.pt, interpolations.png)")
     train.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     train.add_argument("--backend", default="auto",
-                       help="auto, reference or fused. ""reference: plain PyTorch fp32; fused: the Triton/CUDA kernels (a GPU); "
+                       help="reference: plain PyTorch fp32; fused: the Triton/CUDA kernels (a GPU); "
                             "auto: the fastest backend verified on this device")
     train.add_argument("--dtype", default=None, choices=("fp32", "bf16"),
                        help="activation dtype (default: bf16 for fused on a GPU, else fp32)")

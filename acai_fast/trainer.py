@@ -102,9 +102,10 @@ def _nchw(t: torch.Tensor) -> torch.Tensor:
 
 
 def _adam(params, config: ACAIConfig, device: torch.device, capturable: bool = False) -> torch.optim.Adam:
-    # PyTorch's Adam (fused kernels on CUDA; capturable: its step count on the device, for graphs). TF1's AdamOptimizer, used by the paper's code, adds eps
-    # to sqrt(v_hat) * sqrt(1 - beta2^t) instead of sqrt(v_hat): a difference of 1e-8 in the
-    # denominator, negligible beside gradients of this size.
+    # PyTorch's Adam (fused kernels on CUDA; capturable: its step count on the device, for graphs).
+    # TF1's AdamOptimizer, used by the paper's code, adds eps to sqrt(v_hat) * sqrt(1 - beta2^t)
+    # instead of sqrt(v_hat): a difference of 1e-8 in the denominator, negligible beside gradients
+    # of this size.
     return torch.optim.Adam(params, lr=config.lr, betas=(0.9, 0.999), eps=1e-8,
                             fused=device.type == "cuda", capturable=capturable)
 
@@ -171,11 +172,14 @@ class ACAITrainer:
     def _fp32_inference(self):
         """encode/decode run the reference convs in fp32 whatever the training backend: evaluations
         and pictures are exact and comparable across backends (and cuDNN is quick at inference)."""
+        nets = (self.encoder, self.decoder, self.critic)
+        before = [net.backend for net in nets]
         self._set_conv_backend("reference")
         try:
             yield
         finally:
-            self._set_conv_backend(self.backend)
+            for net, backend in zip(nets, before):
+                net.backend = backend
 
     # ------------------------------------------------------------------ the step
     def draw_alpha(self, n: int) -> torch.Tensor:
@@ -231,8 +235,9 @@ class ACAITrainer:
         key = (x.shape[0], labels is not None)
         if key not in self._graphs:
             current = torch.cuda.current_stream(self.device)
-            if self._graph_warmups.get(key, 0) < GRAPH_WARMUP_STEPS:
-                self._graph_warmups[key] = self._graph_warmups.get(key, 0) + 1
+            warmups = self._graph_warmups.get(key, 0)
+            if warmups < GRAPH_WARMUP_STEPS:
+                self._graph_warmups[key] = warmups + 1
                 side = torch.cuda.Stream(self.device)
                 side.wait_stream(current)
                 with torch.cuda.stream(side):
@@ -251,7 +256,8 @@ class ACAITrainer:
         if labels is not None:
             static_labels.copy_(labels)
         graph.replay()
-        return {k: v.clone() for k, v in static_losses.items()}
+        # One copy out of the graph's buffers (a stack), not one per loss: the next replay rewrites them.
+        return dict(zip(static_losses, torch.stack(list(static_losses.values())).unbind()))
 
     def _forward_reference(self, x: torch.Tensor):
         """SPEC section 2 in plain PyTorch: -> (z, (loss_ae, loss_ae_disc, loss_disc, loss_disc_real))."""
