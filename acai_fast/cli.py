@@ -102,8 +102,10 @@ def _load_idx(parser, folder, split):
 
 
 def _idx_evaluation(x_test, y_test):
+    from .eval.probe import probe_accuracy
+
     def evaluate(trainer):
-        return dict(probe_accuracy=trainer.probe_accuracy(x_test, y_test))
+        return dict(probe_accuracy=probe_accuracy(trainer, x_test, y_test))
     return evaluate
 
 
@@ -117,7 +119,8 @@ def _load_trainer(parser, path, device):
 
 
 def cmd_train(parser, args) -> int:
-    from .trainer import ACAITrainer, json_line
+    from .loop import json_line
+    from .trainer import ACAITrainer
 
     device = _device_arg(parser, args)
     out = Path(args.out)
@@ -174,7 +177,8 @@ def cmd_interpolate(parser, args) -> int:
         parser.error("--pairs must be >= 1 and --steps >= 2")
     trainer = _load_trainer(parser, args.checkpoint, _device_arg(parser, args))
     if _dataset_kind(trainer.config) == "lines":
-        from .lines import draw_lines, eval_pairs
+        from .data.lines import draw_lines
+        from .eval.lines import eval_pairs
         a, b = eval_pairs(args.pairs, args.seed)
         x_a, x_b = draw_lines(a), draw_lines(b)
     else:
@@ -187,12 +191,12 @@ def cmd_interpolate(parser, args) -> int:
 
 
 def cmd_evaluate(parser, args) -> int:
-    from .trainer import json_line
+    from .loop import json_line
 
     trainer = _load_trainer(parser, args.checkpoint, _device_arg(parser, args))
     result = dict(kimg=round(trainer.nimg / 1024, 3))
     if _dataset_kind(trainer.config) == "lines":
-        from .lines import evaluate_lines
+        from .eval.lines import evaluate_lines
         result.update(evaluate_lines(trainer))
     else:
         result.update(_idx_evaluation(*_load_idx(parser, args.data, "test"))(trainer))

@@ -14,6 +14,19 @@ if not torch.cuda.is_available():
 
 HAS_GPU = torch.cuda.is_available()
 
+if os.environ.get("TRITON_INTERPRET") == "1":
+    try:
+        import dataclasses
+
+        from triton.runtime import interpreter
+    except ImportError:
+        pass
+    else:
+        # The interpreter checks every int32 index operation for overflow, which takes ~40% of its
+        # time; test shapes are far from 2^31 elements, so the check can never fire here.
+        builder = interpreter.interpreter_builder
+        builder.options = dataclasses.replace(builder.options, sanitize_overflow=False)
+
 
 def pytest_collection_modifyitems(config, items):
     if HAS_GPU:

@@ -2,8 +2,9 @@
 
 CPU (TRITON_INTERPRET=1, fp32): output and the gradients of x, weight and bias for every flag
 combination, kernel sizes 1 and 3, tiny / odd / realistic shapes; every autotune config on odd
-shapes with poisoned outputs; weights in any layout and the weight_cache() scope; dispatch and bad
-input; the kernels compile for sm_90 (no GPU needed); the benchmark's shape and FLOP bookkeeping.
+shapes with poisoned outputs; weights in any layout and dtype; the launcher options the fused engine
+uses (outputs written into blocks of bigger buffers, gradients of more images than the forward saved,
+the in-kernel split reduction into strided fp32 gradients); dispatch and bad input; the kernels compile for sm_90 (no GPU needed); the benchmark's shape and FLOP bookkeeping.
 GPU (marked `gpu`): bf16 under the flash-attention rule on every layer shape of every preset at
 batch 64 and 1024, every config with poisoned outputs in bf16 and fp32, fp32 master weights, CUDA
 graph capture.
@@ -27,7 +28,7 @@ from acai_fast import ACAIConfig
 from acai_fast.config import PRESETS
 from acai_fast.networks import Decoder, Encoder, build_networks
 from acai_fast.ops.conv_block import (DW_CONFIGS, DX_CONFIGS, FWD_CONFIGS, conv_block, conv_block_ref,
-                                      conv_bwd, conv_fwd, kernel_weight, resolve_backend, weight_cache)
+                                      conv_bwd, conv_fwd, kernel_weight, resolve_backend)
 from helpers import assert_close, assert_close_lowp, compile_sm90_in_subprocess
 
 HAS_GPU = torch.cuda.is_available()
@@ -171,26 +172,6 @@ def test_only_some_gradients(seed):
     assert_fp32_close(db, db_ref, "db")
 
 
-def test_frozen_weights_skip_their_gradients(seed, monkeypatch):
-    """Inside frozen_weights([w, b]) backward launches no dW kernel and gives w and b no gradient
-    (None); dx is unchanged; other weights in the same graph still get theirs."""
-    x, w, b = make_inputs(2, 3, 4, 6, 3)
-    _, w2, b2 = make_inputs(1, 4, 5, 6, 3)
-    y = conv_block(conv_block(x, w, b, pool_output=True, backend="triton"), w2, b2, backend="triton")
-    g = torch.randn_like(y)
-    launched = []
-    real_launch = cbm._launch
-    monkeypatch.setattr(cbm, "_launch", lambda name, *a, **k: (launched.append(name), real_launch(name, *a, **k))[1])
-    with cbm.frozen_weights([w, b]):
-        dx, dw, db, dw2 = torch.autograd.grad(y, (x, w, b, w2), g, retain_graph=True, allow_unused=True)
-    assert dw is None and db is None and dw2 is not None
-    assert launched.count("dw") == 1  # the second block's only
-    dx_all, dw_all, dw2_all = torch.autograd.grad(y, (x, w, w2), g)
-    assert_fp32_close(dx, dx_all, "dx")
-    assert_fp32_close(dw2, dw2_all, "dw2")
-    assert dw_all is not None and not cbm._FROZEN  # the scope is left clean
-
-
 def test_empty_batch(seed):
     x, w, b = make_inputs(0, 3, 4, 4, 3)
     y = conv_block(x, w, b, pool_output=True, backend="triton")
@@ -285,20 +266,21 @@ def compile_sm90(dtypes=("bf16", "fp32")):
         flags = dict(KS=3, UPSAMPLE=True, ACT=True, POOL=True, DOT_PRECISION=prec)
         kernels = [
             (cbm._conv_fwd_kernel, FWD_CONFIGS[0],
-             dict(X_ptr=p, W_ptr="*fp32", B_ptr="*fp32", Y_ptr=p, S_ptr="*i8",
+             dict(X_ptr="*fp32", W_ptr="*fp32", B_ptr="*fp32", Y_ptr=p, S_ptr="*i8",
                   **ints("N H W CIN COUT HO WO stride_xn stride_xh stride_xw stride_wo stride_wi stride_wkh "
                          "stride_wkw stride_yn stride_yh stride_yw"), leaky_slope="fp32"),
              dict(flags, HAS_BIAS=True, SAVE_SIGN=True)),
             (cbm._conv_bwd_dx_kernel, DX_CONFIGS[0],
-             dict(G_ptr=p, S_ptr="*i8", W_ptr=p, DX_ptr=p,
-                  **ints("N H W CIN COUT HO WO stride_wo stride_wi stride_wkh stride_wkw stride_dxn "
+             dict(G_ptr=p, S_ptr="*i8", W_ptr="*fp32", DX_ptr=p,
+                  **ints("N H W CIN COUT HO WO NS stride_wo stride_wi stride_wkh stride_wkw stride_dxn "
                          "stride_dxh stride_dxw"), leaky_slope="fp32"),
              dict(flags, SIGN_FROM_OUT=False)),
             (cbm._conv_bwd_dw_kernel, DW_CONFIGS[0],
-             dict(X_ptr=p, G_ptr=p, S_ptr="*i8", DW_ptr="*fp32", DB_ptr="*fp32",
-                  **ints("N H W CIN COUT HO WO stride_xn stride_xh stride_xw stride_dws stride_dwo "
-                         "stride_dwi stride_dwt stride_dbs PIX_PER_SPLIT"), leaky_slope="fp32"),
-             dict(flags, SIGN_FROM_OUT=False, NEED_DB=True)),
+             dict(X_ptr="*fp32", G_ptr=p, S_ptr="*i8", DW_ptr="*fp32", DB_ptr="*fp32", WS_ptr="*fp32",
+                  WSB_ptr="*fp32", Counter_ptr="*i32",
+                  **ints("N H W CIN COUT HO WO stride_xn stride_xh stride_xw stride_dwo stride_dwi "
+                         "stride_dwkh stride_dwkw PIX_PER_SPLIT"), leaky_slope="fp32"),
+             dict(flags, SIGN_FROM_OUT=False, NEED_DB=True, SPLIT=True)),
         ]
         for fn, cfg, signature, constexprs in kernels:
             constexprs = dict(constexprs, **cfg.kwargs)
@@ -342,16 +324,15 @@ def test_network_chain_matches_reference(seed):
 
 
 def test_kernel_weight_layouts():
-    """No copy when Cin or Cout is contiguous in x's dtype; else a (k, k, Cin, Cout)-ordered copy."""
+    """No copy when Cin or Cout is contiguous (any dtype: the kernels cast as they load); else a
+    (k, k, Cin, Cout)-ordered copy."""
     w = torch.randn(5, 3, 3, 3)
     w_cl = w.contiguous(memory_format=torch.channels_last)
-    assert kernel_weight(w_cl, torch.float32) is w_cl
+    assert kernel_weight(w_cl) is w_cl
     w1 = torch.randn(5, 3, 1, 1)
-    assert kernel_weight(w1, torch.float32) is w1
-    wk = kernel_weight(w, torch.float32)
+    assert kernel_weight(w1) is w1
+    wk = kernel_weight(w)
     assert wk is not w and wk.stride(0) == 1 and torch.equal(wk, w)
-    wh = kernel_weight(w_cl, torch.float16)
-    assert wh.dtype == torch.float16 and torch.equal(wh, w.half())
 
 
 @pytest.mark.parametrize("layout", ("contiguous", "channels_last", "transposed"))
@@ -366,8 +347,8 @@ def test_weight_layouts_give_the_same_block(layout, seed):
 
 @pytest.mark.parametrize("impl", ("for-loop", "foreach", "fused"))
 def test_updated_weights_are_used_after_any_optimizer(impl, seed):
-    """Fused Adam updates weights without bumping weight._version: outside a weight_cache() scope
-    nothing is cached, so every call sees the current values."""
+    """Fused Adam updates weights without bumping weight._version: nothing is cached, so every call
+    sees the current values."""
     w = torch.nn.Parameter(torch.randn(4, 3, 3, 3))
     kwargs = {"for-loop": dict(foreach=False), "foreach": dict(foreach=True), "fused": dict(fused=True)}[impl]
     opt = torch.optim.Adam([w], lr=0.1, **kwargs)
@@ -379,31 +360,79 @@ def test_updated_weights_are_used_after_any_optimizer(impl, seed):
         opt.step()
 
 
-def test_weight_cache_scope():
-    """Inside a scope: one copy per weight (and dtype), refreshed when _version moves; none outside."""
-    w = torch.randn(4, 3, 3, 3)
-    assert kernel_weight(w, torch.float32) is not kernel_weight(w, torch.float32)
-    with weight_cache():
-        first = kernel_weight(w, torch.float32)
-        assert kernel_weight(w, torch.float32) is first
-        assert kernel_weight(w, torch.float16) is not first
-        w.mul_(2)
-        second = kernel_weight(w, torch.float32)
-        assert second is not first and torch.equal(second, w)
-    assert not cbm._SCOPES
+# ------------------------------------------------------------------------------------------------
+# The launcher options of the fused engine
+# ------------------------------------------------------------------------------------------------
+
+ENGINE_FLAGS = [dict(upsample_input=False, leaky_slope=0.2, pool_output=True),   # sign map
+                dict(upsample_input=True, leaky_slope=0.2, pool_output=False),   # sign from y
+                dict(upsample_input=False, leaky_slope=None, pool_output=False)]
 
 
-def test_weight_cache_scope_in_a_network(seed):
-    """A block used twice in one scope (like the decoder) gives the same results as without."""
-    x, w, b = make_inputs(2, 5, 6, 5, 3)
-    flags = dict(upsample_input=False, leaky_slope=0.2, pool_output=False)
-    with weight_cache():
-        y1 = conv_block(x, w, b, backend="triton", **flags)
-        y2 = conv_block(x * 2, w, b, backend="triton", **flags)
-        grads = torch.autograd.grad((y1 * y2).sum(), (x, w, b))
-    y1r, y2r = conv_block_ref(x, w, b, **flags), conv_block_ref(x * 2, w, b, **flags)
-    for g, e, name in zip(grads, torch.autograd.grad((y1r * y2r).sum(), (x, w, b)), ("dx", "dw", "db")):
-        assert_fp32_close(g, e, name)
+@pytest.mark.parametrize("flags", ENGINE_FLAGS, ids=[flag_id(f) for f in ENGINE_FLAGS])
+def test_outputs_into_blocks_of_bigger_buffers(flags, seed):
+    """out= / dx_out= write into row blocks of channels_last buffers and touch nothing else; the
+    forward casts an fp32 x to the compute dtype in the kernel (out_dtype)."""
+    x, w, b = (t.detach() for t in make_inputs(3, 5, 6, 6, 3))
+    y_ref = conv_block_ref(x, w, b, upcast=True, **flags)
+    big = torch.full((7, *y_ref.shape[1:]), 7.0, device=DEVICE).contiguous(memory_format=torch.channels_last)
+    y, sign = conv_fwd(x, w, b, out=big[2:5], out_dtype=torch.float32, **flags)
+    assert y.data_ptr() == big[2:5].data_ptr()
+    assert_fp32_close(big[2:5], y_ref, "y in place")
+    assert (big[:2] == 7).all() and (big[5:] == 7).all()
+    g = torch.randn_like(y_ref)
+    _, (dx_ref, _, _) = reference(x, w, b, g, flags)
+    dxbig = torch.full((5, *x.shape[1:]), 7.0, device=DEVICE).contiguous(memory_format=torch.channels_last)
+    conv_bwd(g, x, w, y, sign, bias_dtype=b.dtype, need_dw=False, need_db=False, dx_out=dxbig[1:4], **flags)
+    assert_fp32_close(dxbig[1:4], dx_ref, "dx in place")
+    assert (dxbig[0] == 7).all() and (dxbig[4] == 7).all()
+    with pytest.raises(ValueError, match="out must be a channels_last"):
+        conv_fwd(x, w, b, out=big[2:4], **flags)
+
+
+@pytest.mark.parametrize("flags", ENGINE_FLAGS, ids=[flag_id(f) for f in ENGINE_FLAGS])
+def test_gradients_of_more_images_than_saved(flags, seed):
+    """Gradient images NS.. of a 3N-image grad_y belong to saved images 0.. (image n -> n % NS):
+    dx covers all of them, dW/db the first NS only (the critic's two objectives over one forward)."""
+    x, w, b = (t.detach() for t in make_inputs(4, 5, 6, 6, 3))  # NS = 4 saved images
+    y, sign = conv_fwd(x, w, b, **flags)
+    g = torch.randn(6, *y.shape[1:], device=DEVICE)  # NG = 6: images 4, 5 reuse saved 0, 1
+    dx, dw, db = conv_bwd(g, x, w, y, sign, bias_dtype=b.dtype, **flags)
+    _, (dx_a, dw_a, db_a) = reference(x, w, b, g[:4], flags)
+    _, (dx_b, _, _) = reference(x[:2], w, b, g[4:], flags)
+    assert_fp32_close(dx, torch.cat([dx_a, dx_b]), "dx")
+    assert_fp32_close(dw, dw_a, "dw over the first NS")
+    assert_fp32_close(db, db_a, "db over the first NS")
+    with pytest.raises(ValueError, match="at least one gradient image"):
+        conv_bwd(g[:3], x, w, y, sign, bias_dtype=b.dtype, **flags)
+
+
+def test_split_reduction_into_strided_fp32_grads(seed):
+    """Several pixel splits: the last program of each tile sums the partials in split order and
+    writes dw/db (fp32, any layout: here the channels_last .grad of a bf16-free fp32 weight) in the
+    same launch; counters are left at zero, and a second call is bitwise identical."""
+    n, size = 2, 32
+    splits, _ = cbm._dw_splits(n * size * size, 3, 3, 5)
+    assert splits > 1
+    flags = dict(upsample_input=False, leaky_slope=0.2, pool_output=True)
+    x, w, b = (t.detach() for t in make_inputs(n, 3, 5, size, 3))
+    w = w.contiguous(memory_format=torch.channels_last)
+    y, sign = conv_fwd(x, w, b, **flags)
+    g = torch.randn_like(y)
+    _, (_, dw_ref, db_ref) = reference(x, w, b, g, flags)
+    dw_out = torch.full_like(w, float("nan"))
+    db_out = torch.full_like(b, float("nan"))
+    counter = torch.zeros(cbm.dw_counter_size(3, 3, 5), dtype=torch.int32, device=DEVICE)
+    results = []
+    for _ in range(2):
+        _, dw, db = conv_bwd(g, x, w, y, sign, bias_dtype=b.dtype, need_dx=False, dw_out=dw_out,
+                             db_out=db_out, dw_counter=counter, **flags)
+        assert dw is dw_out and db is db_out and dw.stride() == w.stride()
+        assert not counter.any()
+        results.append((dw.clone(), db.clone()))
+    assert_fp32_close(results[0][0], dw_ref, "dw")
+    assert_fp32_close(results[0][1], db_ref, "db")
+    assert torch.equal(results[0][0], results[1][0]) and torch.equal(results[0][1], results[1][1])
 
 
 # ------------------------------------------------------------------------------------------------

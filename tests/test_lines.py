@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 import torch
 
-from acai_fast.lines import (angle_labels, draw_lines, line_metrics, lines_batches, reference_lines,
-                             smoothness_scores)
+from acai_fast.data.lines import angle_labels, draw_lines, lines_batches
+from acai_fast.eval.lines import line_metrics, reference_lines, smoothness_scores
 from line_oracle import draw_line_scalar
 
 

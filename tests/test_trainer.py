@@ -7,7 +7,8 @@ import torch
 import torch.nn.functional as F
 
 from acai_fast import ACAIConfig, ACAITrainer
-from acai_fast.lines import evaluate_lines
+from acai_fast.eval.lines import evaluate_lines
+from acai_fast.ops.mix import philox_alpha_ref
 from helpers import assert_close
 
 # A tiny config: 32 -> 8 latent width (2 scales), narrow layers; fast on the CPU.
@@ -53,9 +54,8 @@ def hand_written_grads(trainer, x, labels, alpha):
 
 
 def same_alpha(trainer, n):
-    g = torch.Generator().set_state(trainer.generator.get_state())
-    u = torch.rand(n, 1, 1, 1, generator=g)
-    return 0.5 - (u - 0.5).abs()
+    """The alphas the trainer's next step will draw: 0.5 - |u - 0.5| from its Philox stream."""
+    return philox_alpha_ref(trainer.alpha_state.clone(), n).view(n, 1, 1, 1)
 
 
 def test_step_gradients_match_hand_written_step():

@@ -263,6 +263,7 @@ def _check_image_inputs(op, x, ae, reg):
 
 
 def image_loss_fwd(x: torch.Tensor, ae: torch.Tensor, reg: float = 0.2, *, backend: str = "auto",
+                   d_ae_out: torch.Tensor | None = None, x_real_out: torch.Tensor | None = None,
                    counter: torch.Tensor | None = None, poison: bool = False) -> ImageLoss:
     """Image pass, explicit form (what the fused trainer calls): ImageLoss(loss_ae, d_ae, x_real).
 
@@ -270,19 +271,30 @@ def image_loss_fwd(x: torch.Tensor, ae: torch.Tensor, reg: float = 0.2, *, backe
     d_ae = 2 (ae - x) / M is the gradient of loss_ae alone (weight 1 in the autoencoder objective);
     x_real feeds the critic (no gradient flows back through it in the ACAI step). One launch.
     counter: the int32 ticket counter of the grid reduction (default: one per device, see
-    acai_fast._ext.reduction_counter); poison: NaN-fill the outputs before the launch (tests)."""
+    acai_fast._ext.reduction_counter); d_ae_out, x_real_out: where to write d_ae and x_real
+    (contiguous, ae's shape and dtype: e.g. blocks of rows of the step's larger buffers), default
+    new tensors; poison: NaN-fill the outputs before the launch (tests)."""
     op = "acai_image_loss"
     _check_image_inputs(op, x, ae, reg)
+    for out_name, t in (("d_ae_out", d_ae_out), ("x_real_out", x_real_out)):
+        if t is not None:
+            _check_tensor(op, out_name, t)
+            if t.shape != ae.shape or t.dtype != ae.dtype or t.device != ae.device:
+                raise ValueError(f"{op}: {out_name} must match ae ({tuple(ae.shape)}, {ae.dtype}, {ae.device})")
     name = _ext.resolve_backend(op, ae, backend)
     _ext.check_backend_runs(op, name, ae.device)
     logger.debug("image_loss_fwd: backend=%s (asked %s) %s x %s ae %s", name, backend,
                  tuple(ae.shape), x.dtype, ae.dtype)
     if name == "reference":
-        return image_loss_grads_ref(x, ae, reg)
+        out = image_loss_grads_ref(x, ae, reg)
+        d_ae = d_ae_out.copy_(out.d_ae) if d_ae_out is not None else out.d_ae
+        x_real = x_real_out.copy_(out.x_real) if x_real_out is not None else out.x_real
+        return ImageLoss(out.loss_ae, d_ae, x_real)
 
     m = ae.numel()
     counter = _check_counter(op, counter, ae.device)
-    d_ae, x_real = torch.empty_like(ae), torch.empty_like(ae)
+    d_ae = d_ae_out if d_ae_out is not None else torch.empty_like(ae)
+    x_real = x_real_out if x_real_out is not None else torch.empty_like(ae)
     loss = torch.empty((), dtype=torch.float32, device=ae.device)
     partials = torch.empty(MAX_PARTIALS * PARTIALS_PER_BLOCK, dtype=torch.float32, device=ae.device)
     if poison:
@@ -322,7 +334,8 @@ def _check_critic_inputs(op, c_mix_map, c_real_map, alpha):
 
 def critic_loss_fwd(c_mix_map: torch.Tensor, c_real_map: torch.Tensor, alpha: torch.Tensor,
                     advweight: float = 0.5, *, grad_maps: bool = True, backend: str = "auto",
-                    counter: torch.Tensor | None = None, poison: bool = False) -> CriticLoss:
+                    grads_out: tuple | None = None, counter: torch.Tensor | None = None,
+                    poison: bool = False) -> CriticLoss:
     """Critic-map pass, explicit form (what the fused trainer calls): CriticLoss(loss_ae_disc,
     loss_disc, loss_disc_real, g_mix_ae, g_mix_critic, g_real_critic).
 
@@ -345,12 +358,16 @@ def critic_loss_fwd(c_mix_map: torch.Tensor, c_real_map: torch.Tensor, alpha: to
         if not grad_maps:  # same values, as expanded per-image views
             out = out._replace(**{f: _expand(getattr(out, f).flatten(1)[:, 0].contiguous(), c_mix_map)
                                   for f in ("g_mix_ae", "g_mix_critic", "g_real_critic")})
+        if grads_out is not None:
+            out = out._replace(**{f: t.copy_(getattr(out, f)) for f, t in
+                                  zip(("g_mix_ae", "g_mix_critic", "g_real_critic"), grads_out)})
         return out
 
     n, k = c_mix_map.shape[0], c_mix_map.numel() // c_mix_map.shape[0]
     counter = _check_counter(op, counter, c_mix_map.device)
     gshape = c_mix_map.shape if grad_maps else (n,)
-    grads = [torch.empty(gshape, dtype=c_mix_map.dtype, device=c_mix_map.device) for _ in range(3)]
+    grads = list(grads_out) if grads_out is not None else \
+        [torch.empty(gshape, dtype=c_mix_map.dtype, device=c_mix_map.device) for _ in range(3)]
     losses = torch.empty(3, dtype=torch.float32, device=c_mix_map.device)
     partials = torch.empty(MAX_PARTIALS * PARTIALS_PER_BLOCK, dtype=torch.float32, device=c_mix_map.device)
     if poison:

@@ -8,7 +8,6 @@ split-K in the forward (small-spatial wide layers rely on small tiles); not time
 """
 from __future__ import annotations
 
-import contextlib
 import logging
 import math
 
@@ -81,6 +80,8 @@ def _conv_fwd_kernel(
     (tap, Cin chunk of BLOCK_K), so the pipeliner sees a single loop even when Cin <= BLOCK_K.
     The A tile is gathered straight from x: rows out of the image are masked to 0 (the padding),
     and with UPSAMPLE the row (ih, iw) of u reads x[ih // 2, iw // 2] (never materialised).
+    The compute dtype is y's: x (e.g. an fp32 batch feeding bf16 layers) and w (fp32 master
+    weights) are cast to it as they are loaded, so no cast or copy ever runs as a launch of its own.
     Epilogue in fp32: + bias, the sign of z (int8, only when backward cannot read it off y),
     leaky ReLU, and with POOL the 2x2 mean: the pixel dimension is then ordered
     (n, ho, wo, q) with q = 2*dh + dw the position in the pool window, so each window is 4
@@ -127,7 +128,7 @@ def _conv_fwd_kernel(
             ih = ih // 2
             iw = iw // 2
         a = tl.load((x_rows + ih * stride_xh + iw * stride_xw)[:, None] + c[None, :],
-                    mask=ok[:, None] & c_ok[None, :], other=0.0)
+                    mask=ok[:, None] & c_ok[None, :], other=0.0).to(Y_ptr.dtype.element_ty)
         w_tap = W_ptr + (tap // KS) * stride_wkh + (tap % KS) * stride_wkw
         b = tl.load(w_tap + c[:, None] * stride_wi + offs_n[None, :] * stride_wo,
                     mask=c_ok[:, None] & n_ok[None, :], other=0.0)  # (BLOCK_K ci, BLOCK_N co)
@@ -156,16 +157,19 @@ def _conv_fwd_kernel(
 
 
 @triton.jit
-def _grad_pre_tile(G_ptr, S_ptr, n, h, w, ok, co, co_ok, H, W, HO, WO, COUT, leaky_slope,
+def _grad_pre_tile(G_ptr, S_ptr, n, h, w, ok, co, co_ok, H, W, HO, WO, COUT, NS, leaky_slope,
                    ACT: tl.constexpr, POOL: tl.constexpr, SIGN_FROM_OUT: tl.constexpr):
     """dL/dz at conv-output pixels (n, h, w) (each (BLOCK,)) x channels co, in fp32.
 
     dL/da = dL/dy[n, h//2, w//2] / 4 with POOL (0 on the floored-off last row/column), else dL/dy;
     dL/dz = dL/da * (1 if z > 0 else slope). The sign of z comes from y itself when there is no pool
     and slope >= 0 (then y > 0 <=> z > 0; S = y), else from the int8 sign map S (N, H, W, Cout).
-    G (the incoming gradient) and S are contiguous NHWC.
+    G (the incoming gradient) and S are contiguous NHWC. G may hold more images than the forward
+    saved: gradient image n reads the saved image n % NS (several objectives' gradients stacked
+    over one forward, e.g. the critic's [mix; real] rows followed by the autoencoder's mix rows).
     """
     n64 = n.to(tl.int64)
+    ns64 = (n % NS).to(tl.int64)
     if POOL:
         ok = ok & (h < 2 * HO) & (w < 2 * WO)
         g_rows = ((n64 * HO + h // 2) * WO + w // 2) * COUT
@@ -176,10 +180,10 @@ def _grad_pre_tile(G_ptr, S_ptr, n, h, w, ok, co, co_ok, H, W, HO, WO, COUT, lea
     if POOL:
         g = g * 0.25
     if ACT:
+        s_rows = ((ns64 * H + h) * W + w) * COUT
         if SIGN_FROM_OUT:
-            pos = tl.load(S_ptr + g_rows[:, None] + co[None, :], mask=mask, other=0.0) > 0
+            pos = tl.load(S_ptr + s_rows[:, None] + co[None, :], mask=mask, other=0.0) > 0
         else:
-            s_rows = ((n64 * H + h) * W + w) * COUT
             pos = tl.load(S_ptr + s_rows[:, None] + co[None, :], mask=mask, other=0) != 0
         g = tl.where(pos, g, g * leaky_slope)
     return g
@@ -188,7 +192,7 @@ def _grad_pre_tile(G_ptr, S_ptr, n, h, w, ok, co, co_ok, H, W, HO, WO, COUT, lea
 @triton.jit
 def _conv_bwd_dx_kernel(
     G_ptr, S_ptr, W_ptr, DX_ptr,
-    N, H, W, CIN, COUT, HO, WO,
+    N, H, W, CIN, COUT, HO, WO, NS,
     stride_wo, stride_wi, stride_wkh, stride_wkw,
     stride_dxn, stride_dxh, stride_dxw,
     leaky_slope,
@@ -201,7 +205,8 @@ def _conv_bwd_dx_kernel(
 
     du[p, ci] = sum_{tap, co} dz[p - offset(tap), co] * w[co, ci, tap]   (dz by _grad_pre_tile,
     recomputed from dL/dy and the sign of z while loading the A tile: dz is never materialised);
-    with UPSAMPLE dx[n, hx, wx] = sum of du over its 2x2 block, else dx = du.
+    with UPSAMPLE dx[n, hx, wx] = sum of du over its 2x2 block, else dx = du. N counts the
+    gradient's images, NS the forward's (see `_grad_pre_tile`).
     Tiling as in the forward: rows = pixels of u (M = N*H*W), columns = Cin, one loop over
     (tap, Cout chunk). With UPSAMPLE the rows are ordered (n, hx, wx, q) so the 2x2 sum is a
     reshape + sum in the epilogue, like the forward's pool.
@@ -242,7 +247,7 @@ def _conv_bwd_dx_kernel(
         oh = ih - (tap // KS - PAD)  # z[oh] used u[ih] through this tap
         ow = iw - (tap % KS - PAD)
         ok = m_ok & (oh >= 0) & (oh < H) & (ow >= 0) & (ow < W)
-        dz = _grad_pre_tile(G_ptr, S_ptr, n, oh, ow, ok, co, co_ok, H, W, HO, WO, COUT,
+        dz = _grad_pre_tile(G_ptr, S_ptr, n, oh, ow, ok, co, co_ok, H, W, HO, WO, COUT, NS,
                             leaky_slope, ACT, POOL, SIGN_FROM_OUT)
         w_tap = W_ptr + (tap // KS) * stride_wkh + (tap % KS) * stride_wkw
         b = tl.load(w_tap + co[:, None] * stride_wo + offs_n[None, :] * stride_wi,
@@ -266,13 +271,14 @@ def _conv_bwd_dx_kernel(
 
 @triton.jit
 def _conv_bwd_dw_kernel(
-    X_ptr, G_ptr, S_ptr, DW_ptr, DB_ptr,
+    X_ptr, G_ptr, S_ptr, DW_ptr, DB_ptr, WS_ptr, WSB_ptr, Counter_ptr,
     N, H, W, CIN, COUT, HO, WO,
     stride_xn, stride_xh, stride_xw,
-    stride_dws, stride_dwo, stride_dwi, stride_dwt, stride_dbs,
+    stride_dwo, stride_dwi, stride_dwkh, stride_dwkw,
     PIX_PER_SPLIT, leaky_slope,
     KS: tl.constexpr, UPSAMPLE: tl.constexpr, ACT: tl.constexpr, POOL: tl.constexpr,
-    SIGN_FROM_OUT: tl.constexpr, NEED_DB: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    SIGN_FROM_OUT: tl.constexpr, NEED_DB: tl.constexpr, SPLIT: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
     BLOCK_CI: tl.constexpr, BLOCK_CO: tl.constexpr, BLOCK_P: tl.constexpr,
 ):
     """Weight and bias gradients: reductions over all N*H*W conv-output pixels p.
@@ -280,11 +286,16 @@ def _conv_bwd_dw_kernel(
     dW[co, ci, tap] = sum_p u[p + offset(tap), ci] * dz[p, co];   db[co] = sum_p dz[p, co].
     Tiling: one program per (tap, BLOCK_CI in-channels) x (BLOCK_CO out-channels) x split; the
     pixels are cut into contiguous ranges of PIX_PER_SPLIT (a multiple of every BLOCK_P), one per
-    split, each walked in chunks of BLOCK_P: acc (BLOCK_CI, BLOCK_CO) += u_chunk^T @ dz_chunk.
-    Deterministic: every split writes its own fp32 partial (no atomics) and the launcher sums the
-    partials over splits in a fixed order; the result depends only on the shape and the config.
-    db is accumulated in fp32 (before dz is rounded to the input dtype) by the tap-0, ci-block-0
-    programs only, from the dz tile they load anyway.
+    split, each walked in chunks of BLOCK_P: acc (BLOCK_CI, BLOCK_CO) += u_chunk^T @ dz_chunk, in
+    the dtype of G (u, e.g. the fp32 input batch, is cast to it as it is loaded).
+    The split reduction is part of this launch and deterministic: with SPLIT, every program
+    stores its fp32 partial to WS (splits, Cout, Cin, KS*KS) / WSB (splits, Cout), passes a barrier
+    and takes a ticket from its tile's int32 counter (acq_rel); the program holding the last ticket
+    sums the partials in split order, writes dW (through its strides, in DW's dtype: the fp32
+    gradient of the master weight, any layout) and db, and resets the counter to 0. The result
+    depends only on the shape and the config, never on which program finished last.
+    db is accumulated in fp32 (before dz is rounded) by the tap-0, ci-block-0 programs only, from
+    the dz tile they load anyway. G may hold more images than N: only its first N are read.
     """
     pid_t = tl.program_id(0)  # tap * num_ci_blocks + ci block
     pid_co = tl.program_id(1)
@@ -303,6 +314,7 @@ def _conv_bwd_dw_kernel(
     p_lo = pid_s * PIX_PER_SPLIT
     p_hi = tl.minimum(p_lo + PIX_PER_SPLIT, P)
     do_db = pid_t == 0  # (with NEED_DB) these programs also reduce db
+    cdt = G_ptr.dtype.element_ty
 
     acc = tl.zeros((BLOCK_CI, BLOCK_CO), dtype=tl.float32)
     db = tl.zeros((BLOCK_CO,), dtype=tl.float32)
@@ -313,7 +325,7 @@ def _conv_bwd_dw_kernel(
         t = offs_p // W
         h = t % H
         n = t // H
-        dz = _grad_pre_tile(G_ptr, S_ptr, n, h, w, p_ok, co, co_ok, H, W, HO, WO, COUT,
+        dz = _grad_pre_tile(G_ptr, S_ptr, n, h, w, p_ok, co, co_ok, H, W, HO, WO, COUT, N,
                             leaky_slope, ACT, POOL, SIGN_FROM_OUT)  # (BLOCK_P, BLOCK_CO)
         ih = h + dh
         iw = w + dw
@@ -323,15 +335,44 @@ def _conv_bwd_dw_kernel(
             iw = iw // 2
         u = tl.load((X_ptr + n.to(tl.int64) * stride_xn + ih * stride_xh + iw * stride_xw)[:, None]
                     + ci[None, :], mask=ok[:, None] & ci_ok[None, :], other=0.0)  # (BLOCK_P, BLOCK_CI)
-        acc = tl.dot(tl.trans(u), dz.to(u.dtype), acc, input_precision=DOT_PRECISION)
+        acc = tl.dot(tl.trans(u.to(cdt)), dz.to(cdt), acc, input_precision=DOT_PRECISION)
         if NEED_DB:
             if do_db:
                 db += tl.sum(dz, axis=0)
 
-    dw_ptrs = DW_ptr + pid_s * stride_dws + co[None, :] * stride_dwo + ci[:, None] * stride_dwi + tap * stride_dwt
-    tl.store(dw_ptrs, acc, mask=ci_ok[:, None] & co_ok[None, :])
-    if NEED_DB:
-        tl.store(DB_ptr + pid_s * stride_dbs + co, db, mask=co_ok & do_db)
+    tile_mask = ci_ok[:, None] & co_ok[None, :]
+    dw_ptrs = (DW_ptr + co[None, :] * stride_dwo + ci[:, None] * stride_dwi
+               + (tap // KS) * stride_dwkh + (tap % KS) * stride_dwkw)
+    dw_ty = DW_ptr.dtype.element_ty
+    if SPLIT:
+        # (splits, Cout, Cin, KS*KS) partials: offset of (co, ci, tap) within one split
+        ws_offs = (co[None, :] * CIN + ci[:, None]) * (KS * KS) + tap
+        split_size = COUT * CIN * KS * KS
+        tl.store(WS_ptr + pid_s * split_size + ws_offs, acc, mask=tile_mask)
+        if NEED_DB:
+            tl.store(WSB_ptr + pid_s * COUT + co, db, mask=co_ok & do_db)
+        tl.debug_barrier()
+        tile = pid_t * tl.num_programs(1) + pid_co
+        splits = tl.num_programs(2)
+        ticket = tl.atomic_add(Counter_ptr + tile, 1, sem="acq_rel")
+        if ticket == splits - 1:
+            total = tl.zeros((BLOCK_CI, BLOCK_CO), dtype=tl.float32)
+            total_b = tl.zeros((BLOCK_CO,), dtype=tl.float32)
+            for s in range(0, splits):
+                total += tl.load(WS_ptr + s * split_size + ws_offs, mask=tile_mask, other=0.0,
+                                 cache_modifier=".cg")
+                if NEED_DB:
+                    if do_db:
+                        total_b += tl.load(WSB_ptr + s * COUT + co, mask=co_ok, other=0.0,
+                                           cache_modifier=".cg")
+            tl.store(dw_ptrs, total.to(dw_ty), mask=tile_mask)
+            if NEED_DB:
+                tl.store(DB_ptr + co, total_b.to(DB_ptr.dtype.element_ty), mask=co_ok & do_db)
+            tl.store(Counter_ptr + tile, 0)
+    else:
+        tl.store(dw_ptrs, acc.to(dw_ty), mask=tile_mask)
+        if NEED_DB:
+            tl.store(DB_ptr + co, db.to(DB_ptr.dtype.element_ty), mask=co_ok & do_db)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -376,10 +417,11 @@ DW_CONFIGS = [
 ]
 # The interpreter's single configs: big enough to keep the number of (slow, Python) program
 # instances down, small enough to exercise the edge masks on the test shapes.
-INTERPRET_FWD_CONFIG = _cfg(128, 16, 16, 4, 1, _MNK)
-INTERPRET_DX_CONFIG = _cfg(128, 16, 16, 4, 1, _MNK)
-INTERPRET_DW_CONFIG = _cfg(16, 16, 128, 4, 1, _DW)
+INTERPRET_FWD_CONFIG = _cfg(256, 16, 16, 4, 1, _MNK)
+INTERPRET_DX_CONFIG = _cfg(256, 16, 16, 4, 1, _MNK)
+INTERPRET_DW_CONFIG = _cfg(16, 16, 256, 4, 1, _DW)
 _MAX_BLOCK_P = 256  # PIX_PER_SPLIT is a multiple of this, hence of every BLOCK_P
+_MIN_DW_TILE = 16  # the smallest BLOCK_CI / BLOCK_CO of DW_CONFIGS (sizes the tile counters)
 
 
 def _pow2_at_least_16(v):
@@ -438,8 +480,6 @@ def _launch(name, config, grid, *args, **constexprs):
 # Weights as the kernels read them
 # ------------------------------------------------------------------------------------------------
 
-_SCOPES: list[dict] = []  # stack of active `weight_cache()` scopes
-
 
 def _good_layout(weight):
     """Cin or Cout contiguous: the kernels' weight tiles are then read with wide, coalesced loads."""
@@ -447,64 +487,15 @@ def _good_layout(weight):
     return weight.stride(1) == 1 or cin == 1 or weight.stride(0) == 1 or cout == 1
 
 
-def kernel_weight(weight, dtype):
-    """The weight (Cout, Cin, k, k) as the kernels read it, in `dtype`, with Cin or Cout contiguous.
-
-    Returned as is (no copy) when it already has x's dtype and Cin or Cout contiguous, which is the
-    case for channels_last parameters (`net.to(memory_format=torch.channels_last)`) and for 1x1
-    kernels. Otherwise (fp32 master weights with bf16 x, or a contiguous k=3 weight) a copy in
-    `dtype` with Cout contiguous (k, k, Cin, Cout order), made by the forward and kept for backward.
-
-    Inside a `weight_cache()` scope the copy is made once per weight and reused by every call in
-    the scope (the decoder and critic run twice per ACAI step). There is deliberately no cache
-    outside a scope: fused Adam (torch.optim.Adam(fused=True)) updates weights without bumping
-    `weight._version`, and CUDA-graph replays bump nothing, so no Python-side check can tell that a
-    cached copy went stale once the optimizer step may have run.
-    """
-    if weight.dtype == dtype and _good_layout(weight):
+def kernel_weight(weight):
+    """The weight (Cout, Cin, k, k) as the kernels read it: itself when Cin or Cout is contiguous
+    (channels_last parameters, which the fused engine keeps, and 1x1 kernels), else a copy with
+    Cout contiguous ((k, k, Cin, Cout) order). Any dtype: the kernels cast weights to the compute
+    dtype as they load them (fp32 master weights feed bf16 layers without a cast launch)."""
+    if _good_layout(weight):
         return weight
-    capturing = weight.is_cuda and torch.cuda.is_current_stream_capturing()
-    key = (id(weight), dtype)
-    if _SCOPES:
-        hit = _SCOPES[-1].get(key)
-        if hit is not None and hit[0] is weight and hit[1] == weight._version and hit[2] == capturing:
-            return hit[3]
     with torch.no_grad():
-        arranged = weight.detach().permute(2, 3, 1, 0).to(dtype).contiguous().permute(3, 2, 0, 1)
-    if _SCOPES:
-        _SCOPES[-1][key] = (weight, weight._version, capturing, arranged)
-    return arranged
-
-
-@contextlib.contextmanager
-def weight_cache():
-    """Within this scope each weight is cast/arranged for the kernels once (see `kernel_weight`):
-    wrap one step's forward and backward, NOT the optimizer step. In-place updates that bump
-    `_version` are still noticed; copies made during a CUDA-graph capture are used only during
-    capture (they are recorded in the graph, so replays refresh them), eager copies only eagerly."""
-    _SCOPES.append({})
-    try:
-        yield
-    finally:
-        _SCOPES.pop()
-
-
-_FROZEN: set[int] = set()  # ids of weights whose gradients the running backward pass skips
-
-
-@contextlib.contextmanager
-def frozen_weights(params):
-    """Backward passes run inside this scope compute no weight or bias gradient for the triton
-    conv blocks of `params` (they return None: zero), only the input gradient. For a gradient that
-    is taken with respect to other parameters through these blocks (the ACAI autoencoder objective
-    through the critic), where autograd.grad would compute the weight gradients and drop them.
-    A plain set, not a thread-local: CUDA backward passes run on autograd's device threads."""
-    ids = {id(p) for p in params} - _FROZEN
-    _FROZEN.update(ids)
-    try:
-        yield
-    finally:
-        _FROZEN.difference_update(ids)
+        return weight.detach().permute(2, 3, 1, 0).contiguous().permute(3, 2, 0, 1)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -524,28 +515,51 @@ def _dot_precision(dtype):
     return "ieee" if dtype == torch.float32 else "tf32"
 
 
-def conv_fwd(x, weight, bias, *, upsample_input=False, leaky_slope=0.2, pool_output=False,
-             config=None, poison=False):
-    """Forward launcher. x (N, Cin, Hx, Wx) channels_last -> (y channels_last, sign map or None).
+def output_shape(x_shape, cout, *, upsample_input=False, pool_output=False):
+    """(N, Cout, H', W') of a block on input (N, Cin, Hx, Wx)."""
+    n, _, hx, wx = x_shape
+    h, w = (2 * hx, 2 * wx) if upsample_input else (hx, wx)
+    return (n, cout, h // 2, w // 2) if pool_output else (n, cout, h, w)
 
-    The sign map (N, H, W, Cout) int8 is returned only when backward needs it (activation with a
-    pool, or a negative slope). weight: any layout, x's dtype or fp32 (see `kernel_weight`).
-    `config`: a triton.Config to force (else autotuned / the interpreter's); `poison`: fill the
-    outputs with NaN first (tests).
+
+def _check_out(name, t, shape, dtype, device):
+    if (not isinstance(t, torch.Tensor) or tuple(t.shape) != tuple(shape) or t.dtype != dtype
+            or t.device != device or not t.is_contiguous(memory_format=torch.channels_last)):
+        got = (f"{tuple(t.shape)} {t.dtype} on {t.device}, channels_last="
+               f"{t.is_contiguous(memory_format=torch.channels_last)}") if isinstance(t, torch.Tensor) else t
+        raise ValueError(f"conv_block: {name} must be a channels_last {tuple(shape)} {dtype} tensor on "
+                         f"{device}, got {got}")
+
+
+def conv_fwd(x, weight, bias, *, upsample_input=False, leaky_slope=0.2, pool_output=False,
+             out=None, out_dtype=None, config=None, poison=False):
+    """Forward launcher. x (N, Cin, Hx, Wx) -> (y channels_last, sign map or None).
+
+    y is computed in `out_dtype` (default x's dtype; x and the weight are cast to it in the kernel)
+    and written into `out` when given (a channels_last tensor of y's shape and dtype, e.g. a block of
+    rows of a larger buffer), else into a new tensor. The sign map (N, H, W, Cout) int8 is returned
+    only when backward needs it (activation with a pool, or a negative slope). weight: any dtype and
+    layout (see `kernel_weight`). `config`: a triton.Config to force (else the table, heuristic or
+    autotuner of `_launch`); `poison`: fill the outputs with NaN first (tests).
     """
     x = x.contiguous(memory_format=torch.channels_last)  # no copy when it already is
     bias = bias.contiguous() if bias is not None else None
     N, CIN, HX, WX = x.shape
     COUT, _, KS, _ = weight.shape
     H, W = (2 * HX, 2 * WX) if upsample_input else (HX, WX)
-    HO, WO = (H // 2, W // 2) if pool_output else (H, W)
+    _, _, HO, WO = output_shape(x.shape, COUT, upsample_input=upsample_input, pool_output=pool_output)
     act, _, save_sign = _flags(leaky_slope, pool_output)
+    dtype = out_dtype or x.dtype
     fill = float("nan") if poison else None
-    y = _empty((N, COUT, HO, WO), x.dtype, x.device, fill, channels_last=True)
+    if out is None:
+        y = _empty((N, COUT, HO, WO), dtype, x.device, fill, channels_last=True)
+    else:
+        _check_out("out", out, (N, COUT, HO, WO), dtype, x.device)
+        y = out.fill_(fill) if fill is not None else out
     sign = torch.empty((N, H, W, COUT), dtype=torch.int8, device=x.device) if save_sign else None
     if N == 0:
         return y, sign
-    wk = kernel_weight(weight, x.dtype)
+    wk = kernel_weight(weight)
     m = N * HO * WO * 4 if pool_output else N * H * W
 
     def grid(meta):
@@ -558,7 +572,7 @@ def conv_fwd(x, weight, bias, *, upsample_input=False, leaky_slope=0.2, pool_out
             y.stride(0), y.stride(2), y.stride(3),
             float(leaky_slope) if act else 0.0,
             KS=KS, UPSAMPLE=upsample_input, ACT=act, POOL=pool_output, HAS_BIAS=bias is not None,
-            SAVE_SIGN=save_sign, DOT_PRECISION=_dot_precision(x.dtype))
+            SAVE_SIGN=save_sign, DOT_PRECISION=_dot_precision(dtype))
     return y, sign
 
 
@@ -575,18 +589,29 @@ def _dw_splits(P, KS, CIN, COUT):
     return math.ceil(P / per_split), per_split
 
 
+def dw_counter_size(KS, CIN, COUT):
+    """Elements of the int32 tile counters of one dW launch: enough for the smallest tile config."""
+    return KS * KS * math.ceil(CIN / _MIN_DW_TILE) * math.ceil(COUT / _MIN_DW_TILE)
+
+
 def conv_bwd(grad_y, x, weight, y, sign, *, weight_dtype=None, bias_dtype=None,
              upsample_input=False, leaky_slope=0.2, pool_output=False, need_dx=True, need_dw=True,
-             need_db=True, dx_config=None, dw_config=None, poison=False):
-    """Backward launcher: (dx channels_last or None, dw (Cout, Cin, k, k) contiguous or None, db or None).
+             need_db=True, dx_out=None, dw_out=None, db_out=None, dw_counter=None,
+             dx_config=None, dw_config=None, poison=False):
+    """Backward launcher: (dx channels_last or None, dw or None, db or None).
 
-    grad_y: dL/dy, any layout (made contiguous channels_last); x, y, sign: as saved by the forward
-    (y is read only when the sign of z is taken from it); weight: as in `conv_fwd` (or the
-    `kernel_weight` the forward used). dw comes in `weight_dtype` (default weight.dtype), db in
-    `bias_dtype` (None: there is no bias, no db).
+    x, y, sign: as saved by the forward of NS images (y is read only when the sign of z is taken
+    from it); grad_y: dL/dy of NG >= NS images, in the compute dtype (y's), channels_last or made so.
+    When NG > NS, gradient image n belongs to saved image n % NS (several objectives' gradients
+    stacked over one forward): dx covers all NG images, dw/db only the first NS (the objective
+    that trains this block must come first). dx is written in x's dtype into `dx_out` when given
+    (channels_last (NG, Cin, Hx, Wx)); dw ((Cout, Cin, k, k), `weight_dtype`, default weight.dtype)
+    and db (`bias_dtype`; None: no bias) into `dw_out` / `db_out` when given (any layout: e.g. the
+    parameters' persistent .grad tensors). weight: as in `conv_fwd`. dw_counter: int32 zeros of
+    `dw_counter_size` elements that the dW launch uses and leaves at zero (default: a fresh one).
     """
     x = x.contiguous(memory_format=torch.channels_last)
-    N, CIN, HX, WX = x.shape
+    NS, CIN, HX, WX = x.shape
     COUT, _, KS, _ = weight.shape
     H, W = (2 * HX, 2 * WX) if upsample_input else (HX, WX)
     HO, WO = (H // 2, W // 2) if pool_output else (H, W)
@@ -594,47 +619,69 @@ def conv_bwd(grad_y, x, weight, y, sign, *, weight_dtype=None, bias_dtype=None,
     s = y.contiguous(memory_format=torch.channels_last) if sign_from_out else sign
     fill = float("nan") if poison else None
     g = grad_y.contiguous(memory_format=torch.channels_last)
-    if g.dtype != x.dtype:
-        g = g.to(x.dtype)
+    NG = g.shape[0]
+    if NG < NS:
+        raise ValueError(f"conv_block: grad_y holds {NG} images for a forward of {NS}; it needs at "
+                         f"least one gradient image per saved image")
+    cdt = y.dtype if y is not None else g.dtype
+    if g.dtype != cdt:
+        g = g.to(cdt)
     s = s if s is not None else g  # dummy pointer when there is no activation
     slope = float(leaky_slope) if act else 0.0
     common = dict(KS=KS, UPSAMPLE=upsample_input, ACT=act, POOL=pool_output,
-                  SIGN_FROM_OUT=sign_from_out, DOT_PRECISION=_dot_precision(x.dtype))
+                  SIGN_FROM_OUT=sign_from_out, DOT_PRECISION=_dot_precision(cdt))
     dx = dw = db = None
     need_db = need_db and bias_dtype is not None
+    wk = kernel_weight(weight)
 
     if need_dx:
-        dx = _empty((N, CIN, HX, WX), x.dtype, x.device, fill, channels_last=True)
-        if N > 0:
-            wk = kernel_weight(weight, x.dtype)
-
+        if dx_out is None:
+            dx = _empty((NG, CIN, HX, WX), x.dtype, x.device, fill, channels_last=True)
+        else:
+            _check_out("dx_out", dx_out, (NG, CIN, HX, WX), x.dtype, x.device)
+            dx = dx_out.fill_(fill) if fill is not None else dx_out
+        if NG > 0:
             def grid_dx(meta):
-                return (triton.cdiv(N * H * W, meta["BLOCK_M"]) * triton.cdiv(CIN, meta["BLOCK_N"]),)
+                return (triton.cdiv(NG * H * W, meta["BLOCK_M"]) * triton.cdiv(CIN, meta["BLOCK_N"]),)
 
-            _launch("dx", dx_config, grid_dx, g, s, wk, dx, N, H, W, CIN, COUT, HO, WO, *wk.stride(),
-                    dx.stride(0), dx.stride(2), dx.stride(3), slope, **common)
+            _launch("dx", dx_config, grid_dx, g, s, wk, dx, NG, H, W, CIN, COUT, HO, WO, max(NS, 1),
+                    *wk.stride(), dx.stride(0), dx.stride(2), dx.stride(3), slope, **common)
 
     if need_dw or need_db:
-        splits, per_split = _dw_splits(N * H * W, KS, CIN, COUT)
-        # (splits, Cout, Cin, k*k) fp32 partials, summed over splits below (a view when splits == 1).
-        ws = _empty((splits, COUT, CIN, KS * KS), torch.float32, x.device, fill)
-        wsb = _empty((splits, COUT), torch.float32, x.device, fill) if need_db else ws
-        if N == 0:
-            ws.zero_()
-            wsb.zero_()
+        dw = dw_out if dw_out is not None else torch.empty((COUT, CIN, KS, KS), device=x.device,
+                                                           dtype=weight_dtype or weight.dtype)
+        db = (db_out if db_out is not None else torch.empty(COUT, device=x.device, dtype=bias_dtype)) \
+            if need_db else None
+        if tuple(dw.shape) != (COUT, CIN, KS, KS) or (db is not None and tuple(db.shape) != (COUT,)):
+            raise ValueError(f"conv_block: dw_out / db_out must have shapes {(COUT, CIN, KS, KS)} / ({COUT},)")
+        if fill is not None:
+            dw.fill_(fill)
+            if db is not None:
+                db.fill_(fill)
+        if NS == 0:
+            dw.zero_()
+            if db is not None:
+                db.zero_()
         else:
+            splits, per_split = _dw_splits(NS * H * W, KS, CIN, COUT)
+            split = splits > 1
+            # fp32 partials of the in-kernel split reduction (unused when splits == 1)
+            ws = torch.empty((splits, COUT, CIN, KS * KS) if split else (1,), device=x.device,
+                             dtype=torch.float32)
+            wsb = torch.empty((splits, COUT) if split else (1,), device=x.device, dtype=torch.float32)
+            if split and dw_counter is None:
+                dw_counter = torch.zeros(dw_counter_size(KS, CIN, COUT), dtype=torch.int32, device=x.device)
+            counter = dw_counter if split else ws
+
             def grid_dw(meta):
                 return (KS * KS * triton.cdiv(CIN, meta["BLOCK_CI"]), triton.cdiv(COUT, meta["BLOCK_CO"]),
                         splits)
 
-            _launch("dw", dw_config, grid_dw, x, g, s, ws, wsb, N, H, W, CIN, COUT, HO, WO,
-                    x.stride(0), x.stride(2), x.stride(3),
-                    ws.stride(0), ws.stride(1), ws.stride(2), ws.stride(3), wsb.stride(0),
-                    per_split, slope, NEED_DB=need_db, **common)
-        if need_dw:
-            dw = (ws[0] if splits == 1 else ws.sum(0)).view(COUT, CIN, KS, KS).to(weight_dtype or weight.dtype)
-        if need_db:
-            db = (wsb[0] if splits == 1 else wsb.sum(0)).to(bias_dtype)
+            _launch("dw", dw_config, grid_dw, x, g, s, dw, db if db is not None else dw, ws, wsb, counter,
+                    NS, H, W, CIN, COUT, HO, WO, x.stride(0), x.stride(2), x.stride(3), *dw.stride(),
+                    per_split, slope, NEED_DB=need_db, SPLIT=split, **common)
+        if not need_dw:
+            dw = None
     return dx, dw, db
 
 
@@ -651,21 +698,20 @@ def _empty(shape, dtype, device, fill, channels_last=False):
 
 
 class ConvBlockFunction(torch.autograd.Function):
-    """The Triton conv block. Saves x, the weight as the kernels read it (the parameter itself, or
-    the forward's cast/arranged copy, reused by dx), and either y (when the sign of z can be read
-    off it) or the int8 sign map: no pre-activation, no upsampled input, no pre-pool map."""
+    """The Triton conv block in autograd (the fused engine calls conv_fwd / conv_bwd directly).
+    Saves x, the weight as the kernels read it (see `kernel_weight`) and either y (when the sign of
+    z can be read off it) or the int8 sign map: no pre-activation, no upsampled input, no pre-pool map."""
 
     @staticmethod
     def forward(ctx, x, weight, bias, upsample_input, leaky_slope, pool_output):
         x = x.contiguous(memory_format=torch.channels_last)  # free when it already is
-        wk = kernel_weight(weight, x.dtype)
+        wk = kernel_weight(weight)
         y, sign = conv_fwd(x, wk, bias, upsample_input=upsample_input, leaky_slope=leaky_slope,
                            pool_output=pool_output)
         _, sign_from_out, _ = _flags(leaky_slope, pool_output)
         ctx.save_for_backward(x, wk, y if sign_from_out else None, sign)
         ctx.flags = (upsample_input, leaky_slope, pool_output)
-        ctx.dtypes = (weight.dtype, bias.dtype if bias is not None else None)
-        ctx.param_ids = (id(weight), id(bias))
+        ctx.dtypes = (weight.dtype, bias.dtype if bias is not None else None, y.dtype)
         return y
 
     @staticmethod
@@ -674,13 +720,10 @@ class ConvBlockFunction(torch.autograd.Function):
         x, wk, y, sign = ctx.saved_tensors
         upsample_input, leaky_slope, pool_output = ctx.flags
         need_dx, need_dw, need_db = ctx.needs_input_grad[:3]
-        if _FROZEN:
-            need_dw = need_dw and ctx.param_ids[0] not in _FROZEN
-            need_db = need_db and ctx.param_ids[1] not in _FROZEN
-        dx, dw, db = conv_bwd(grad_y, x, wk, y, sign, weight_dtype=ctx.dtypes[0], bias_dtype=ctx.dtypes[1],
-                              upsample_input=upsample_input, leaky_slope=leaky_slope,
-                              pool_output=pool_output, need_dx=need_dx, need_dw=need_dw,
-                              need_db=need_db)
+        dx, dw, db = conv_bwd(grad_y.to(ctx.dtypes[2]), x, wk, y, sign, weight_dtype=ctx.dtypes[0],
+                              bias_dtype=ctx.dtypes[1], upsample_input=upsample_input,
+                              leaky_slope=leaky_slope, pool_output=pool_output, need_dx=need_dx,
+                              need_dw=need_dw, need_db=need_db)
         return dx, dw, db, None, None, None
 
 
@@ -750,9 +793,9 @@ def conv_block(x, weight, bias, *, upsample_input=False, leaky_slope=0.2, pool_o
     under TRITON_INTERPRET=1) or "auto" (triton on CUDA, reference otherwise); the choice is logged
     at DEBUG level (`resolve_backend` returns it). x may be fp32/bf16/fp16 in any memory format;
     weight and bias in x's dtype or fp32 (master weights). The output is in x's dtype; the triton
-    backend returns it in channels_last, so a chain never copies. Weights already in x's dtype with
-    Cin or Cout contiguous (channels_last parameters) are read in place; others are cast/arranged
-    once per call, or once per step inside a `weight_cache()` scope.
+    backend returns it in channels_last, so a chain never copies. Weights with Cin or Cout
+    contiguous (channels_last parameters) are read in place and cast in the kernel; others are
+    re-laid out once per call (see `kernel_weight`).
     """
     name = resolve_backend(x, backend)
     check_inputs(x, weight, bias, upsample_input=upsample_input, leaky_slope=leaky_slope,

@@ -189,6 +189,23 @@ def _mix_bwd_kernel(G_ptr, Alpha_ptr, Dz_ptr, N, D,
     tl.store(Dz_ptr + j * D + cols, dj.to(out_ty), mask=mask)
 
 
+@triton.jit
+def _alpha_draw_kernel(Alpha_ptr, State_ptr, N, BLOCK: tl.constexpr):
+    """alpha_i = fold(tl.randint(seed, offset + i)) for i < N (the same bits as `_mix_fwd_kernel`'s
+    draw and `philox_alpha_ref`), then offset += N. One program: every thread has read the offset
+    (barrier) before it is advanced."""
+    seed = tl.load(State_ptr)
+    offset = tl.load(State_ptr + 1)
+    for start in range(0, N, BLOCK):
+        rows = start + tl.arange(0, BLOCK)
+        x = tl.randint(seed, offset + rows).to(tl.int32, bitcast=True)
+        x = tl.where(x < 0, -x - 1, x)
+        y = tl.minimum(x, 2147483647 - x)
+        tl.store(Alpha_ptr + rows, y.to(tl.float32) * 4.6566127342e-10, mask=rows < N)
+    tl.debug_barrier()
+    tl.store(State_ptr + 1, offset + N)
+
+
 # ------------------------------------------------------------------------------------------------
 # Launchers (checks, then one launch of the chosen backend)
 # ------------------------------------------------------------------------------------------------
@@ -243,6 +260,14 @@ def _check_state(op, state, device):
                          f"must live on z's device")
 
 
+def _overlap(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether two contiguous tensors share any byte of memory."""
+    if a.device != b.device or a.untyped_storage().data_ptr() != b.untyped_storage().data_ptr():
+        return False
+    a0, b0 = a.data_ptr(), b.data_ptr()
+    return a0 < b0 + b.numel() * b.element_size() and b0 < a0 + a.numel() * a.element_size()
+
+
 def _check_inputs(op, z, alpha, state):
     _check_z(op, "z", z)
     if (alpha is None) == (state is None):
@@ -255,9 +280,12 @@ def _check_inputs(op, z, alpha, state):
 
 
 def mix_fwd(z: torch.Tensor, alpha: torch.Tensor | None = None, *, state: torch.Tensor | None = None,
-            backend: str = "auto", poison: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+            out: torch.Tensor | None = None, backend: str = "auto",
+            poison: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """Forward launcher: (z_mix in z's dtype and shape, alpha float32 (N,)).
 
+    out: where to write z_mix (contiguous, z's shape and dtype, not overlapping z), e.g. the second
+    half of the decoder's input buffer; default a new tensor.
     Exactly one of alpha (float32, (N,) or (N, 1, ..., 1); returned as an (N,) view) and state
     (from `make_rng_state`; alpha is drawn and state's offset advanced by N on the device).
     backend: "auto" | "cuda" | "triton" | "reference" (see acai_fast._ext.resolve_backend).
@@ -270,12 +298,21 @@ def mix_fwd(z: torch.Tensor, alpha: torch.Tensor | None = None, *, state: torch.
     logger.debug("mix_fwd: backend=%s (asked %s) z %s %s draw=%s", name, backend, tuple(z.shape),
                  z.dtype, state is not None)
 
+    if out is not None:
+        _check_z(op, "out", out)
+        if out.shape != z.shape or out.dtype != z.dtype or out.device != z.device:
+            raise ValueError(f"{op}: out must match z (shape {tuple(z.shape)}, {z.dtype}, {z.device}), "
+                             f"got {tuple(out.shape)}, {out.dtype}, {out.device}")
+        if _overlap(out, z):
+            raise ValueError(f"{op}: out and z overlap in memory; the kernel reads two rows of z "
+                             f"for every two rows it writes")
     if name == "reference":
         if state is not None:
             alpha = philox_alpha_ref(state, n)
-        return mix_ref(z, alpha, upcast=True).to(z.dtype), alpha.view(n)
+        z_mix = mix_ref(z, alpha, upcast=True).to(z.dtype)
+        return (out.copy_(z_mix) if out is not None else z_mix), alpha.view(n)
 
-    z_mix = torch.empty_like(z)
+    z_mix = out if out is not None else torch.empty_like(z)
     alpha_out = alpha.view(n) if alpha is not None else torch.empty(n, dtype=torch.float32, device=z.device)
     if poison:
         z_mix.fill_(float("nan"))
@@ -308,7 +345,7 @@ def mix_bwd(g: torch.Tensor, alpha: torch.Tensor, *, dz: torch.Tensor | None = N
         if dz.shape != g.shape or dz.dtype != g.dtype or dz.device != g.device:
             raise ValueError(f"{op}: dz must match g (shape {tuple(g.shape)}, {g.dtype}, {g.device}), "
                              f"got {tuple(dz.shape)}, {dz.dtype}, {dz.device}")
-        if dz.untyped_storage().data_ptr() == g.untyped_storage().data_ptr():
+        if _overlap(dz, g):
             raise ValueError(f"{op}: dz and g share memory; the kernel reads both rows of g and writes "
                              f"both rows of dz, so they must not overlap")
     name = _ext.resolve_backend(op, g, backend)
@@ -335,6 +372,28 @@ def mix_bwd(g: torch.Tensor, alpha: torch.Tensor, *, dz: torch.Tensor | None = N
             grid, block_d = _triton_grid(n, d)
             _mix_bwd_kernel[grid](g, alpha, dz, n, d, ACCUMULATE=accumulate, BLOCK_D=block_d)
     return dz
+
+
+def draw_alpha(state: torch.Tensor, n: int, *, backend: str = "auto") -> torch.Tensor:
+    """n mixing coefficients alpha = 0.5 - |u - 0.5| from the Philox `state` (float32 (n,)), the
+    state's offset advanced by n on the device: exactly what `mix` would draw from the same state.
+    How the reference step draws its alphas (one launch on a GPU, no host sync). backend: "auto"
+    (triton for CUDA tensors when installed, else reference), "triton" or "reference"."""
+    op = "draw_alpha"
+    _check_state(op, state, state.device)
+    if not isinstance(n, int) or n < 1:
+        raise ValueError(f"{op}: n must be a positive int, got {n!r}")
+    if backend == "auto":
+        backend = "triton" if HAS_TRITON and state.is_cuda else "reference"
+    if backend not in ("triton", "reference"):
+        raise ValueError(f"{op}: unknown backend {backend!r}; valid: auto, triton, reference")
+    _ext.check_backend_runs(op, backend, state.device)
+    if backend == "reference":
+        return philox_alpha_ref(state, n)
+    alpha = torch.empty(n, dtype=torch.float32, device=state.device)
+    with torch.cuda.device(state.device) if state.is_cuda else contextlib.nullcontext():
+        _alpha_draw_kernel[(1,)](alpha, state, n, BLOCK=min(triton.next_power_of_2(n), 1024))
+    return alpha
 
 
 # ------------------------------------------------------------------------------------------------

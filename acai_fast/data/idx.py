@@ -1,9 +1,6 @@
-"""Image datasets of the paper, prepared as its code does (SPEC.md section 3): pixels scaled to
-[-1, 1] with x * 2/255 - 1; MNIST and Fashion-MNIST (28x28) padded by 2 pixels of -1 to 32x32.
-
-Only the IDX formats are read here (MNIST, Fashion-MNIST: the official .gz files); the lines data is
-generated (acai_fast.lines).
-"""
+"""MNIST and Fashion-MNIST from their official IDX files (.gz or not), prepared as the paper's code
+does (SPEC.md section 3): pixels scaled to [-1, 1] with x * 2/255 - 1, 28x28 padded by 2 pixels of
+-1 to 32x32."""
 from __future__ import annotations
 
 import gzip
