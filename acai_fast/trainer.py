@@ -30,6 +30,7 @@ from .config import ACAIConfig
 from .models import Randomness, build_model
 from .networks import LinearProbe
 from .ops.mix import draw_alpha, make_rng_state
+from .ops.probe_loss import probe_loss
 
 log = logging.getLogger("acai_fast")
 
@@ -252,7 +253,16 @@ class ACAITrainer:
         return {k: v.detach() for k, v in out.logged.items()}, out.latent.detach()
 
     def _probe_gradients(self, z: torch.Tensor, labels: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Softmax cross-entropy of the linear probe on the detached latent z; sets its gradients."""
+        """Softmax cross-entropy of the linear probe on the detached latent z; sets its gradients.
+        Fused backend: one launch (acai_fast.ops.probe_loss) writing the persistent .grad tensors."""
+        if self.backend == "fused":
+            weight, bias = self.probe.dense.weight, self.probe.dense.bias
+            for p in (weight, bias):
+                if p.grad is None:
+                    p.grad = torch.empty_like(p)
+            out = probe_loss(z, weight, bias, labels, d_weight_out=weight.grad, d_bias_out=bias.grad,
+                             backend="auto" if self.device.type == "cuda" else "triton")
+            return dict(probe_loss=out.loss, probe_accuracy=out.accuracy)
         logits = self.probe(z.float())
         loss = F.cross_entropy(logits, labels)
         grads = torch.autograd.grad(loss, list(self.probe.parameters()))

@@ -131,10 +131,11 @@ def test_inference_is_backend_independent():
 # Launches: counted on the CPU (dry run: the kernels are counted, not interpreted), pinned
 # ------------------------------------------------------------------------------------------------
 
-# One fused step at the paper's batch of 64 (labels on): 99 Triton launches (forward 32 conv + mix
-# + 2 losses; backward 64) + 1 fused Adam over every parameter (+ its step-count add) + the probe.
-# The CPU-only label range check (min, max; once per trainer on a GPU) is not part of the step.
-PINNED = {("lines", True): 116, ("lines", False): 101, ("cifar1024", True): 99, ("cifar1024", False): 84}
+# One fused step at the paper's batch of 64: 99 Triton launches (forward: 32 conv blocks + mix + 2
+# losses; backward: 64), the probe's one launch (with labels), and one fused Adam over every
+# parameter (+ its step-count add). cifar1024's RGB batch also pays one copy into channels_last
+# (free inside a CUDA graph: the static input is channels_last). The issue's target: <= 110 for lines.
+PINNED = {("lines", True): 102, ("lines", False): 101, ("cifar1024", True): 85, ("cifar1024", False): 84}
 
 
 @pytest.mark.parametrize("preset, labels", list(PINNED), ids=[f"{p}-{'labels' if lab else 'nolabels'}"
@@ -148,8 +149,11 @@ def test_launch_count_is_pinned(preset, labels):
     count = count_launches(trainer, x, y, dry_run=not HAS_GPU)
     blocks = sum(len(net.blocks) for net in (trainer.encoder, trainer.decoder, trainer.critic))
     # forward: a conv per block + mix + 2 losses; backward: dx and dW per block (the critic's first
-    # dx over the autoencoder's rows only), less the encoder's first dx, plus the mix.
-    assert sum(count.triton.values()) == blocks + 3 + 2 * blocks - 1 + 1
+    # dx over the autoencoder's rows only), less the encoder's first dx, plus the mix; the probe.
+    assert sum(count.triton.values()) == blocks + 3 + 2 * blocks - 1 + 1 + labels
+    # The label range check runs on the CPU every step (free there), on a GPU once per trainer.
+    cpu_only = count.torch_ops.pop("min", 0) + count.torch_ops.pop("max", 0)
+    assert cpu_only == (2 if labels and not HAS_GPU else 0)
     assert count.total == PINNED[(preset, labels)], count.summary()
 
 
