@@ -670,3 +670,83 @@ def test_gpu_cuda_graph_sees_weight_updates(seed):
     dw_new, db_new = torch.autograd.grad(y_new.float().sum(), (w, b))
     assert_close(y, y_new, atol=0, rtol=0, name="replayed y")
     assert_close(dw, dw_new, atol=0, rtol=0, name="replayed dw")
+
+
+# ------------------------------------------------------------------------------------------------
+# Config choice: table, heuristic, autotune on request
+# ------------------------------------------------------------------------------------------------
+
+
+def layer_launch_args(preset, batch):
+    """The named kernel arguments (shapes and flags) of every fwd/dx/dw launch of a preset's step."""
+    nets = build_networks(ACAIConfig.preset(preset))
+    out = []
+    for net, n in ((nets["encoder"], batch), (nets["decoder"], 2 * batch), (nets["critic"], 2 * batch)):
+        size = 32 if net is not nets["decoder"] else 32 >> ACAIConfig.preset(preset).scales
+        for blk in net.blocks:
+            cout, cin, ks, _ = blk.weight.shape
+            h = 2 * size if blk.upsample_input else size
+            args = dict(N=n, H=h, W=h, CIN=cin, COUT=cout, KS=ks, UPSAMPLE=blk.upsample_input,
+                        ACT=blk.leaky_slope is not None, POOL=blk.pool_output,
+                        PIX_PER_SPLIT=cbm._dw_splits(n * h * h, ks, cin, cout)[1],
+                        Y_ptr=torch.empty(0, dtype=torch.bfloat16), G_ptr=torch.empty(0, dtype=torch.bfloat16))
+            out.append(args)
+            size = h // 2 if blk.pool_output else h
+    return out
+
+
+@pytest.mark.parametrize("preset", ("lines", "mnist256", "cifar1024"))
+@pytest.mark.parametrize("batch", (1, 64, 1024))
+def test_heuristic_configs_fit_the_gpu_rules(preset, batch):
+    """Every heuristic choice is a legal GPU config (tiles >= 16, powers of 2, BLOCK_M % 4, BLOCK_P |
+    256), covers narrow channel counts without needless lanes, and keeps the wide small-spatial
+    layers in small M tiles (parallelism)."""
+    for args in layer_launch_args(preset, batch):
+        for name in ("fwd", "dx", "dw"):
+            c = cbm.heuristic_config(name, args)
+            vals = list(c.kwargs.values())
+            assert min(vals) >= 16 and all(v & (v - 1) == 0 for v in vals), (name, args, c)
+            if name == "dw":
+                assert cbm._MAX_BLOCK_P % c.kwargs["BLOCK_P"] == 0
+                assert c.kwargs["BLOCK_CI"] <= max(16, 2 * args["CIN"])
+            else:
+                assert c.kwargs["BLOCK_M"] % 4 == 0
+                n_dim = args["COUT"] if name == "fwd" else args["CIN"]
+                assert c.kwargs["BLOCK_N"] <= max(16, 2 * n_dim)
+    small_wide = dict(N=64, H=4, W=4, CIN=256, COUT=512, KS=3)
+    assert cbm.heuristic_config("fwd", small_wide).kwargs["BLOCK_M"] <= 64
+    big = dict(N=1024, H=32, W=32, CIN=64, COUT=64, KS=3)
+    assert cbm.heuristic_config("fwd", big).kwargs["BLOCK_M"] == 128
+
+
+def test_choose_config_prefers_table_then_heuristic(tmp_path, monkeypatch):
+    """Without the interpreter: a shape listed in ops/tuned/<arch>.json gets the table's config, an
+    unlisted one the heuristic's; ACAI_FAST_AUTOTUNE=1 hands the choice to Triton's autotuner."""
+    args = layer_launch_args("lines", 64)[3]
+    key = cbm.shape_key("fwd", args)
+    table = {"configs": {key: dict(BLOCK_M=64, BLOCK_N=32, BLOCK_K=16, num_warps=2, num_stages=5)}}
+    (tmp_path / "sm90.json").write_text(__import__("json").dumps(table))
+    monkeypatch.setattr(cbm, "TUNED_DIR", tmp_path)
+    monkeypatch.setattr(cbm, "INTERPRET", False)
+    monkeypatch.setattr(cbm, "_arch", lambda device: "sm90")
+    cbm.tuned_table.cache_clear()
+    try:
+        cfg, source = cbm.choose_config("fwd", args, torch.device("cpu"))
+        assert source == "table" and cfg.kwargs == dict(BLOCK_M=64, BLOCK_N=32, BLOCK_K=16)
+        assert (cfg.num_warps, cfg.num_stages) == (2, 5)
+        cfg, source = cbm.choose_config("dx", args, torch.device("cpu"))
+        assert source == "heuristic" and cfg.kwargs == cbm.heuristic_config("dx", args).kwargs
+        monkeypatch.setattr(cbm, "AUTOTUNE", True)
+        assert cbm.choose_config("fwd", args, torch.device("cpu")) == (None, "autotune")
+    finally:
+        cbm.tuned_table.cache_clear()
+
+
+def test_shipped_tables_are_well_formed():
+    """Every shipped table parses, names its GPU, and holds legal configs for known kernels."""
+    for path in cbm.TUNED_DIR.glob("*.json"):
+        data = __import__("json").loads(path.read_text())
+        assert data.get("gpu") and isinstance(data.get("configs"), dict), path
+        for key, c in data["configs"].items():
+            assert key.split("|")[0] in ("fwd", "dx", "dw"), key
+            assert c["num_warps"] in (1, 2, 4, 8, 16) and c["num_stages"] >= 1, key

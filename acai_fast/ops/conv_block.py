@@ -8,8 +8,12 @@ split-K in the forward (small-spatial wide layers rely on small tiles); not time
 """
 from __future__ import annotations
 
+import functools
+import json
 import logging
 import math
+import os
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -376,13 +380,15 @@ def _conv_bwd_dw_kernel(
 
 
 # ------------------------------------------------------------------------------------------------
-# Configs and autotuning
+# Configs: a table, a heuristic, and autotuning on request
 #
-# Every config below is correct for every shape (the kernels mask all edges); the autotuner only
-# picks the fastest. tests/test_conv_block.py runs each one explicitly (GPU: all; CPU: a few).
-# Results are keyed on the shape and flags and persisted by Triton (cache_results=True: a json per
-# kernel and key under TRITON_CACHE_DIR), so a second process skips the benchmarking.
-# Under the interpreter (CI on CPU) tuning is pointless and slow: one fixed config per kernel.
+# Every config below is correct for every shape (the kernels mask all edges); the choice only
+# changes the speed. tests/test_conv_block.py runs each one explicitly (GPU: all; CPU: a few).
+# Which config a launch uses (`choose_config`): the one passed in; under the interpreter one fixed
+# config per kernel; with ACAI_FAST_AUTOTUNE=1 Triton's autotuner over the lists below (results
+# persisted by Triton under TRITON_CACHE_DIR); otherwise the table ops/tuned/sm<major><minor>.json
+# for this GPU and layer shape (written by bench/tune.py on that GPU), else `heuristic_config`.
+# Tuning is data, not a ritual: a first step compiles each kernel once and benchmarks nothing.
 # ------------------------------------------------------------------------------------------------
 
 
@@ -403,6 +409,10 @@ FWD_CONFIGS = [
     _cfg(32, 32, 64, 4, 3, _MNK),
     _cfg(128, 16, 16, 4, 3, _MNK),
     _cfg(64, 128, 32, 4, 3, _MNK),
+    # large batches (M = N*H*W in the hundreds of thousands): bigger tiles, deeper pipelines
+    _cfg(128, 128, 64, 8, 4, _MNK),
+    _cfg(256, 64, 32, 8, 3, _MNK),
+    _cfg(128, 256, 32, 8, 3, _MNK),
 ]
 DX_CONFIGS = list(FWD_CONFIGS)
 _DW = ("BLOCK_CI", "BLOCK_CO", "BLOCK_P")
@@ -448,8 +458,9 @@ def _prune_dw(configs, named_args, **kwargs):
 
 
 _KEY = ["N", "H", "W", "CIN", "COUT", "KS", "UPSAMPLE", "ACT", "POOL"]
-_TUNED = {}  # kernel name -> its triton.autotune wrapper (not under the interpreter)
-if HAS_TRITON and not INTERPRET:
+AUTOTUNE = os.environ.get("ACAI_FAST_AUTOTUNE", "0") == "1"  # read once, at import (like the interpreter)
+_TUNED = {}  # kernel name -> its triton.autotune wrapper (ACAI_FAST_AUTOTUNE=1 only)
+if HAS_TRITON and not INTERPRET and AUTOTUNE:
     _TUNED["fwd"] = triton.autotune(
         configs=FWD_CONFIGS, key=_KEY, cache_results=True,
         prune_configs_by=dict(early_config_prune=_prune_mnk("COUT", "CIN")))(_conv_fwd_kernel)
@@ -463,17 +474,91 @@ _KERNELS = dict(fwd=_conv_fwd_kernel, dx=_conv_bwd_dx_kernel, dw=_conv_bwd_dw_ke
 _INTERPRET_CONFIGS = dict(fwd=INTERPRET_FWD_CONFIG, dx=INTERPRET_DX_CONFIG, dw=INTERPRET_DW_CONFIG)
 
 
+TUNED_DIR = Path(__file__).with_name("tuned")
+_SMS = 132  # streaming multiprocessors of an H100 SXM (H200: 132 too); the heuristic's wave size
+
+
+def _next_pow2(v: int) -> int:
+    return 1 << max(0, int(v) - 1).bit_length()
+
+
+def shape_key(name: str, args: dict) -> str:
+    """The table key of one launch: kernel, compute dtype, shape and flags."""
+    dtype = str(args["G_ptr" if name != "fwd" else "Y_ptr"].dtype).replace("torch.", "")
+    fields = [name, dtype] + [f"{k}={int(args[k])}" for k in _KEY]
+    if name == "dw":
+        fields.append(f"PIX_PER_SPLIT={int(args['PIX_PER_SPLIT'])}")
+    return "|".join(fields)
+
+
+def heuristic_config(name: str, args: dict):
+    """A config from the shape alone, for shapes the table does not list. fwd/dx: the N and K tiles
+    cover the channels (16..128 and 16..64: no wasted lanes on the narrow layers), the M tile is the
+    largest of 128/64/32 that still gives ~2 waves of programs (the small-spatial wide layers need
+    parallelism, ANCHORS.md: 256->512 at 4x4 lost to cuDNN with one wave), 8 warps for 128x128
+    tiles. dw: channel tiles up to 64, 128-pixel chunks. Unmeasured on a GPU: bench/tune.py's table
+    replaces these where it has the shape."""
+    if name == "dw":
+        ci = min(64, max(16, _next_pow2(args["CIN"])))
+        co = min(64, max(16, _next_pow2(args["COUT"])))
+        return _cfg(ci, co, 128, 8 if ci * co >= 64 * 64 else 4, 3, _DW)
+    n_dim, k_dim = (args["COUT"], args["CIN"]) if name == "fwd" else (args["CIN"], args["COUT"])
+    rows = args["N"] * args["H"] * args["W"]
+    bn = min(128, max(16, _next_pow2(n_dim)))
+    bk = min(64, max(16, _next_pow2(k_dim)))
+    n_tiles = -(-n_dim // bn)
+    bm = 32
+    for cand in (128, 64):
+        if -(-rows // cand) * n_tiles >= 2 * _SMS:
+            bm = cand
+            break
+    big = bm * bn >= 128 * 128
+    return _cfg(bm, bn, bk, 8 if big else 4, 4 if big and rows >= 1 << 18 else 3, _MNK)
+
+
+@functools.lru_cache(maxsize=None)
+def tuned_table(arch: str) -> dict:
+    """The shipped table of tuned configs for a GPU architecture ("sm90"): {key: config dict}; {}
+    when there is none. Read once (package data, never written at run time)."""
+    path = TUNED_DIR / f"{arch}.json"
+    if not path.is_file():
+        return {}
+    with open(path) as f:
+        return json.load(f).get("configs", {})
+
+
+def _arch(device: torch.device) -> str:
+    major, minor = torch.cuda.get_device_capability(device)
+    return f"sm{major}{minor}"
+
+
+def choose_config(name: str, args: dict, device: torch.device):
+    """(config, source) for a launch without an explicit config: source is "interpreter",
+    "autotune" (config None: Triton's autotuner picks), "table" or "heuristic"."""
+    if INTERPRET:
+        return _INTERPRET_CONFIGS[name], "interpreter"
+    if AUTOTUNE:
+        return None, "autotune"
+    entry = tuned_table(_arch(device)).get(shape_key(name, args))
+    if entry is not None:
+        names = _MNK if name != "dw" else _DW
+        return _cfg(*(entry[k] for k in names), entry["num_warps"], entry["num_stages"], names), "table"
+    return heuristic_config(name, args), "heuristic"
+
+
 def _launch(name, config, grid, *args, **constexprs):
-    """Launch kernel `name` ("fwd", "dx", "dw") with an explicit `config` (a triton.Config), else
-    the interpreter's fixed config, else autotuned. Returns the config that ran (None: autotuned)."""
-    if config is None and INTERPRET:
-        config = _INTERPRET_CONFIGS[name]
+    """Launch kernel `name` ("fwd", "dx", "dw") with `config` (a triton.Config) or, when None, the
+    one `choose_config` picks. Returns (the config that ran, its source)."""
+    source = "given"
     if config is None:
+        named = dict(zip(_KERNELS[name].arg_names, args))
+        config, source = choose_config(name, named, args[0].device)
+    if config is None:  # autotune
         _TUNED[name][grid](*args, **constexprs)
-        return None
+        return _TUNED[name].best_config, source
     _KERNELS[name][grid(config.kwargs)](*args, **constexprs, **config.kwargs,
                                         num_warps=config.num_warps, num_stages=config.num_stages)
-    return config
+    return config, source
 
 
 # ------------------------------------------------------------------------------------------------
