@@ -236,6 +236,26 @@ def compile_sm90():
         for acc in (True, False):
             compile_(mm._mix_bwd_kernel, dict(G_ptr=p, Alpha_ptr="*fp32", Dz_ptr=p, **ints),
                      dict(ACCUMULATE=acc, BLOCK_D=1024))
+    ptx = compile_(mm._alpha_draw_kernel, dict(Alpha_ptr="*fp32", State_ptr="*i64", N="i32"), dict(BLOCK=64))
+    assert "mul.f32" in ptx and ptx.index("bar.sync") < ptx.rindex("st.global")
+
+
+@pytest.mark.parametrize("n", (1, 7, 64, 3000))
+def test_draw_alpha_is_the_mix_draw(n):
+    """draw_alpha (the reference step's draw) gives the bits mix draws from the same state, on every
+    backend, and advances the offset by n; a second draw continues the stream."""
+    state = make_rng_state(11, DEVICE, offset=5)
+    expected = philox_alpha_ref(state.clone(), 2 * n)
+    for backend in ("reference", "triton"):
+        s = state.clone()
+        first, second = mm.draw_alpha(s, n, backend=backend), mm.draw_alpha(s, n, backend=backend)
+        assert torch.equal(torch.cat([first, second]), expected), backend
+        assert int(s[1]) == 5 + 2 * n and int(s[2]) == 0
+    z = torch.randn(n, 3, device=DEVICE)
+    _, alpha = mix_fwd(z, state=state.clone(), backend="triton")
+    assert torch.equal(alpha, expected[:n])
+    with pytest.raises(ValueError, match="positive int"):
+        mm.draw_alpha(state, 0)
 
 
 @pytest.mark.skipif(HAS_GPU, reason="the GPU tests compile and run the kernels")

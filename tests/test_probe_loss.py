@@ -62,3 +62,27 @@ def test_bad_input():
         probe_loss(z, torch.randn(200, 6), torch.randn(200), labels)
     with pytest.raises(ValueError, match="unknown backend"):
         probe_loss(z, weight, bias, labels, backend="cuda")
+
+
+def compile_sm90():
+    """Compile the probe kernel for sm_90 (interpreter off; see test_kernel_compiles_for_sm90):
+    catches what only the GPU compiler rejects (dot tile sizes)."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from acai_fast.ops.probe_loss import _probe_loss_kernel
+    for zdt in ("fp32", "bf16"):
+        constexprs = dict(BLOCK_N=32, BLOCK_C=16, BLOCK_D=64)
+        signature = dict(Z_ptr="*" + zdt, W_ptr="*fp32", B_ptr="*fp32", L_ptr="*i64", DW_ptr="*fp32",
+                         DB_ptr="*fp32", Out_ptr="*fp32",
+                         **{k: "i32" for k in "N C D HW WD stride_zn stride_zc stride_zh stride_zw".split()},
+                         **{k: "constexpr" for k in constexprs})
+        triton.compile(ASTSource(fn=_probe_loss_kernel, signature=signature, constexprs=constexprs),
+                       target=GPUTarget("cuda", 90, 32), options=dict(num_warps=4))
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the GPU tests run the kernel")
+def test_kernel_compiles_for_sm90():
+    from helpers import compile_sm90_in_subprocess
+    compile_sm90_in_subprocess("test_probe_loss")
