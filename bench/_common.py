@@ -3,17 +3,23 @@ record and JSON output. Small on purpose; every bench/bench_<op>.py may import i
 (`python bench/bench_x.py` puts bench/ on sys.path, so `import _common` works).
 
     times = cuda_time(fn, warmup=10, reps=30, inner=10)   # ms per call, one value per repeat
+    times = step_times(fn, steps=100, device=dev)         # ms of each of 100 back-to-back calls
     median, p20, p80 = summarize(times)
     replay = cuda_graph(fn)                               # fn captured once; replay() re-runs it
     write_json(path, dict(environment=environment(), results=[...]))
+    write_csv(path, rows)                                 # rows: list of flat dicts
 """
 from __future__ import annotations
 
+import csv
 import datetime
 import json
+import os
 import pathlib
 import platform
+import subprocess
 import sys
+import time
 
 import torch
 
@@ -59,6 +65,29 @@ def cuda_time(fn, *, warmup: int = 10, reps: int = 30, inner: int = 10) -> list[
     return times
 
 
+def step_times(fn, *, steps: int, device) -> list[float]:
+    """Milliseconds of each of `steps` back-to-back calls of fn(), as a training loop runs them.
+
+    On a GPU one CUDA event is recorded before the first call and after each call, with no host
+    synchronisation in between (the host may run ahead of the GPU, as in training), and call k's
+    time is the GPU-timeline gap between events k and k+1. On the CPU (synchronous) each call is
+    timed with perf_counter."""
+    if torch.device(device).type == "cuda":
+        events = [torch.cuda.Event(enable_timing=True) for _ in range(steps + 1)]
+        events[0].record()
+        for e in events[1:]:
+            fn()
+            e.record()
+        events[-1].synchronize()
+        return [a.elapsed_time(b) for a, b in zip(events, events[1:])]
+    times = []
+    for _ in range(steps):
+        t0 = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t0) * 1e3)
+    return times
+
+
 def cuda_graph(fn, *, setup=None, warmup: int = 3):
     """Capture fn() into a CUDA graph and return its replay function.
 
@@ -82,8 +111,33 @@ def cuda_graph(fn, *, setup=None, warmup: int = 3):
     return graph.replay
 
 
+def git_commit() -> dict:
+    """The checkout's commit and whether it has uncommitted changes (None outside a git checkout)."""
+    root = pathlib.Path(__file__).resolve().parent.parent
+
+    def git(*args):
+        try:
+            return subprocess.run(["git", *args], cwd=root, capture_output=True, text=True,
+                                  timeout=10).stdout.strip() or None
+        except (OSError, subprocess.SubprocessError):
+            return None
+    commit = git("rev-parse", "HEAD")
+    dirty = git("status", "--porcelain", "--untracked-files=no")
+    return dict(commit=commit, dirty=bool(dirty) if commit else None)
+
+
+def _cpu_name() -> str:
+    try:
+        for line in pathlib.Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def environment() -> dict:
-    """GPU name, library versions and a UTC timestamp for the JSON record."""
+    """GPU name, library versions, git commit and a UTC timestamp for the JSON record."""
     try:
         import triton
         triton_version = triton.__version__
@@ -96,6 +150,8 @@ def environment() -> dict:
         torch=torch.__version__, triton=triton_version, cuda=torch.version.cuda,
         cudnn=torch.backends.cudnn.version() if cuda else None,
         python=platform.python_version(), host=platform.node(),
+        cpu=_cpu_name(), cpu_count=os.cpu_count(),
+        torch_threads=torch.get_num_threads(), **git_commit(),
         timestamp=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     )
 
@@ -104,3 +160,17 @@ def write_json(path, payload: dict) -> None:
     path = pathlib.Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(payload, indent=2, default=str) + "\n")
+
+
+def write_csv(path, rows: list[dict]) -> None:
+    """rows (flat dicts) as CSV, the union of their keys as columns in first-seen order."""
+    path = pathlib.Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    columns: list[str] = []
+    for row in rows:
+        columns += [k for k in row if k not in columns]
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=columns)
+        writer.writeheader()
+        for row in rows:
+            writer.writerow({k: ("" if v is None else v) for k, v in row.items()})

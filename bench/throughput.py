@@ -1,32 +1,285 @@
-"""Whole-step throughput of the ACAI trainer against its plain-PyTorch baselines, in one process.
+"""Whole-step throughput of acai_fast against plain-PyTorch ACAI steps, in one process, one command.
 
-Variants (ANCHORS.md's columns), each a full SPEC step (encoder once, decoder twice, critic twice,
-both Adam updates, the probe):
-  eager_fp32   the reference trainer as it is
-  eager_bf16   the same under torch.autocast(bfloat16) with channels_last weights and inputs
-  graph_bf16   eager_bf16 captured whole into one CUDA graph (capturable fused Adam; alpha drawn from
-               the default CUDA generator, which graph capture supports)
-  fused        ACAITrainer(backend="fused"): Triton conv blocks, fused mix and losses, bf16 activations
-  fused_graph  the same with cuda_graph=True (each step one CUDA-graph replay after 3 eager steps)
+Variants (each one full SPEC.md section 2 step: encoder once, decoder twice, critic twice, every
+gradient, Adam over encoder+decoder, critic and the linear probe):
+  eager_fp32   plain PyTorch written here (PlainACAIStep: nn.Conv2d chains, autograd.grad per
+               objective, one fused torch Adam), fp32                      (= ANCHORS "eager fp32")
+  eager_bf16   the same under torch.autocast(bfloat16), channels_last weights and inputs
+  graph_bf16   eager_bf16 captured whole into one CUDA graph by hand (capturable fused Adam; alpha
+               from torch.rand on the default CUDA generator, which graph capture supports)
+  compile      eager_bf16's step under torch.compile (--compile; --compile-mode, default max-autotune:
+               ANCHORS measured ~200 s of compiling per case)
+  fused        ACAITrainer(backend="fused", cuda_graph=False): the Triton/CUDA kernels, eager launches
+  fused_graph  ACAITrainer(backend="fused"): the default fast trainer (one CUDA-graph replay per step)
+  reference    ACAITrainer(backend="reference") (not in the default set: the repository's own oracle)
 
-Per variant: ms/step (median, p20, p80 over repeats of `--steps` steps, CUDA-event timing after
-warm-up), images/s, achieved TFLOP/s from torch's FLOP counter on one eager step, peak GPU memory, and
-the first (cold) step's wall time. Usage:
-    python bench/throughput.py [--presets lines,cifar1024] [--batches 64,1024] [--json out.json]
+Per variant: ms/step (median, p20, p80 over >= --steps back-to-back steps after --warmup, CUDA-event
+timing; the window is stretched to --min-seconds so that NVML gets samples), images/s, TFLOP/s and
+GB/s from the analytic counts below, launches per step (acai_fast.engine.count_launches on one eager
+step: Triton launches, CUDA-extension calls and aten ops that compute; a graph replays the same
+kernels), peak GPU memory (torch.cuda.max_memory_allocated), time to the first step in this process
+and, in fresh processes, cold (empty Triton/Inductor caches) and warm (the same caches again), and
+NVML's GPU utilisation, power, SM clock and memory over the timed window. The table shows speed-ups
+against eager_fp32 and against the best plain-PyTorch variant of the same preset and batch.
+
+FLOPs per step (analytic, from the layer shapes; equal to torch.utils.flop_counter on one step):
+  conv: F = 2 N H W Cout Cin k^2 at the conv's resolution (after any upsample); forward F, input
+  gradient F, weight gradient F. The step: forward of encoder (N), decoder (2N), critic (2N);
+  backward: encoder dW all + dX all but the first layer (x needs none); decoder dW + dX (2N);
+  critic dX of every layer for the autoencoder objective (N, through x_mix), critic dW all + dX all
+  but the first for the critic objective (2N); probe 2 N D C forward + 2 N D C for its weight.
+Bytes per step (a floor model for a fully fused schedule, at the variant's activation size s):
+  each conv reads its input and writes its output once per pass (forward, dX, dW) at s bytes per
+  element; each parameter costs 32 B (fp32 gradient written, Adam reads p, g, m, v, writes p, m, v).
+
+On a machine without a GPU (or --device cpu) the same comparison runs on the CPU at small sizes and
+says so: CPU numbers say nothing about GPU speed. The fused kernels run on a CPU only under the
+Triton interpreter (very slow), so fused is skipped there unless --fused-cpu; every skipped variant
+is recorded with its reason.
+
+    python bench/throughput.py                                   # GPU: lines, mnist256, cifar1024 at 64, 1024
+    python bench/throughput.py --quick --json out.json --csv out.csv --plot out.png   # ~2 min on an H100
+    python bench/throughput.py --device cpu --presets lines --batches 8 --steps 3 --json out.json
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
+import gc
+import json
+import math
+import os
+import pathlib
+import shutil
+import subprocess
 import sys
+import tempfile
 import time
 
-import torch
-from _common import cuda_time, environment, require_cuda, summarize, write_json
+if "--fused-cpu" in sys.argv[1:]:  # the Triton interpreter is chosen when triton is first imported
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
-from acai_fast import ACAIConfig, ACAITrainer
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+from torch import nn  # noqa: E402
 
-VARIANTS = ("eager_fp32", "eager_bf16", "graph_bf16", "fused", "fused_graph")
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
+from _common import cuda_graph, environment, step_times, summarize, write_csv, write_json  # noqa: E402
+
+from acai_fast import ACAIConfig, ACAITrainer, _ext  # noqa: E402
+from acai_fast.config import PRESETS  # noqa: E402
+from acai_fast.engine import count_launches  # noqa: E402
+from acai_fast.engine.launches import counting_launches  # noqa: E402
+from acai_fast.networks import he_modified_std  # noqa: E402
+from acai_fast.profiling import GpuSampler  # noqa: E402
+
+VARIANTS = ("eager_fp32", "eager_bf16", "graph_bf16", "compile", "fused", "fused_graph", "reference")
+DEFAULT_VARIANTS = VARIANTS[:-1]  # compile runs only with --compile (recorded as skipped otherwise)
+PLAIN = ("eager_fp32", "eager_bf16", "graph_bf16", "compile", "reference")  # plain PyTorch
+CPU_NOTE = ("CPU numbers: measured on the CPU, at small sizes, to keep the benchmark from rotting; they "
+            "say nothing about speed on a GPU")
+GPU_DEFAULTS = dict(presets="lines,mnist256,cifar1024", batches="64,1024", steps=100, warmup=10,
+                    min_seconds=1.0, first_step="first")
+QUICK = dict(presets="lines,cifar1024", batches="64,1024", steps=100, warmup=5, min_seconds=0.3)
+CPU_DEFAULTS = dict(presets="lines", batches="8", steps=5, warmup=1, min_seconds=0.0, first_step="none")
+
+
+# ------------------------------------------------------------------------------------------------
+# The networks' layers (SPEC.md section 1), their FLOPs and bytes
+# ------------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class Conv:
+    """One conv layer: cin -> cout, k x k, running at `size` x `size` (after any 2x upsample of its
+    input), with its leaky ReLU, 2x2 average pool of the output, nearest 2x upsample of the input."""
+
+    cin: int
+    cout: int
+    k: int
+    size: int
+    act: bool = True
+    pool: bool = False
+    up: bool = False
+
+    def flops(self, n: int) -> int:
+        """2 N H W Cout Cin k^2: one forward, or one input gradient, or one weight gradient."""
+        return 2 * n * self.size ** 2 * self.cout * self.cin * self.k ** 2
+
+    def in_elements(self, n: int) -> int:
+        return n * self.cin * (self.size // 2 if self.up else self.size) ** 2
+
+    def out_elements(self, n: int) -> int:
+        return n * self.cout * (self.size // 2 if self.pool else self.size) ** 2
+
+    @property
+    def params(self) -> int:
+        return self.cout * self.cin * self.k ** 2 + self.cout
+
+
+def encoder_layers(colors: int, depth: int, scales: int, latent: int, size: int = 32) -> list[Conv]:
+    layers = [Conv(colors, depth, 1, size, act=False)]
+    cin = depth
+    for s in range(scales):
+        layers += [Conv(cin, depth << s, 3, size), Conv(depth << s, depth << s, 3, size, pool=True)]
+        cin, size = depth << s, size // 2
+    return layers + [Conv(cin, depth << scales, 3, size), Conv(depth << scales, latent, 3, size, act=False)]
+
+
+def decoder_layers(latent: int, depth: int, scales: int, colors: int, width: int) -> list[Conv]:
+    layers, cin, size, up = [], latent, width, False
+    for s in range(scales - 1, -1, -1):
+        size *= 2 if up else 1
+        layers += [Conv(cin, depth << s, 3, size, up=up), Conv(depth << s, depth << s, 3, size)]
+        cin, up = depth << s, True
+    size *= 2 if up else 1
+    return layers + [Conv(cin, depth, 3, size, up=up), Conv(depth, colors, 3, size, act=False)]
+
+
+def network_layers(config: ACAIConfig) -> dict[str, list[Conv]]:
+    c = config
+    return dict(encoder=encoder_layers(c.colors, c.depth, c.scales, c.latent, c.image_size),
+                decoder=decoder_layers(c.latent, c.depth, c.scales, c.colors, c.latent_width),
+                critic=encoder_layers(c.colors, c.critic_depth, c.scales, c.latent, c.image_size))
+
+
+def step_flops(config: ACAIConfig, batch: int) -> dict[str, int]:
+    """FLOPs of one training step (see the module docstring): forward, backward and total."""
+    nets, n = network_layers(config), batch
+
+    def total(layers, images, skip_first=False):
+        return sum(layer.flops(images) for layer in layers[1 if skip_first else 0:])
+
+    enc, dec, crit = nets["encoder"], nets["decoder"], nets["critic"]
+    probe = 2 * n * config.latent_dims * config.nclass
+    forward = total(enc, n) + total(dec, 2 * n) + total(crit, 2 * n) + probe
+    backward = (total(enc, n) + total(enc, n, skip_first=True)          # encoder: dW, dX
+                + 2 * total(dec, 2 * n)                                  # decoder (ae; x_mix): dW, dX
+                + total(crit, n)                                         # critic dX, autoencoder objective
+                + total(crit, 2 * n) + total(crit, 2 * n, skip_first=True)  # critic objective: dW, dX
+                + probe)                                                 # probe dW
+    return dict(forward=forward, backward=backward, total=forward + backward)
+
+
+def step_bytes(config: ACAIConfig, batch: int, act_bytes: int) -> int:
+    """Bytes one step must move at least (the floor model of the module docstring)."""
+    nets, n = network_layers(config), batch
+
+    def io(layers, images, skip_first=False):
+        return sum(layer.in_elements(images) + layer.out_elements(images) for layer in layers[1 if skip_first else 0:])
+
+    enc, dec, crit = nets["encoder"], nets["decoder"], nets["critic"]
+    elements = (io(enc, n) + io(dec, 2 * n) + io(crit, 2 * n)                        # forward
+                + io(enc, n) + io(enc, n, skip_first=True) + 2 * io(dec, 2 * n)       # ae backward
+                + io(crit, n) + io(crit, 2 * n) + io(crit, 2 * n, skip_first=True))   # critic backward
+    params = sum(layer.params for layers in nets.values() for layer in layers)
+    params += config.latent_dims * config.nclass + config.nclass
+    return elements * act_bytes + 32 * params
+
+
+# ------------------------------------------------------------------------------------------------
+# The plain-PyTorch step (the baselines)
+# ------------------------------------------------------------------------------------------------
+
+
+def plain_chain(layers: list[Conv]) -> nn.Sequential:
+    """nn.Sequential of [Upsample] Conv2d [LeakyReLU(0.2)] [AvgPool2d(2)], initialised as the paper
+    (weights ~ N(0, 1/sqrt(1.04 k^2 cin)), zero biases)."""
+    mods = []
+    for layer in layers:
+        if layer.up:
+            mods.append(nn.Upsample(scale_factor=2, mode="nearest"))
+        conv = nn.Conv2d(layer.cin, layer.cout, layer.k, padding=layer.k // 2)
+        nn.init.normal_(conv.weight, 0.0, he_modified_std(layer.cin * layer.k ** 2))
+        nn.init.zeros_(conv.bias)
+        mods.append(conv)
+        if layer.act:
+            mods.append(nn.LeakyReLU(0.2))
+        if layer.pool:
+            mods.append(nn.AvgPool2d(2))
+    return nn.Sequential(*mods)
+
+
+class PlainACAIStep:
+    """SPEC.md section 2 as a user would write it in plain PyTorch: nn.Conv2d chains, the losses as
+    expressions, one torch.autograd.grad per objective over its own parameters, the probe on the
+    detached latent, and one fused torch Adam over every parameter (Adam is elementwise: the same
+    as the SPEC's separate optimisers). bf16: torch.autocast; channels_last: weights and input;
+    capturable: Adam's step count on the device (for CUDA graphs). Alpha is drawn with torch.rand
+    (graph-safe on the default CUDA generator) unless given."""
+
+    def __init__(self, config: ACAIConfig, device, *, seed: int = 0, bf16: bool = False,
+                 channels_last: bool = False, capturable: bool = False):
+        self.config, self.device, self.bf16 = config, torch.device(device), bf16
+        layers = network_layers(config)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            self.encoder = plain_chain(layers["encoder"])
+            self.decoder = plain_chain(layers["decoder"])
+            self.critic = plain_chain(layers["critic"])
+            self.probe = nn.Linear(config.latent_dims, config.nclass)
+            nn.init.xavier_uniform_(self.probe.weight)
+            nn.init.zeros_(self.probe.bias)
+        fmt = torch.channels_last if channels_last else torch.contiguous_format
+        for net in (self.encoder, self.decoder, self.critic):
+            net.to(device=self.device, memory_format=fmt)
+        self.probe.to(self.device)
+        self.memory_format = fmt
+        self.ae_params = [*self.encoder.parameters(), *self.decoder.parameters()]
+        self.critic_params = list(self.critic.parameters())
+        self.probe_params = list(self.probe.parameters())
+        self.optimizer = torch.optim.Adam(self.ae_params + self.critic_params + self.probe_params, lr=config.lr,
+                                          betas=(0.9, 0.999), eps=1e-8, fused=True, capturable=capturable)
+
+    def load_from(self, trainer) -> "PlainACAIStep":
+        """Copy the weights of an ACAITrainer (same preset): tests compare the two steps."""
+        with torch.no_grad():
+            for mine, theirs in ((self.encoder, trainer.encoder), (self.decoder, trainer.decoder),
+                                 (self.critic, trainer.critic), (self.probe, trainer.probe)):
+                for p, q in zip(mine.parameters(), theirs.parameters(), strict=True):
+                    p.copy_(q)
+        return self
+
+    def step(self, x: torch.Tensor, labels: torch.Tensor | None = None,
+             alpha: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        cfg, n = self.config, x.shape[0]
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
+            z = self.encoder(x)
+            ae = self.decoder(z)
+            if alpha is None:
+                alpha = 0.5 - (torch.rand(n, 1, 1, 1, device=x.device) - 0.5).abs()
+            alpha = alpha.view(n, 1, 1, 1)
+            z_mix = alpha * z + (1 - alpha) * z.flip(0)  # item i mixed with item N-1-i
+            x_mix = self.decoder(z_mix)
+            c_mix = self.critic(x_mix).float().mean((1, 2, 3))
+            c_real = self.critic(ae + cfg.reg * (x - ae)).float().mean((1, 2, 3))
+            loss_ae = F.mse_loss(ae.float(), x.float())
+        loss_ae_disc = c_mix.square().mean()
+        loss_disc = (c_mix - alpha.flatten()).square().mean()
+        loss_disc_real = c_real.square().mean()
+        ae_objective = loss_ae + cfg.advweight * loss_ae_disc
+        critic_objective = loss_disc + loss_disc_real
+        grads = torch.autograd.grad(ae_objective, self.ae_params, retain_graph=True)
+        grads += torch.autograd.grad(critic_objective, self.critic_params)
+        losses = dict(loss_ae=loss_ae.detach(), loss_ae_disc=loss_ae_disc.detach(), loss_disc=loss_disc.detach(),
+                      loss_disc_real=loss_disc_real.detach())
+        params = self.ae_params + self.critic_params
+        if labels is not None:
+            logits = self.probe(z.detach().float().flatten(1))
+            probe_loss = F.cross_entropy(logits, labels)
+            grads += torch.autograd.grad(probe_loss, self.probe_params)
+            params = params + self.probe_params
+            losses["probe_loss"] = probe_loss.detach()
+        for p, g in zip(params, grads):
+            p.grad = g
+        self.optimizer.step()
+        return losses
+
+
+# ------------------------------------------------------------------------------------------------
+# Cases and results
+# ------------------------------------------------------------------------------------------------
 
 
 @dataclasses.dataclass(frozen=True)
@@ -39,123 +292,407 @@ class Case:
 @dataclasses.dataclass(frozen=True)
 class Result:
     case: Case
+    status: str = "ok"  # ok | skipped | failed
+    reason: str | None = None
     ms_median: float | None = None
     ms_p20: float | None = None
     ms_p80: float | None = None
+    steps_timed: int | None = None
     images_per_s: float | None = None
-    tflops: float | None = None
     gflop_per_step: float | None = None
+    gflop_forward: float | None = None
+    gflop_backward: float | None = None
+    tflops: float | None = None
+    gb_per_step: float | None = None
+    gbps: float | None = None
+    launches: int | None = None
+    launches_detail: str | None = None
     peak_mem_mib: float | None = None
     first_step_s: float | None = None
-    skipped: str | None = None
+    first_step_cold_s: float | None = None
+    first_step_warm_s: float | None = None
+    gpu: dict = dataclasses.field(default_factory=dict)  # NVML summary of the timed window
+
+    def row(self) -> dict:
+        d = dict(dataclasses.asdict(self.case))
+        d.update({k: v for k, v in dataclasses.asdict(self).items() if k not in ("case", "gpu")})
+        d.update(self.gpu)
+        return d
 
 
-def make_step(case: Case, seed: int = 0):
-    """A zero-argument callable running one training step of `case` on fixed GPU batches."""
+@dataclasses.dataclass
+class Built:
+    """A variant ready to time: fn() runs one step; count() gives the launches of one eager step."""
+    fn: object
+    count: object = None
+    keep: tuple = ()  # objects that must outlive the timing (trainer, graph, step)
+
+
+def why_not(variant: str, device: torch.device, args) -> str | None:
+    """The reason `variant` cannot (or will not) run here, or None."""
+    if variant == "compile" and not args.compile:
+        return "not asked for: pass --compile (slow: ANCHORS measured ~200 s of compiling per case)"
+    if device.type != "cuda":
+        if variant in ("graph_bf16", "fused_graph"):
+            return "CUDA graphs need a CUDA GPU"
+        if variant == "fused":
+            if not args.fused_cpu:
+                return ("the fused kernels run on a CPU only under the Triton interpreter (minutes per "
+                        "step at full size); pass --fused-cpu to time that anyway")
+            if not (_ext.HAS_TRITON and _ext.INTERPRET):
+                return "--fused-cpu needs triton and TRITON_INTERPRET=1 set before acai_fast is imported"
+    elif variant.startswith("fused") and not _ext.HAS_TRITON:
+        return "triton is not installed"
+    return None
+
+
+def build(case: Case, device: torch.device, x: torch.Tensor, labels: torch.Tensor, args) -> Built:
+    """Construct the variant and everything it needs (a CUDA graph is captured here)."""
     config = ACAIConfig.preset(case.preset, batch=case.batch)
-    fused = case.variant.startswith("fused")
-    trainer = ACAITrainer(config, backend="fused" if fused else "reference", device="cuda", seed=seed,
-                          cuda_graph=case.variant == "fused_graph")
-    g = torch.Generator(device="cuda").manual_seed(seed)
-    x = torch.rand(case.batch, config.colors, 32, 32, device="cuda", generator=g) * 2 - 1
-    labels = torch.randint(0, config.nclass, (case.batch,), device="cuda", generator=g)
-    if case.variant == "eager_fp32" or fused:
-        return lambda: trainer.step(x, labels), trainer
-
-    # bf16 variants: channels_last everywhere, autocast around the step.
-    for net in (trainer.encoder, trainer.decoder, trainer.critic):
-        net.to(memory_format=torch.channels_last)
-    x = x.contiguous(memory_format=torch.channels_last)
+    v = case.variant
+    if v in ("fused", "fused_graph", "reference"):
+        backend = "reference" if v == "reference" else "fused"
+        trainer = ACAITrainer(config, backend=backend, device=device, seed=args.seed,
+                              cuda_graph=None if v == "fused_graph" else False)
+        return Built(lambda: trainer.step(x, labels), lambda: count_launches(trainer, x, labels), (trainer,))
+    bf16 = v != "eager_fp32"
+    step = PlainACAIStep(config, device, seed=args.seed, bf16=bf16, channels_last=bf16,
+                         capturable=v == "graph_bf16")
+    xs = x.contiguous(memory_format=step.memory_format)
 
     def eager():
-        with torch.autocast("cuda", dtype=torch.bfloat16):
-            return trainer.step(x, labels)
+        return step.step(xs, labels)
 
-    if case.variant == "eager_bf16":
-        return eager, trainer
-
-    # graph_bf16: capturable optimisers, alpha from the graph-safe default generator.
-    for name, params in (("opt_ae", trainer.ae_params), ("opt_critic", trainer.critic_params),
-                         ("opt_probe", list(trainer.probe.parameters()))):
-        setattr(trainer, name, torch.optim.Adam(params, lr=config.lr, betas=(0.9, 0.999), eps=1e-8,
-                                                fused=True, capturable=True))
-    trainer.draw_alpha = lambda n: 0.5 - (torch.rand(n, 1, 1, 1, device="cuda") - 0.5).abs()
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for _ in range(3):
+    def count():
+        with counting_launches() as c:
             eager()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        eager()
-    return graph.replay, trainer
+        return c
+    if v == "graph_bf16":
+        replay = cuda_graph(eager)  # 3 eager steps on a side stream, then the capture
+        return Built(replay, count, (step, replay))
+    if v == "compile":
+        compiled = torch.compile(step.step, mode=args.compile_mode)
+        return Built(lambda: compiled(xs, labels), None, (step, compiled))
+    return Built(eager, count, (step,))
 
 
-def count_gflop(case: Case) -> float:
-    from torch.utils.flop_counter import FlopCounterMode
-
-    step, _ = make_step(Case(case.preset, case.batch, "eager_fp32"))
-    with FlopCounterMode(display=False) as counter:
-        step()
-    return counter.get_total_flops() / 1e9
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
-def run_case(case: Case, steps: int, repeats: int, gflop: float) -> Result:
-    torch.cuda.empty_cache()
-    torch.cuda.reset_peak_memory_stats()
-    torch.cuda.synchronize()
+def batch_data(config: ACAIConfig, batch: int, device: torch.device, seed: int):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.rand(batch, config.colors, config.image_size, config.image_size, generator=g) * 2 - 1
+    labels = torch.randint(0, config.nclass, (batch,), generator=g)
+    return x.to(device), labels.to(device)
+
+
+def run_case(case: Case, device: torch.device, args, sampler: GpuSampler | None) -> Result:
+    config = ACAIConfig.preset(case.preset, batch=case.batch)
+    flops = step_flops(config, case.batch)
+    act_bytes = 4 if case.variant in ("eager_fp32", "reference") or device.type != "cuda" else 2
+    nbytes = step_bytes(config, case.batch, act_bytes)
+    common = dict(gflop_per_step=flops["total"] / 1e9, gflop_forward=flops["forward"] / 1e9,
+                  gflop_backward=flops["backward"] / 1e9, gb_per_step=nbytes / 1e9)
+    reason = why_not(case.variant, device, args)
+    if reason is not None:
+        return Result(case, status="skipped", reason=reason, **common)
+    x, labels = batch_data(config, case.batch, device, args.seed)
+    on_gpu = device.type == "cuda"
+    if on_gpu:
+        gc.collect()
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+    built = None
+    try:
+        sync(device)
+        t0 = time.perf_counter()
+        built = build(case, device, x, labels, args)
+        built.fn()
+        sync(device)
+        first = time.perf_counter() - t0
+        t1 = time.perf_counter()
+        for _ in range(args.warmup):
+            built.fn()
+        sync(device)
+        per_step = (time.perf_counter() - t1) / max(args.warmup, 1)
+        steps = args.steps
+        if args.min_seconds > 0 and per_step > 0:
+            steps = max(steps, min(math.ceil(args.min_seconds / per_step), args.max_steps))
+        start = sampler.clock() if sampler is not None else None
+        times = step_times(built.fn, steps=steps, device=device)
+        gpu = sampler.summary(start) if sampler is not None else {}
+        peak = torch.cuda.max_memory_allocated(device) / 2 ** 20 if on_gpu else None
+        launches = built.count() if built.count is not None else None  # after timing: it trains a step
+        sync(device)
+    except Exception as exc:  # a failing variant is reported; the others still run
+        return Result(case, status="failed", reason=f"{type(exc).__name__}: {str(exc)[:500]}", **common)
+    finally:
+        del built
+        if on_gpu:
+            gc.collect()
+            torch.cuda.empty_cache()
+    med, p20, p80 = summarize(times)
+    return Result(case, ms_median=med, ms_p20=p20, ms_p80=p80, steps_timed=len(times),
+                  images_per_s=case.batch / med * 1e3, tflops=flops["total"] / (med * 1e-3) / 1e12,
+                  gbps=nbytes / (med * 1e-3) / 1e9, launches=launches.total if launches else None,
+                  launches_detail=launches.summary() if launches else None, peak_mem_mib=peak,
+                  first_step_s=first, gpu=gpu, **common)
+
+
+# ------------------------------------------------------------------------------------------------
+# First step in fresh processes: cold (empty compile caches) and warm (the same caches again)
+# ------------------------------------------------------------------------------------------------
+
+
+def child_first_step(spec: str, device: torch.device, seed: int) -> int:
+    """--child PRESET:BATCH:VARIANT: construct the variant, run one step, print its wall time as JSON."""
+    preset, batch, variant = spec.split(":")
+    case = Case(preset, int(batch), variant)
+    config = ACAIConfig.preset(preset, batch=case.batch)
+    x, labels = batch_data(config, case.batch, device, seed)
+    args = argparse.Namespace(seed=seed, compile_mode=os.environ.get("ACAI_BENCH_COMPILE_MODE", "max-autotune"))
+    sync(device)
     t0 = time.perf_counter()
-    step, _ = make_step(case)
-    step()
-    torch.cuda.synchronize()
-    first = time.perf_counter() - t0
-    ms, p20, p80 = summarize(cuda_time(step, warmup=5, reps=repeats, inner=steps))
-    return Result(case, ms_median=ms, ms_p20=p20, ms_p80=p80,
-                  images_per_s=case.batch / ms * 1e3, tflops=gflop / ms, gflop_per_step=gflop,
-                  peak_mem_mib=torch.cuda.max_memory_allocated() / 2 ** 20, first_step_s=first)
+    built = build(case, device, x, labels, args)
+    built.fn()
+    sync(device)
+    print(json.dumps(dict(first_step_s=time.perf_counter() - t0)))
+    return 0
+
+
+def first_step_cold_warm(case: Case, device: torch.device, args) -> tuple[float | None, float | None, str | None]:
+    """(cold, warm, error): two fresh processes sharing one new TRITON_CACHE_DIR / TORCHINDUCTOR_CACHE_DIR."""
+    cache = tempfile.mkdtemp(prefix="acai_bench_cache_")
+    env = dict(os.environ, TRITON_CACHE_DIR=os.path.join(cache, "triton"),
+               TORCHINDUCTOR_CACHE_DIR=os.path.join(cache, "inductor"), ACAI_BENCH_COMPILE_MODE=args.compile_mode)
+    cmd = [sys.executable, str(pathlib.Path(__file__).resolve()), "--device", str(device), "--seed", str(args.seed),
+           "--child", f"{case.preset}:{case.batch}:{case.variant}"] + (["--fused-cpu"] if args.fused_cpu else [])
+    times: list[float] = []
+    error = None
+    try:
+        for _ in range(2):
+            proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=args.first_step_timeout)
+            if proc.returncode != 0:
+                error = f"child failed: {proc.stderr.strip()[-300:]}"
+                break
+            times.append(json.loads(proc.stdout.strip().splitlines()[-1])["first_step_s"])
+    except (subprocess.TimeoutExpired, ValueError, IndexError, KeyError) as exc:
+        error = f"{type(exc).__name__}: {exc}"
+    finally:
+        shutil.rmtree(cache, ignore_errors=True)
+    times += [None] * (2 - len(times))
+    return times[0], times[1], error
+
+
+# ------------------------------------------------------------------------------------------------
+# Speed-ups, the table, the picture
+# ------------------------------------------------------------------------------------------------
+
+
+def speedups(results: list[Result]) -> list[dict]:
+    """Flat rows with speedup_vs_eager_fp32, speedup_vs_best_plain and best_plain_variant added."""
+    rows = []
+    for r in results:
+        row = r.row()
+        same = [o for o in results if (o.case.preset, o.case.batch) == (r.case.preset, r.case.batch)
+                and o.ms_median is not None]
+        base = next((o for o in same if o.case.variant == "eager_fp32"), None)
+        plain = [o for o in same if o.case.variant in PLAIN]
+        best = min(plain, key=lambda o: o.ms_median) if plain else None
+        ok = r.ms_median is not None
+        row["speedup_vs_eager_fp32"] = base.ms_median / r.ms_median if ok and base else None
+        row["speedup_vs_best_plain"] = best.ms_median / r.ms_median if ok and best else None
+        row["best_plain_variant"] = best.case.variant if best else None
+        rows.append(row)
+    return rows
+
+
+def _f(v, fmt, width):
+    return f"{'-':>{width}}" if v is None else f"{v:{width}{fmt}}"
+
+
+def format_table(rows: list[dict], device: torch.device) -> str:
+    head = (f"{'preset':<10} {'batch':>5} {'variant':<12} {'ms/step':>9} {'p20':>8} {'p80':>8} {'img/s':>9} "
+            f"{'TFLOP/s':>8} {'GB/s':>7} {'launch':>6} {'peak MiB':>8} {'1st s':>6} {'cold s':>6} {'warm s':>6} "
+            f"{'util%':>5} {'W':>5} {'x fp32':>7} {'x best':>7}")
+    lines = [head, "-" * len(head)]
+    for r in rows:
+        if r["status"] != "ok":
+            lines.append(f"{r['preset']:<10} {r['batch']:>5} {r['variant']:<12} {r['status']}: {r['reason']}")
+            continue
+        lines.append(
+            f"{r['preset']:<10} {r['batch']:>5} {r['variant']:<12} {r['ms_median']:>9.3f} {r['ms_p20']:>8.3f} "
+            f"{r['ms_p80']:>8.3f} {r['images_per_s']:>9.0f} {_f(r['tflops'], '.3f' if r['tflops'] < 1 else '.1f', 8)} "
+            f"{r['gbps']:>7.1f} {_f(r['launches'], 'd', 6)} {_f(r['peak_mem_mib'], '.0f', 8)} "
+            f"{_f(r['first_step_s'], '.2f', 6)} {_f(r['first_step_cold_s'], '.1f', 6)} "
+            f"{_f(r['first_step_warm_s'], '.1f', 6)} {_f(r.get('gpu_util_mean'), '.0f', 5)} "
+            f"{_f(r.get('gpu_power_w_mean'), '.0f', 5)} {_f(r['speedup_vs_eager_fp32'], '.2f', 6)}x "
+            f"{_f(r['speedup_vs_best_plain'], '.2f', 6)}x")
+    lines.append(f"x fp32: speed-up against eager_fp32; x best: against the fastest plain-PyTorch variant "
+                 f"({', '.join(PLAIN)}) of the same preset and batch. ms/step: median of the timed steps.")
+    if device.type != "cuda":
+        lines.append(f"*** {CPU_NOTE} ***")
+    return "\n".join(lines)
+
+
+def plot(rows: list[dict], path, title: str) -> None:
+    """Grouped bars: ms/step of every variant that ran, per preset and batch (log scale)."""
+    import matplotlib
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    ok = [r for r in rows if r["status"] == "ok"]
+    groups = list(dict.fromkeys((r["preset"], r["batch"]) for r in rows))
+    variants = [v for v in VARIANTS if any(r["variant"] == v for r in ok)]
+    fig, ax = plt.subplots(figsize=(max(6, 1.6 * len(groups) * max(len(variants), 1) / 3), 4.5))
+    width = 0.8 / max(len(variants), 1)
+    for i, v in enumerate(variants):
+        xs, ys = [], []
+        for g, (preset, batch) in enumerate(groups):
+            r = next((r for r in ok if (r["preset"], r["batch"], r["variant"]) == (preset, batch, v)), None)
+            if r is not None:
+                xs.append(g + (i - (len(variants) - 1) / 2) * width)
+                ys.append(r["ms_median"])
+        bars = ax.bar(xs, ys, width, label=v)
+        ax.bar_label(bars, labels=[f"{y:.3g}" for y in ys], fontsize=6, rotation=90, padding=2)
+    ax.set_xticks(range(len(groups)), [f"{p}\nbatch {b}" for p, b in groups])
+    times = [r["ms_median"] for r in ok]
+    log_scale = bool(times) and max(times) / min(times) > 20
+    if log_scale:
+        ax.set_yscale("log")
+    ax.set_ylabel("ms per training step (median" + (", log scale)" if log_scale else ")"))
+    ax.set_title(title, fontsize=8, wrap=True)
+    ax.legend(fontsize=7, ncol=min(len(variants), 4))
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+# ------------------------------------------------------------------------------------------------
+# main
+# ------------------------------------------------------------------------------------------------
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
+    p.add_argument("--presets", default=None, help=f"comma-separated, of {','.join(PRESETS)} "
+                   f"(default GPU: {GPU_DEFAULTS['presets']}; CPU: {CPU_DEFAULTS['presets']})")
+    p.add_argument("--batches", default=None, help=f"default GPU: {GPU_DEFAULTS['batches']}; CPU: {CPU_DEFAULTS['batches']}")
+    p.add_argument("--variants", default=",".join(DEFAULT_VARIANTS), help=f"subset of {','.join(VARIANTS)}")
+    p.add_argument("--steps", type=int, default=None, help="timed steps at least (default GPU 100, CPU 5)")
+    p.add_argument("--min-seconds", type=float, default=None,
+                   help="stretch the timed window to this long (NVML samples; default GPU 1.0, CPU 0)")
+    p.add_argument("--max-steps", type=int, default=20000, help="cap of the stretched window")
+    p.add_argument("--warmup", type=int, default=None, help="untimed steps after the first (default GPU 10, CPU 1)")
+    p.add_argument("--quick", action="store_true", help="lines and cifar1024 at 64 and 1024, short windows (~2 min)")
+    p.add_argument("--compile", action="store_true", help="also time torch.compile (slow to compile)")
+    p.add_argument("--compile-mode", default="max-autotune", help="torch.compile mode for --compile")
+    p.add_argument("--fused-cpu", action="store_true", help="on the CPU, time fused under the Triton interpreter")
+    p.add_argument("--first-step", choices=("none", "first", "all"), default=None,
+                   help="cold/warm first step in fresh processes: none, first (the default fast trainer at "
+                        "the first preset and batch; GPU default) or all cases")
+    p.add_argument("--first-step-timeout", type=float, default=300.0)
+    p.add_argument("--nvml-interval", type=float, default=0.05, help="NVML sampling interval, seconds")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", default=None, help="write environment, arguments and results here")
+    p.add_argument("--csv", default=None, help="one row per result (environment repeated in each)")
+    p.add_argument("--plot", default=None, help="PNG of the step times as bars")
+    p.add_argument("--child", default=None, help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cuda" and not torch.cuda.is_available():
+        p.error("--device cuda: no CUDA GPU on this machine (use --device cpu)")
+    defaults = dict(GPU_DEFAULTS if device.type == "cuda" else CPU_DEFAULTS)
+    if args.quick and device.type == "cuda":
+        defaults.update(QUICK)
+    for key, value in defaults.items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    args.variants = [v for v in args.variants.split(",") if v]
+    if args.compile and "compile" not in args.variants:
+        args.variants.append("compile")
+    bad = set(args.variants) - set(VARIANTS)
+    if bad:
+        p.error(f"unknown variants {sorted(bad)}; valid: {', '.join(VARIANTS)}")
+    args.presets = [s for s in args.presets.split(",") if s]
+    bad = set(args.presets) - set(PRESETS)
+    if bad:
+        p.error(f"unknown presets {sorted(bad)}; valid: {', '.join(PRESETS)}")
+    try:
+        args.batches = [int(b) for b in args.batches.split(",") if b]
+    except ValueError:
+        p.error(f"--batches: comma-separated integers, got {args.batches!r}")
+    if not args.batches or min(args.batches) < 1 or args.steps < 1 or args.warmup < 0:
+        p.error("--batches must be >= 1, --steps >= 1, --warmup >= 0")
+    return args, device
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--presets", default="lines,mnist256,cifar1024")
-    parser.add_argument("--batches", default="64,256,1024")
-    parser.add_argument("--variants", default=",".join(VARIANTS))
-    parser.add_argument("--steps", type=int, default=30)
-    parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--json", default=None, help="write the results here")
-    args = parser.parse_args(argv)
-    require_cuda("bench/throughput.py")
-    variants = args.variants.split(",")
-    unknown = set(variants) - set(VARIANTS)
-    if unknown:
-        parser.error(f"unknown variants {sorted(unknown)}; valid: {', '.join(VARIANTS)}")
-    torch.backends.cudnn.benchmark = True
-    results = []
-    for preset in args.presets.split(","):
-        for batch in map(int, args.batches.split(",")):
-            gflop = count_gflop(Case(preset, batch, "eager_fp32"))
-            for variant in variants:
-                case = Case(preset, batch, variant)
-                try:
-                    r = run_case(case, args.steps, args.repeats, gflop)
-                except Exception as exc:  # a failing variant is reported, the others still run
-                    r = Result(case, skipped=f"{type(exc).__name__}: {exc}")
-                results.append(r)
-                if r.skipped:
-                    print(f"{preset:>10} {batch:>5} {variant:>11}  skipped: {r.skipped}", flush=True)
-                else:
-                    base = next((b for b in results if b.ms_median and b.case.variant == "eager_fp32"
-                                 and (b.case.preset, b.case.batch) == (preset, batch)), None)
-                    speedup = base.ms_median / r.ms_median if base else float("nan")
-                    print(f"{preset:>10} {batch:>5} {variant:>11}  {r.ms_median:8.3f} ms "
-                          f"[{r.ms_p20:.3f}, {r.ms_p80:.3f}]  {r.images_per_s:9.0f} img/s  "
-                          f"{r.tflops:6.1f} TFLOP/s  {r.peak_mem_mib:8.0f} MiB  first {r.first_step_s:5.1f} s  "
-                          f"x{speedup:.2f} vs eager fp32", flush=True)
+    args, device = parse_args(argv)
+    if args.child:
+        return child_first_step(args.child, device, args.seed)
+    on_gpu = device.type == "cuda"
+    if on_gpu:
+        torch.backends.cudnn.benchmark = True
+    env = environment()
+    cases = [Case(p, b, v) for p in args.presets for b in args.batches for v in args.variants]
+    where = f"{env['gpu']} (sm_{env['gpu_capability']})" if on_gpu else \
+        f"CPU: {env['cpu']}, {env['cpu_count']} cores, {env['torch_threads']} torch threads"
+    print(f"acai_fast throughput on {where}; torch {env['torch']}, triton {env['triton']}, "
+          f"commit {(env['commit'] or '?')[:10]}{' (dirty)' if env['dirty'] else ''}", flush=True)
+    if not on_gpu:
+        print(f"*** {CPU_NOTE} ***", flush=True)
+    fast = "fused_graph" if "fused_graph" in args.variants else ("fused" if "fused" in args.variants else None)
+    cold_cases = set()
+    if args.first_step == "all":
+        cold_cases = set(cases)
+    elif args.first_step == "first" and fast is not None:
+        cold_cases = {Case(args.presets[0], args.batches[0], fast)}
+
+    sampler = GpuSampler(args.nvml_interval, device=device) if on_gpu else None
+    results: list[Result] = []
+    t_start = time.perf_counter()
+    with sampler if sampler is not None else contextlib.nullcontext():
+        for i, case in enumerate(cases):
+            elapsed = time.perf_counter() - t_start
+            print(f"[{i + 1}/{len(cases)} {elapsed:6.0f} s] {case.preset} batch {case.batch} {case.variant} ...",
+                  file=sys.stderr, flush=True)
+            r = run_case(case, device, args, sampler)
+            if case in cold_cases and r.status == "ok":
+                cold, warm, error = first_step_cold_warm(case, device, args)
+                r = dataclasses.replace(r, first_step_cold_s=cold, first_step_warm_s=warm,
+                                        reason=f"first step cold/warm: {error}" if error else r.reason)
+            results.append(r)
+            if r.status == "ok":
+                print(f"    {r.ms_median:.3f} ms/step [{r.ms_p20:.3f}, {r.ms_p80:.3f}] over {r.steps_timed} steps, "
+                      f"{r.images_per_s:.0f} img/s", file=sys.stderr, flush=True)
+            else:
+                print(f"    {r.status}: {r.reason}", file=sys.stderr, flush=True)
+    rows = speedups(results)
+    print(format_table(rows, device), flush=True)
+    if sampler is not None and not sampler.available:
+        print(f"NVML: {sampler.reason}", flush=True)
+    payload = dict(device=device.type, note=CPU_NOTE if not on_gpu else None, environment=env,
+                   nvml=dict(available=bool(sampler and sampler.available), source=sampler and sampler.source,
+                             reason=sampler.reason if sampler else "CPU run"),
+                   arguments={k: v for k, v in vars(args).items() if k != "child"},
+                   flop_model=__doc__.split("FLOPs per step")[1].split("On a machine")[0].strip(),
+                   results=rows)
     if args.json:
-        rows = [dict(dataclasses.asdict(r.case), **{k: v for k, v in dataclasses.asdict(r).items() if k != "case"})
-                for r in results]
-        write_json(args.json, dict(environment=environment(), arguments=vars(args), results=rows))
+        write_json(args.json, payload)
+        print(f"wrote {args.json}", file=sys.stderr)
+    if args.csv:
+        keep = ("gpu", "torch", "triton", "cuda", "commit", "dirty", "timestamp", "cpu")
+        write_csv(args.csv, [dict(row, device=device.type, **{k: env[k] for k in keep}) for row in rows])
+        print(f"wrote {args.csv}", file=sys.stderr)
+    if args.plot:
+        title = (f"acai_fast step time, {where}\ntorch {env['torch']}, {env['timestamp'][:10]}"
+                 + ("\nCPU NUMBERS (not a GPU)" if not on_gpu else ""))
+        plot(rows, args.plot, title)
+        print(f"wrote {args.plot}", file=sys.stderr)
     return 0
 
 
