@@ -20,7 +20,7 @@ import torch
 def fit(trainer, data="lines", kimg: float = 16384, *, eval_kimg: float | None = 64,
         out_dir: str | os.PathLike | None = None, evaluate: Callable | None = None,
         progress: bool = True, seed: int | None = None,
-        preview: tuple[torch.Tensor, torch.Tensor] | None = None) -> list[dict]:
+        preview: tuple[torch.Tensor, torch.Tensor] | None = None, monitor=None) -> list[dict]:
     """Train `trainer` until `kimg` thousand (x1024) images have been seen in total (a resumed
     trainer continues from its own count), evaluating every `eval_kimg` and at the end.
 
@@ -31,6 +31,9 @@ def fit(trainer, data="lines", kimg: float = 16384, *, eval_kimg: float | None =
         out_dir/checkpoint.pt (atomically) and out_dir/interpolations.png.
     preview: (x_a, x_b) image pairs drawn as rows of interpolations.png (default for "lines":
         16 test pairs).
+    monitor: optional object with begin_interval() and end_interval() -> dict (e.g.
+        acai_fast.profiling.GpuSampler, `acai-fast train --profile`): each record gets the dict of
+        the interval's training steps (mean GPU utilisation, power, ...) added.
     Returns the list of evaluation records."""
     from .data import lines as lines_data
 
@@ -71,6 +74,8 @@ def fit(trainer, data="lines", kimg: float = 16384, *, eval_kimg: float | None =
     next_eval = (trainer.nimg // eval_every + 1) * eval_every if eval_every else None
     on_gpu = trainer.device.type == "cuda"
     bar = _progress(total, trainer.nimg, enabled=progress)
+    if monitor is not None:
+        monitor.begin_interval()
     try:
         while trainer.nimg < total:
             batch = next(batches, None)
@@ -98,6 +103,8 @@ def fit(trainer, data="lines", kimg: float = 16384, *, eval_kimg: float | None =
                 record.update({k: float(v) / interval_steps for k, v in sums.items()})
                 if "loss_ae" in record:
                     record["rmse"] = math.sqrt(max(record["loss_ae"], 0.0)) * 127.5
+                if monitor is not None:  # before the evaluation: the interval's training steps only
+                    record.update(monitor.end_interval())
                 if evaluate is not None:
                     record.update(evaluate(trainer))
                 history.append(record)
@@ -106,6 +113,8 @@ def fit(trainer, data="lines", kimg: float = 16384, *, eval_kimg: float | None =
                 if out is not None:
                     write_outputs(trainer, out, record, preview)
                 sums, interval_steps, interval_images, interval_time = {}, 0, 0, 0.0
+                if monitor is not None:
+                    monitor.begin_interval()
                 if next_eval is not None:
                     while next_eval <= trainer.nimg:
                         next_eval += eval_every
