@@ -3,6 +3,7 @@
     acai-fast train --preset lines --kimg 16 --out runs/lines
     acai-fast interpolate --checkpoint runs/lines/checkpoint.pt --out grid.png
     acai-fast evaluate --checkpoint runs/lines/checkpoint.pt
+    acai-fast profile --preset lines --batch 64 --steps 5 --out prof   # trace, top kernels, phase split
 """
 from __future__ import annotations
 
@@ -67,6 +68,9 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--data", default=None,
                        help="for mnist32/mnist256: folder holding the MNIST or Fashion-MNIST IDX .gz files")
     train.add_argument("--no-progress", action="store_true", help="no progress bar")
+    train.add_argument("--profile", action="store_true",
+                       help="sample the GPU with NVML for the whole run (OUT/gpu_samples.csv) and add each "
+                            "interval's mean utilisation and power to its metrics line")
 
     interp = sub.add_parser("interpolate", help="draw a grid of interpolations from a checkpoint",
                             formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -83,7 +87,29 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--checkpoint", required=True)
     evaluate.add_argument("--data", default=None, help="IDX data folder for image presets")
     evaluate.add_argument("--device", default=None)
+    _add_profile_parser(sub)
     return parser
+
+
+def _add_profile_parser(sub) -> None:
+    """`acai-fast profile`: a torch.profiler trace of a few training steps (acai_fast.profiling)."""
+    prof = sub.add_parser("profile", help="profile training steps: Chrome trace, top kernels, phase split, "
+                                          "GPU utilisation picture", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    prof.add_argument("--preset", default="lines", choices=PRESETS)
+    prof.add_argument("--batch", type=int, default=None, help="batch size (default: the preset's, 64)")
+    prof.add_argument("--backend", default="auto", help="auto, reference or fused")
+    prof.add_argument("--dtype", default=None, choices=("fp32", "bf16"))
+    prof.add_argument("--no-cuda-graph", action="store_true",
+                      help="fused on a GPU: eager launches instead of graph replays (the phase split then "
+                           "sees forward/backward/optimizer; inside a replay it sees one graph)")
+    prof.add_argument("--steps", type=int, default=5, help="profiled steps")
+    prof.add_argument("--warmup", type=int, default=5, help="unprofiled steps first (compilation, graph capture)")
+    prof.add_argument("--sample-seconds", type=float, default=3.0,
+                      help="then train this long without the profiler while NVML samples the GPU")
+    prof.add_argument("--top", type=int, default=15, help="rows of the top-kernel table")
+    prof.add_argument("--out", required=True, help="folder for trace.json, profile.json, utilisation.png")
+    prof.add_argument("--device", default=None)
+    prof.add_argument("--seed", type=int, default=0)
 
 
 def _dataset_kind(config: ACAIConfig) -> str:
@@ -162,9 +188,46 @@ def cmd_train(parser, args) -> int:
     print(f"acai-fast: training {args.preset} on {trainer.device} (backend {trainer.backend}, "
           f"{str(trainer.dtype).replace('torch.', '')}) "
           f"to {args.kimg:g} kimg; outputs in {out}", file=sys.stderr)
-    history = trainer.fit(data, **fit_args)
+    if args.profile:
+        from .profiling import GpuSampler
+
+        with GpuSampler(0.5, device=trainer.device, csv_path=out / "gpu_samples.csv") as sampler:
+            history = trainer.fit(data, monitor=sampler, **fit_args)
+        if not sampler.available:
+            print(f"note: --profile recorded no GPU samples ({sampler.reason})", file=sys.stderr)
+    else:
+        history = trainer.fit(data, **fit_args)
     if history:
         print(json_line(history[-1]))
+    return 0
+
+
+def cmd_profile(parser, args) -> int:
+    import torch
+
+    from .profiling import format_report, profile_trainer
+    from .trainer import ACAITrainer
+
+    device = _device_arg(parser, args)
+    if args.steps < 1 or args.warmup < 0 or args.sample_seconds < 0 or args.top < 1:
+        parser.error("--steps and --top must be >= 1, --warmup and --sample-seconds >= 0")
+    try:
+        config = ACAIConfig.preset(args.preset, **({} if args.batch is None else dict(batch=args.batch)))
+        trainer = ACAITrainer(config, backend=args.backend, device=device, seed=args.seed, dtype=args.dtype,
+                              cuda_graph=False if args.no_cuda_graph else None)
+    except ValueError as exc:
+        parser.error(str(exc))
+    gen = torch.Generator().manual_seed(args.seed)  # the step's time does not depend on the pixels
+    x = torch.rand(config.batch, config.colors, config.image_size, config.image_size, generator=gen) * 2 - 1
+    labels = torch.randint(0, config.nclass, (config.batch,), generator=gen)
+    x, labels = x.to(trainer.device), labels.to(trainer.device)
+    cpu = "" if trainer.device.type == "cuda" else " (a CPU run: it profiles the CPU step, not a GPU)"
+    print(f"acai-fast: profiling {args.preset} batch {config.batch} on {trainer.device}, backend "
+          f"{trainer.backend}{', CUDA graphs' if trainer.cuda_graph else ''}{cpu}; outputs in {args.out}",
+          file=sys.stderr)
+    report = profile_trainer(trainer, x, labels, steps=args.steps, warmup=args.warmup, out_dir=args.out,
+                             sample_seconds=args.sample_seconds, top=args.top)
+    print(format_report(report))
     return 0
 
 
@@ -208,7 +271,8 @@ def main(argv=None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     parser = build_parser()
     args = parser.parse_args(argv)
-    command = {"train": cmd_train, "interpolate": cmd_interpolate, "evaluate": cmd_evaluate}[args.command]
+    command = {"train": cmd_train, "interpolate": cmd_interpolate, "evaluate": cmd_evaluate,
+               "profile": cmd_profile}[args.command]
     return command(parser, args)
 
 
