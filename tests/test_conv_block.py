@@ -248,7 +248,7 @@ def test_autotune_pruning(cin, cout):
     dw = cbm._prune_dw(DW_CONFIGS, dict(CIN=cin, COUT=cout))
     assert fwd and dw
     assert all(c.kwargs["BLOCK_N"] <= max(32, 2 * cout) for c in fwd) or len(fwd) == 1
-    if min(cin, cout) >= 64:
+    if min(cin, cout) >= 128:  # wide layers keep every config (up to 256-wide N tiles)
         assert len(fwd) == len(FWD_CONFIGS) and len(dw) == len(DW_CONFIGS)
 
 
@@ -268,18 +268,20 @@ def compile_sm90(dtypes=("bf16", "fp32")):
             (cbm._conv_fwd_kernel, FWD_CONFIGS[0],
              dict(X_ptr="*fp32", W_ptr="*fp32", B_ptr="*fp32", Y_ptr=p, S_ptr="*i8",
                   **ints("N H W CIN COUT HO WO stride_xn stride_xh stride_xw stride_wo stride_wi stride_wkh "
-                         "stride_wkw stride_yn stride_yh stride_yw"), leaky_slope="fp32"),
+                         "stride_wkw stride_yn stride_yh stride_yw stride_xr stride_wr stride_br stride_yr "
+                         "stride_sr"), leaky_slope="fp32"),
              dict(flags, HAS_BIAS=True, SAVE_SIGN=True)),
             (cbm._conv_bwd_dx_kernel, DX_CONFIGS[0],
              dict(G_ptr=p, S_ptr="*i8", W_ptr="*fp32", DX_ptr=p,
                   **ints("N H W CIN COUT HO WO NS stride_wo stride_wi stride_wkh stride_wkw stride_dxn "
-                         "stride_dxh stride_dxw"), leaky_slope="fp32"),
+                         "stride_dxh stride_dxw stride_gr stride_sr stride_wr stride_dxr"), leaky_slope="fp32"),
              dict(flags, SIGN_FROM_OUT=False)),
             (cbm._conv_bwd_dw_kernel, DW_CONFIGS[0],
              dict(X_ptr="*fp32", G_ptr=p, S_ptr="*i8", DW_ptr="*fp32", DB_ptr="*fp32", WS_ptr="*fp32",
                   WSB_ptr="*fp32", Counter_ptr="*i32",
                   **ints("N H W CIN COUT HO WO stride_xn stride_xh stride_xw stride_dwo stride_dwi "
-                         "stride_dwkh stride_dwkw PIX_PER_SPLIT"), leaky_slope="fp32"),
+                         "stride_dwkh stride_dwkw stride_xr stride_gr stride_sr stride_dwr stride_dbr "
+                         "PIX_PER_SPLIT"), leaky_slope="fp32"),
              dict(flags, SIGN_FROM_OUT=False, NEED_DB=True, SPLIT=True)),
         ]
         for fn, cfg, signature, constexprs in kernels:
@@ -750,3 +752,38 @@ def test_shipped_tables_are_well_formed():
         for key, c in data["configs"].items():
             assert key.split("|")[0] in ("fwd", "dx", "dw"), key
             assert c["num_warps"] in (1, 2, 4, 8, 16) and c["num_stages"] >= 1, key
+
+
+# ------------------------------------------------------------------------------------------------
+# Arrays of runs: one launch for R same-shaped models equals R single-run launches
+# ------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("flags", ENGINE_FLAGS, ids=[flag_id(f) for f in ENGINE_FLAGS])
+def test_array_of_runs_equals_single_runs(flags, seed):
+    """R=3 runs with their own weights, inputs in row blocks of bigger per-run buffers (run strides
+    that are not the runs' sizes), 3N-image gradients over an N-image forward, and a split dW
+    reduction (32x32 images): each run's y, dx, dw, db equal its single-run launch bit for bit."""
+    from acai_fast.ops.conv_block import empty_activation
+    runs, n, cin, cout, size = 3, 2, 3, 5, (32 if flags["pool_output"] else 8)
+    if flags["pool_output"]:
+        assert cbm._dw_splits(n * size * size, 3, cin, cout)[0] > 1  # the split reduction runs
+    xs, ws, bs = zip(*[(t.detach() for t in make_inputs(n, cin, cout, size, 3)) for _ in range(runs)])
+    big = empty_activation((n + 1, cin, size, size), torch.float32, DEVICE, runs)
+    x = big[:, 1:]  # run stride (n + 1) images: a row block of a bigger buffer
+    for r in range(runs):
+        x[r].copy_(xs[r])
+    w = torch.stack(ws)
+    b = torch.stack(bs)
+    y, sign = conv_fwd(x, w, b, **flags)
+    assert y.shape == (runs, n, cout, *y.shape[-2:])
+    g = torch.randn(runs, 2 * n, *y.shape[-3:], device=DEVICE)
+    g = g.permute(0, 1, 3, 4, 2).contiguous().permute(0, 1, 4, 2, 3)  # channels_last per run
+    dx, dw, db = conv_bwd(g, x, w, y, sign, bias_dtype=b.dtype, **flags)
+    for r in range(runs):
+        y1, s1 = conv_fwd(xs[r], ws[r], bs[r], **flags)
+        assert torch.equal(y[r], y1), f"run {r} y"
+        dx1, dw1, db1 = conv_bwd(g[r], xs[r], ws[r], y1, s1, bias_dtype=b.dtype, **flags)
+        assert torch.equal(dx[r], dx1) and torch.equal(dw[r], dw1) and torch.equal(db[r], db1), f"run {r}"
+    with pytest.raises(ValueError, match="an array of runs needs"):
+        conv_fwd(x, ws[0], bs[0], **flags)

@@ -70,6 +70,7 @@ def _conv_fwd_kernel(
     stride_xn, stride_xh, stride_xw,
     stride_wo, stride_wi, stride_wkh, stride_wkw,
     stride_yn, stride_yh, stride_yw,
+    stride_xr, stride_wr, stride_br, stride_yr, stride_sr,
     leaky_slope,
     KS: tl.constexpr, UPSAMPLE: tl.constexpr, ACT: tl.constexpr, POOL: tl.constexpr,
     HAS_BIAS: tl.constexpr, SAVE_SIGN: tl.constexpr, DOT_PRECISION: tl.constexpr,
@@ -91,8 +92,16 @@ def _conv_fwd_kernel(
     (n, ho, wo, q) with q = 2*dh + dw the position in the pool window, so each window is 4
     consecutive rows of one tile and the pool is a reshape (BLOCK_M/4, 4, BLOCK_N) + sum.
     Odd H or W with POOL: the last row/column is never computed (avg_pool2d floors).
+    Runs: grid axis 1 is the run of an array of same-shaped models; every tensor's base moves by
+    its run stride (`stride_*r`: 0 for a single run), N counts one run's images.
     """
     pid = tl.program_id(0)
+    run = tl.program_id(1).to(tl.int64)
+    X_ptr += run * stride_xr
+    W_ptr += run * stride_wr
+    B_ptr += run * stride_br
+    Y_ptr += run * stride_yr
+    S_ptr += run * stride_sr
     num_pid_n = tl.cdiv(COUT, BLOCK_N)
     pid_m = pid // num_pid_n
     pid_n = pid % num_pid_n
@@ -199,6 +208,7 @@ def _conv_bwd_dx_kernel(
     N, H, W, CIN, COUT, HO, WO, NS,
     stride_wo, stride_wi, stride_wkh, stride_wkw,
     stride_dxn, stride_dxh, stride_dxw,
+    stride_gr, stride_sr, stride_wr, stride_dxr,
     leaky_slope,
     KS: tl.constexpr, UPSAMPLE: tl.constexpr, ACT: tl.constexpr, POOL: tl.constexpr,
     SIGN_FROM_OUT: tl.constexpr, DOT_PRECISION: tl.constexpr,
@@ -213,9 +223,14 @@ def _conv_bwd_dx_kernel(
     gradient's images, NS the forward's (see `_grad_pre_tile`).
     Tiling as in the forward: rows = pixels of u (M = N*H*W), columns = Cin, one loop over
     (tap, Cout chunk). With UPSAMPLE the rows are ordered (n, hx, wx, q) so the 2x2 sum is a
-    reshape + sum in the epilogue, like the forward's pool.
+    reshape + sum in the epilogue, like the forward's pool. Runs: grid axis 1, as in the forward.
     """
     pid = tl.program_id(0)
+    run = tl.program_id(1).to(tl.int64)
+    G_ptr += run * stride_gr
+    S_ptr += run * stride_sr
+    W_ptr += run * stride_wr
+    DX_ptr += run * stride_dxr
     num_pid_n = tl.cdiv(CIN, BLOCK_N)
     pid_m = pid // num_pid_n
     pid_n = pid % num_pid_n
@@ -279,6 +294,7 @@ def _conv_bwd_dw_kernel(
     N, H, W, CIN, COUT, HO, WO,
     stride_xn, stride_xh, stride_xw,
     stride_dwo, stride_dwi, stride_dwkh, stride_dwkw,
+    stride_xr, stride_gr, stride_sr, stride_dwr, stride_dbr,
     PIX_PER_SPLIT, leaky_slope,
     KS: tl.constexpr, UPSAMPLE: tl.constexpr, ACT: tl.constexpr, POOL: tl.constexpr,
     SIGN_FROM_OUT: tl.constexpr, NEED_DB: tl.constexpr, SPLIT: tl.constexpr,
@@ -300,10 +316,20 @@ def _conv_bwd_dw_kernel(
     depends only on the shape and the config, never on which program finished last.
     db is accumulated in fp32 (before dz is rounded) by the tap-0, ci-block-0 programs only, from
     the dz tile they load anyway. G may hold more images than N: only its first N are read.
+    Runs: grid axis 1 holds (run, Cout block) with the Cout blocks fastest; every tensor's base
+    moves by its run stride, and each run has its own partials and tile counters.
     """
     pid_t = tl.program_id(0)  # tap * num_ci_blocks + ci block
-    pid_co = tl.program_id(1)
+    num_co = tl.cdiv(COUT, BLOCK_CO)
+    run = tl.program_id(1) // num_co
+    pid_co = tl.program_id(1) % num_co
     pid_s = tl.program_id(2)
+    run64 = run.to(tl.int64)
+    X_ptr += run64 * stride_xr
+    G_ptr += run64 * stride_gr
+    S_ptr += run64 * stride_sr
+    DW_ptr += run64 * stride_dwr
+    DB_ptr += run64 * stride_dbr
     num_ci = tl.cdiv(CIN, BLOCK_CI)
     tap = pid_t // num_ci
     PAD: tl.constexpr = KS // 2
@@ -352,12 +378,14 @@ def _conv_bwd_dw_kernel(
         # (splits, Cout, Cin, KS*KS) partials: offset of (co, ci, tap) within one split
         ws_offs = (co[None, :] * CIN + ci[:, None]) * (KS * KS) + tap
         split_size = COUT * CIN * KS * KS
+        splits = tl.num_programs(2)
+        WS_ptr += run64 * splits * split_size  # (runs, splits, Cout, Cin, KS*KS)
+        WSB_ptr += run64 * splits * COUT
         tl.store(WS_ptr + pid_s * split_size + ws_offs, acc, mask=tile_mask)
         if NEED_DB:
             tl.store(WSB_ptr + pid_s * COUT + co, db, mask=co_ok & do_db)
         tl.debug_barrier()
-        tile = pid_t * tl.num_programs(1) + pid_co
-        splits = tl.num_programs(2)
+        tile = (run * tl.num_programs(0) + pid_t) * num_co + pid_co
         ticket = tl.atomic_add(Counter_ptr + tile, 1, sem="acq_rel")
         if ticket == splits - 1:
             total = tl.zeros((BLOCK_CI, BLOCK_CO), dtype=tl.float32)
@@ -568,18 +596,21 @@ def _launch(name, config, grid, *args, **constexprs):
 
 def _good_layout(weight):
     """Cin or Cout contiguous: the kernels' weight tiles are then read with wide, coalesced loads."""
-    cout, cin = weight.shape[:2]
-    return weight.stride(1) == 1 or cin == 1 or weight.stride(0) == 1 or cout == 1
+    cout, cin = weight.shape[-4:-2]
+    return weight.stride(-3) == 1 or cin == 1 or weight.stride(-4) == 1 or cout == 1
 
 
 def kernel_weight(weight):
-    """The weight (Cout, Cin, k, k) as the kernels read it: itself when Cin or Cout is contiguous
-    (channels_last parameters, which the fused engine keeps, and 1x1 kernels), else a copy with
-    Cout contiguous ((k, k, Cin, Cout) order). Any dtype: the kernels cast weights to the compute
-    dtype as they load them (fp32 master weights feed bf16 layers without a cast launch)."""
+    """The weight (Cout, Cin, k, k) (or an array's (runs, Cout, Cin, k, k)) as the kernels read it:
+    itself when Cin or Cout is contiguous (channels_last parameters, which the fused engine keeps,
+    and 1x1 kernels), else a copy with Cout contiguous ((k, k, Cin, Cout) order). Any dtype: the
+    kernels cast weights to the compute dtype as they load them (fp32 master weights feed bf16
+    layers without a cast launch)."""
     if _good_layout(weight):
         return weight
     with torch.no_grad():
+        if weight.dim() == 5:
+            return weight.detach().permute(0, 3, 4, 2, 1).contiguous().permute(0, 4, 3, 1, 2)
         return weight.detach().permute(2, 3, 1, 0).contiguous().permute(3, 2, 0, 1)
 
 
@@ -602,59 +633,113 @@ def _dot_precision(dtype):
 
 def output_shape(x_shape, cout, *, upsample_input=False, pool_output=False):
     """(N, Cout, H', W') of a block on input (N, Cin, Hx, Wx)."""
-    n, _, hx, wx = x_shape
+    n, _, hx, wx = x_shape[-4:]
     h, w = (2 * hx, 2 * wx) if upsample_input else (hx, wx)
     return (n, cout, h // 2, w // 2) if pool_output else (n, cout, h, w)
 
 
+def empty_activation(shape, dtype, device, runs: int | None = None) -> torch.Tensor:
+    """An (N, C, H, W) channels_last tensor, or for an array of runs a (runs, N, C, H, W) one whose
+    every run is channels_last (strides (N*H*W*C, H*W*C, 1, W*C, C)): the layout of every activation
+    of the fused engine. Row blocks [:, a:b] of it are valid activations too."""
+    n, c, h, w = shape
+    if runs is None:
+        return torch.empty(shape, dtype=dtype, device=device, memory_format=torch.channels_last)
+    return torch.empty(runs, n, h, w, c, dtype=dtype, device=device).permute(0, 1, 4, 2, 3)
+
+
+def _is_activation(t: torch.Tensor) -> bool:
+    """(N, C, H, W) channels_last, or (runs, N, C, H, W) with every run channels_last."""
+    if t.dim() == 4:
+        return t.is_contiguous(memory_format=torch.channels_last)
+    return t.dim() == 5 and (t.shape[0] == 1 or t.stride(0) >= 1) and \
+        t[0].is_contiguous(memory_format=torch.channels_last)
+
+
+def _runs_view(t: torch.Tensor | None, single: bool) -> torch.Tensor | None:
+    """A (runs, ...) view: a single run's tensor gets a leading run axis of 1."""
+    return t.unsqueeze(0) if (t is not None and single) else t
+
+
+def _run_stride(t: torch.Tensor | None) -> int:
+    return t.stride(0) if t is not None and t.shape[0] > 1 else 0
+
+
 def _check_out(name, t, shape, dtype, device):
     if (not isinstance(t, torch.Tensor) or tuple(t.shape) != tuple(shape) or t.dtype != dtype
-            or t.device != device or not t.is_contiguous(memory_format=torch.channels_last)):
-        got = (f"{tuple(t.shape)} {t.dtype} on {t.device}, channels_last="
-               f"{t.is_contiguous(memory_format=torch.channels_last)}") if isinstance(t, torch.Tensor) else t
+            or t.device != device or not _is_activation(t)):
+        got = (f"{tuple(t.shape)} {t.dtype} on {t.device}, channels_last={_is_activation(t)}"
+               if isinstance(t, torch.Tensor) else t)
         raise ValueError(f"conv_block: {name} must be a channels_last {tuple(shape)} {dtype} tensor on "
                          f"{device}, got {got}")
 
 
+def _check_array(x, weight):
+    """Single run: x (N, Cin, H, W), weight (Cout, Cin, k, k). Array of R runs: x (R, N, Cin, H, W)
+    with every run channels_last, weight (R, Cout, Cin, k, k) (per-run bias (R, Cout))."""
+    if x.dim() == 5 and weight.dim() == 5 and x.shape[0] == weight.shape[0]:
+        if not _is_activation(x):
+            raise ValueError("conv_block: an array input (runs, N, C, H, W) must be channels_last per run "
+                             "(see empty_activation)")
+        return True
+    if x.dim() == 5 or weight.dim() == 5:
+        raise ValueError(f"conv_block: an array of runs needs x (runs, N, Cin, H, W) and weight (runs, "
+                         f"Cout, Cin, k, k) with the same runs, got {tuple(x.shape)} and {tuple(weight.shape)}")
+    return False
+
+
 def conv_fwd(x, weight, bias, *, upsample_input=False, leaky_slope=0.2, pool_output=False,
              out=None, out_dtype=None, config=None, poison=False):
-    """Forward launcher. x (N, Cin, Hx, Wx) -> (y channels_last, sign map or None).
+    """Forward launcher. x (N, Cin, Hx, Wx) -> (y channels_last, sign map or None); or, for an array
+    of R same-shaped models, x (R, N, Cin, Hx, Wx) (see `empty_activation`), weight (R, Cout, Cin,
+    k, k), bias (R, Cout) -> y (R, N, Cout, H', W'), one launch for all runs.
 
     y is computed in `out_dtype` (default x's dtype; x and the weight are cast to it in the kernel)
     and written into `out` when given (a channels_last tensor of y's shape and dtype, e.g. a block of
-    rows of a larger buffer), else into a new tensor. The sign map (N, H, W, Cout) int8 is returned
-    only when backward needs it (activation with a pool, or a negative slope). weight: any dtype and
-    layout (see `kernel_weight`). `config`: a triton.Config to force (else the table, heuristic or
-    autotuner of `_launch`); `poison`: fill the outputs with NaN first (tests).
+    rows of a larger buffer), else into a new tensor. The sign map ((R,) N, H, W, Cout) int8 is
+    returned only when backward needs it (activation with a pool, or a negative slope). weight: any
+    dtype and layout (see `kernel_weight`). `config`: a triton.Config to force (else
+    `choose_config`'s); `poison`: fill the outputs with NaN first (tests).
     """
-    x = x.contiguous(memory_format=torch.channels_last)  # no copy when it already is
+    array = _check_array(x, weight)
+    if not array:
+        x = x.contiguous(memory_format=torch.channels_last)  # no copy when it already is
+    runs = x.shape[0] if array else None
     bias = bias.contiguous() if bias is not None else None
-    N, CIN, HX, WX = x.shape
-    COUT, _, KS, _ = weight.shape
+    N, CIN, HX, WX = x.shape[-4:]
+    COUT, _, KS, _ = weight.shape[-4:]
     H, W = (2 * HX, 2 * WX) if upsample_input else (HX, WX)
     _, _, HO, WO = output_shape(x.shape, COUT, upsample_input=upsample_input, pool_output=pool_output)
     act, _, save_sign = _flags(leaky_slope, pool_output)
     dtype = out_dtype or x.dtype
     fill = float("nan") if poison else None
+    yshape = ((runs,) if array else ()) + (N, COUT, HO, WO)
     if out is None:
-        y = _empty((N, COUT, HO, WO), dtype, x.device, fill, channels_last=True)
+        y = empty_activation((N, COUT, HO, WO), dtype, x.device, runs)
+        if fill is not None:
+            y.fill_(fill)
     else:
-        _check_out("out", out, (N, COUT, HO, WO), dtype, x.device)
+        _check_out("out", out, yshape, dtype, x.device)
         y = out.fill_(fill) if fill is not None else out
-    sign = torch.empty((N, H, W, COUT), dtype=torch.int8, device=x.device) if save_sign else None
+    sign = torch.empty(((runs,) if array else ()) + (N, H, W, COUT), dtype=torch.int8,
+                       device=x.device) if save_sign else None
     if N == 0:
         return y, sign
     wk = kernel_weight(weight)
+    x5, w5, y5, s5 = (_runs_view(t, not array) for t in (x, wk, y, sign))
+    b5 = _runs_view(bias, not array)
     m = N * HO * WO * 4 if pool_output else N * H * W
+    R = x5.shape[0]
 
     def grid(meta):
-        return (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(COUT, meta["BLOCK_N"]),)
+        return (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(COUT, meta["BLOCK_N"]), R)
 
     _launch("fwd", config, grid,
-            x, wk, bias if bias is not None else wk, y, sign if sign is not None else y,
+            x5, w5, b5 if b5 is not None else w5, y5, s5 if s5 is not None else y5,
             N, H, W, CIN, COUT, HO, WO,
-            x.stride(0), x.stride(2), x.stride(3), *wk.stride(),
-            y.stride(0), y.stride(2), y.stride(3),
+            x5.stride(1), x5.stride(3), x5.stride(4), *w5.stride()[1:],
+            y5.stride(1), y5.stride(3), y5.stride(4),
+            _run_stride(x5), _run_stride(w5), _run_stride(b5), _run_stride(y5), _run_stride(s5),
             float(leaky_slope) if act else 0.0,
             KS=KS, UPSAMPLE=upsample_input, ACT=act, POOL=pool_output, HAS_BIAS=bias is not None,
             SAVE_SIGN=save_sign, DOT_PRECISION=_dot_precision(dtype))
@@ -674,9 +759,9 @@ def _dw_splits(P, KS, CIN, COUT):
     return math.ceil(P / per_split), per_split
 
 
-def dw_counter_size(KS, CIN, COUT):
+def dw_counter_size(KS, CIN, COUT, runs: int = 1):
     """Elements of the int32 tile counters of one dW launch: enough for the smallest tile config."""
-    return KS * KS * math.ceil(CIN / _MIN_DW_TILE) * math.ceil(COUT / _MIN_DW_TILE)
+    return runs * KS * KS * math.ceil(CIN / _MIN_DW_TILE) * math.ceil(COUT / _MIN_DW_TILE)
 
 
 def conv_bwd(grad_y, x, weight, y, sign, *, weight_dtype=None, bias_dtype=None,
@@ -694,17 +779,24 @@ def conv_bwd(grad_y, x, weight, y, sign, *, weight_dtype=None, bias_dtype=None,
     and db (`bias_dtype`; None: no bias) into `dw_out` / `db_out` when given (any layout: e.g. the
     parameters' persistent .grad tensors). weight: as in `conv_fwd`. dw_counter: int32 zeros of
     `dw_counter_size` elements that the dW launch uses and leaves at zero (default: a fresh one).
+    Arrays of runs: every tensor gains a leading run axis (as in `conv_fwd`), one launch per kernel.
     """
-    x = x.contiguous(memory_format=torch.channels_last)
-    NS, CIN, HX, WX = x.shape
-    COUT, _, KS, _ = weight.shape
+    array = _check_array(x, weight)
+    if not array:
+        x = x.contiguous(memory_format=torch.channels_last)
+        grad_y = grad_y.contiguous(memory_format=torch.channels_last)
+    elif not _is_activation(grad_y):
+        raise ValueError("conv_block: grad_y of an array must be channels_last per run")
+    R = x.shape[0] if array else 1
+    NS, CIN, HX, WX = x.shape[-4:]
+    COUT, _, KS, _ = weight.shape[-4:]
     H, W = (2 * HX, 2 * WX) if upsample_input else (HX, WX)
     HO, WO = (H // 2, W // 2) if pool_output else (H, W)
     act, sign_from_out, _ = _flags(leaky_slope, pool_output)
-    s = y.contiguous(memory_format=torch.channels_last) if sign_from_out else sign
+    s = (y if array else y.contiguous(memory_format=torch.channels_last)) if sign_from_out else sign
     fill = float("nan") if poison else None
-    g = grad_y.contiguous(memory_format=torch.channels_last)
-    NG = g.shape[0]
+    g = grad_y
+    NG = g.shape[-4]
     if NG < NS:
         raise ValueError(f"conv_block: grad_y holds {NG} images for a forward of {NS}; it needs at "
                          f"least one gradient image per saved image")
@@ -718,27 +810,34 @@ def conv_bwd(grad_y, x, weight, y, sign, *, weight_dtype=None, bias_dtype=None,
     dx = dw = db = None
     need_db = need_db and bias_dtype is not None
     wk = kernel_weight(weight)
+    x5, g5, s5, w5 = (_runs_view(t, not array) for t in (x, g, s, wk))
+    lead = (R,) if array else ()
 
     if need_dx:
         if dx_out is None:
-            dx = _empty((NG, CIN, HX, WX), x.dtype, x.device, fill, channels_last=True)
+            dx = empty_activation((NG, CIN, HX, WX), x.dtype, x.device, R if array else None)
+            if fill is not None:
+                dx.fill_(fill)
         else:
-            _check_out("dx_out", dx_out, (NG, CIN, HX, WX), x.dtype, x.device)
+            _check_out("dx_out", dx_out, lead + (NG, CIN, HX, WX), x.dtype, x.device)
             dx = dx_out.fill_(fill) if fill is not None else dx_out
+        dx5 = _runs_view(dx, not array)
         if NG > 0:
             def grid_dx(meta):
-                return (triton.cdiv(NG * H * W, meta["BLOCK_M"]) * triton.cdiv(CIN, meta["BLOCK_N"]),)
+                return (triton.cdiv(NG * H * W, meta["BLOCK_M"]) * triton.cdiv(CIN, meta["BLOCK_N"]), R)
 
-            _launch("dx", dx_config, grid_dx, g, s, wk, dx, NG, H, W, CIN, COUT, HO, WO, max(NS, 1),
-                    *wk.stride(), dx.stride(0), dx.stride(2), dx.stride(3), slope, **common)
+            _launch("dx", dx_config, grid_dx, g5, s5, w5, dx5, NG, H, W, CIN, COUT, HO, WO, max(NS, 1),
+                    *w5.stride()[1:], dx5.stride(1), dx5.stride(3), dx5.stride(4),
+                    _run_stride(g5), _run_stride(s5), _run_stride(w5), _run_stride(dx5), slope, **common)
 
     if need_dw or need_db:
-        dw = dw_out if dw_out is not None else torch.empty((COUT, CIN, KS, KS), device=x.device,
+        wshape = lead + (COUT, CIN, KS, KS)
+        dw = dw_out if dw_out is not None else torch.empty(wshape, device=x.device,
                                                            dtype=weight_dtype or weight.dtype)
-        db = (db_out if db_out is not None else torch.empty(COUT, device=x.device, dtype=bias_dtype)) \
-            if need_db else None
-        if tuple(dw.shape) != (COUT, CIN, KS, KS) or (db is not None and tuple(db.shape) != (COUT,)):
-            raise ValueError(f"conv_block: dw_out / db_out must have shapes {(COUT, CIN, KS, KS)} / ({COUT},)")
+        db = (db_out if db_out is not None else torch.empty(lead + (COUT,), device=x.device,
+                                                            dtype=bias_dtype)) if need_db else None
+        if tuple(dw.shape) != wshape or (db is not None and tuple(db.shape) != lead + (COUT,)):
+            raise ValueError(f"conv_block: dw_out / db_out must have shapes {wshape} / {lead + (COUT,)}")
         if fill is not None:
             dw.fill_(fill)
             if db is not None:
@@ -751,30 +850,27 @@ def conv_bwd(grad_y, x, weight, y, sign, *, weight_dtype=None, bias_dtype=None,
             splits, per_split = _dw_splits(NS * H * W, KS, CIN, COUT)
             split = splits > 1
             # fp32 partials of the in-kernel split reduction (unused when splits == 1)
-            ws = torch.empty((splits, COUT, CIN, KS * KS) if split else (1,), device=x.device,
+            ws = torch.empty((R, splits, COUT, CIN, KS * KS) if split else (1,), device=x.device,
                              dtype=torch.float32)
-            wsb = torch.empty((splits, COUT) if split else (1,), device=x.device, dtype=torch.float32)
+            wsb = torch.empty((R, splits, COUT) if split else (1,), device=x.device, dtype=torch.float32)
             if split and dw_counter is None:
-                dw_counter = torch.zeros(dw_counter_size(KS, CIN, COUT), dtype=torch.int32, device=x.device)
+                dw_counter = torch.zeros(dw_counter_size(KS, CIN, COUT, R), dtype=torch.int32,
+                                         device=x.device)
             counter = dw_counter if split else ws
+            dw5, db5 = _runs_view(dw, not array), _runs_view(db, not array)
 
             def grid_dw(meta):
-                return (KS * KS * triton.cdiv(CIN, meta["BLOCK_CI"]), triton.cdiv(COUT, meta["BLOCK_CO"]),
+                return (KS * KS * triton.cdiv(CIN, meta["BLOCK_CI"]), R * triton.cdiv(COUT, meta["BLOCK_CO"]),
                         splits)
 
-            _launch("dw", dw_config, grid_dw, x, g, s, dw, db if db is not None else dw, ws, wsb, counter,
-                    NS, H, W, CIN, COUT, HO, WO, x.stride(0), x.stride(2), x.stride(3), *dw.stride(),
-                    per_split, slope, NEED_DB=need_db, SPLIT=split, **common)
+            _launch("dw", dw_config, grid_dw, x5, g5, s5, dw5, db5 if db5 is not None else dw5, ws, wsb,
+                    counter, NS, H, W, CIN, COUT, HO, WO, x5.stride(1), x5.stride(3), x5.stride(4),
+                    *dw5.stride()[1:], _run_stride(x5), _run_stride(g5), _run_stride(s5),
+                    _run_stride(dw5), _run_stride(db5), per_split, slope, NEED_DB=need_db, SPLIT=split,
+                    **common)
         if not need_dw:
             dw = None
     return dx, dw, db
-
-
-def _empty(shape, dtype, device, fill, channels_last=False):
-    """torch.empty, in channels_last for activations; fill: a poison value (tests) or None."""
-    fmt = torch.channels_last if channels_last else torch.contiguous_format
-    t = torch.empty(shape, dtype=dtype, device=device, memory_format=fmt)
-    return t.fill_(fill) if fill is not None else t
 
 
 # ------------------------------------------------------------------------------------------------
