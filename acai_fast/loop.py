@@ -107,6 +107,7 @@ def fit(trainer, data="lines", kimg: float = 16384, *, eval_kimg: float | None =
                     record.update(monitor.end_interval())
                 if evaluate is not None:
                     record.update(evaluate(trainer))
+                record.update(run_settings(trainer))
                 history.append(record)
                 bar.set_postfix({k: f"{record[k]:.4g}" for k in ("loss_ae", "mean_distance")
                                  if k in record and record[k] is not None})
@@ -131,6 +132,16 @@ def write_outputs(trainer, out: Path, record: dict, preview) -> None:
     if preview is not None:
         from .plotting import save_interpolation_grid
         save_interpolation_grid(trainer.interpolate(*preview), out / "interpolations.png")
+
+
+def run_settings(trainer) -> dict:
+    """What trained the run, on every metrics line so that each line describes itself: the model
+    and the hyper-parameters a user may vary (acai-fast train --model --advweight --reg --advdepth
+    --depth --latent --lr --batch)."""
+    cfg = trainer.config
+    model = getattr(getattr(trainer, "model", None), "name", None)
+    return dict(model=model, advweight=cfg.advweight, reg=cfg.reg, advdepth=cfg.advdepth,
+                depth=cfg.depth, latent=cfg.latent, lr=cfg.lr, batch=cfg.batch)
 
 
 def json_line(record: dict) -> str:
