@@ -1,6 +1,13 @@
-"""Training data: the generated lines (SPEC.md section 4) and the image datasets of the paper
-(SPEC.md section 3), scaled to [-1, 1]."""
+"""Training data: the generated lines (SPEC.md section 4), the image datasets of the paper (SPEC.md
+section 3: MNIST, Fashion-MNIST, SVHN, CIFAR-10, CelebA) scaled to [-1, 1], and device-resident
+training batches."""
+from .batches import DeviceBatches, device_batches
+from .celeba import resize_bicubic
+from .common import to_unit_range
+from .datasets import DATASETS, data_folder, dataset_of_preset, load_dataset, load_pixels
 from .idx import load_idx_dataset
 from .lines import angle_labels, draw_lines, lines_batches
 
-__all__ = ["angle_labels", "draw_lines", "lines_batches", "load_idx_dataset"]
+__all__ = ["DATASETS", "DeviceBatches", "angle_labels", "data_folder", "dataset_of_preset",
+           "device_batches", "draw_lines", "lines_batches", "load_dataset", "load_idx_dataset",
+           "load_pixels", "resize_bicubic", "to_unit_range"]
