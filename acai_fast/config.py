@@ -92,6 +92,9 @@ class ACAIConfig:
 
         for name in ("colors", "latent_width", "depth", "latent", "batch", "nclass", "image_size"):
             positive_int(name)
+        if self.batch < 2:
+            raise ValueError(f"ACAIConfig.batch must be >= 2 (mixing pairs image i with image N-1-i), "
+                             f"got {self.batch}")
         if not isinstance(self.advdepth, int) or self.advdepth < 0:
             raise ValueError(f"ACAIConfig.advdepth must be an integer >= 0 (0 = depth), got {self.advdepth!r}")
         size = self.image_size

@@ -19,14 +19,16 @@ from __future__ import annotations
 import contextlib
 import copy
 import logging
+import math
 import os
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
 from . import _ext
+from .checkpoint import FORMAT_VERSION, CheckpointError, load_checkpoint, package_version, save_checkpoint
 from .config import ACAIConfig
+from .distributed import local_batch, rank_seed
 from .models import Randomness, build_model
 from .networks import LinearProbe
 from .ops.mix import draw_alpha, make_rng_state
@@ -41,7 +43,8 @@ BACKENDS = ("auto", "reference", "fused")
 # must be asked for by name.
 AUTO_PICKS_FUSED = False
 DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16}
-CHECKPOINT_VERSION = 2
+CHECKPOINT_VERSION = FORMAT_VERSION  # the file format is acai_fast.checkpoint's
+INPUT_RANGE_SLACK = 1e-5  # training images must lie in [-1 - slack, 1 + slack] (float rounding)
 
 
 def resolve_backend(backend: str, device: torch.device) -> str:
@@ -109,13 +112,27 @@ class ACAITrainer:
     the fused step (default bf16 on a GPU). cuda_graph: replay each fused step as one CUDA graph
     (default: on for fused on a GPU; False is for debugging: every step then pays the host cost of
     ~100 launches). model: one of acai_fast.models.MODELS.
+    distributed: an acai_fast.distributed.Distributed (one rank of a torchrun job; see there) or
+    None. The rank's device is used, config.batch is the global batch, every gradient is averaged
+    over the ranks before Adam, and the rank's data and alphas come from rank_seed(seed, rank).
+    skip_nonfinite: a step whose losses are not all finite (on any rank) applies no update (Adam is
+    gated on the device through its found_inf input: no host sync, graph-safe); the step counts.
     """
 
     def __init__(self, config: ACAIConfig | None = None, backend: str = "auto", device=None,
-                 seed: int = 0, dtype=None, cuda_graph: bool | None = None, model: str = "acai"):
+                 seed: int = 0, dtype=None, cuda_graph: bool | None = None, model: str = "acai",
+                 distributed=None, skip_nonfinite: bool = False):
         self.config = config if config is not None else ACAIConfig.preset("lines")
         if not isinstance(self.config, ACAIConfig):
             raise ValueError(f"config must be an ACAIConfig, got {type(self.config).__name__}")
+        self.distributed = distributed  # acai_fast.distributed.Distributed (a torchrun rank) or None
+        self.world_size = 1 if distributed is None else distributed.world_size
+        self.rank = 0 if distributed is None else distributed.rank
+        if distributed is not None:
+            if device is not None and torch.device(device).type != distributed.device.type:
+                raise ValueError(f"device {device!r} but this torchrun rank runs on {distributed.device}")
+            device = distributed.device
+            local_batch(self.config.batch, self.world_size)  # the global batch must split into pairs
         self.device = torch.device(device if device is not None
                                    else ("cuda" if torch.cuda.is_available() else "cpu"))
         if self.device.type == "cuda" and not torch.cuda.is_available():
@@ -140,8 +157,11 @@ class ACAITrainer:
         self.optimizer = make_adam([p for params in self.param_groups.values() for p in params]
                                    + list(self.probe.parameters()), self.config.lr, self.device,
                                    self.cuda_graph)
-        self.generator = torch.Generator(self.device).manual_seed(self.seed)  # noise other than alpha
-        self.alpha_state = make_rng_state(self.seed, self.device)  # alpha draws (Philox, both backends)
+        stream_seed = rank_seed(self.seed, self.rank)  # = seed in one process
+        self.generator = torch.Generator(self.device).manual_seed(stream_seed)  # noise other than alpha
+        self.alpha_state = make_rng_state(stream_seed, self.device)  # alpha draws (Philox, both backends)
+        self.skip_nonfinite = bool(skip_nonfinite)
+        self._range_checked = False
         self.nimg = 0  # images trained on
         self.steps = 0
         self._labels_checked = False
@@ -157,6 +177,10 @@ class ACAITrainer:
         if self.cuda_graph:
             from .engine.graphs import StepGraphs
             self.graphs = StepGraphs(self.device)
+        self._gradient_average = None  # torchrun: every .grad averaged over the ranks before Adam
+        if distributed is not None:
+            self._gradient_average = distributed.gradient_average(
+                [p for group in self.optimizer.param_groups for p in group["params"]])
         log.info("ACAITrainer: model=%s backend=%s (asked %s), %s activations, on %s%s", self.model.name,
                  self.backend, backend, str(self.dtype).replace("torch.", ""), self.device,
                  ", CUDA graphs" if self.cuda_graph else "")
@@ -213,14 +237,15 @@ class ACAITrainer:
 
         Returns the logged losses as 0-d tensors on the device (float() them to read; they are not
         synchronised, so a loop of steps never waits for the GPU)."""
-        x, labels = self._check_batch(x, labels)
+        x, labels = self._check_batch(x, labels, training=True)
         for net in self._networks():
             net.train()
         if self.graphs is not None:
-            losses = self.graphs.run((tuple(x.shape), labels is not None), self._train_step, x, labels)
+            key = (tuple(x.shape), labels is not None, self.skip_nonfinite)
+            losses = self.graphs.run(key, self._train_step, x, labels)
         else:
             losses = self._train_step(x, labels)
-        self.nimg += x.shape[0]
+        self.nimg += x.shape[0] * self.world_size  # global images: every rank stepped on as many
         self.steps += 1
         return losses
 
@@ -236,9 +261,22 @@ class ACAITrainer:
         else:
             for p in self.probe.parameters():
                 p.grad = None  # no labels: Adam leaves the probe alone
+        self._before_update(losses)
         self.optimizer.step()
         self.model.after_update()
         return losses
+
+    def _before_update(self, losses: dict[str, torch.Tensor]) -> None:
+        """Between the gradients and Adam. torchrun: average every gradient over the ranks (one
+        all_reduce, acai_fast.distributed). skip_nonfinite: gate the update on every rank's losses
+        being finite, through fused Adam's found_inf input (GradScaler's contract: 1 skips the whole
+        update and its step count). Neither waits for the GPU."""
+        found = None
+        if self.skip_nonfinite:
+            found = (~torch.isfinite(torch.stack([v.float() for v in losses.values()]))).any().float()
+        if self._gradient_average is not None:
+            found = self._gradient_average(found)  # summed over the ranks: any rank's non-finite loss
+        self.optimizer.found_inf = None if found is None else (found > 0).float()
 
     def _autograd_gradients(self, x: torch.Tensor):
         """The model's objectives in autograd; each objective's gradient reaches its own group only."""
@@ -271,7 +309,7 @@ class ACAITrainer:
         accuracy = (logits.argmax(1) == labels).float().mean()
         return dict(probe_loss=loss.detach(), probe_accuracy=accuracy.detach())
 
-    def _check_batch(self, x, labels):
+    def _check_batch(self, x, labels, training: bool = False):
         cfg = self.config
         if not isinstance(x, torch.Tensor):
             raise ValueError(f"x must be a torch.Tensor, got {type(x).__name__}")
@@ -282,6 +320,8 @@ class ACAITrainer:
             raise ValueError("x must hold at least one image")
         if not x.is_floating_point():
             raise ValueError(f"x must be a floating-point tensor in [-1, 1], got {x.dtype}")
+        if training:
+            self._check_training_images(x)
         x = x.to(self.device, torch.float32, non_blocking=True)
         if labels is None:
             return x, None
@@ -297,6 +337,24 @@ class ACAITrainer:
                 raise ValueError(f"labels must lie in [0, {cfg.nclass}) (config.nclass), got [{lo}, {hi}]")
             self._labels_checked = True
         return x, labels.to(self.device, torch.long, non_blocking=True)
+
+    def _check_training_images(self, x: torch.Tensor) -> None:
+        """A training batch holds pairs to mix and values in [-1, 1] (no NaN). The range is checked
+        on every batch that is on the CPU (before it moves: ~20 us for 64 images) and on the first
+        batch that is already on a GPU (reading it back costs a sync; later NaNs there show up as
+        non-finite losses, which fit() reports)."""
+        if x.shape[0] < 2:
+            raise ValueError(f"a training batch needs at least 2 images (mixing pairs image i with "
+                             f"image N-1-i), got {x.shape[0]}")
+        if x.device.type != "cpu" and self._range_checked:
+            return
+        lo, hi = (float(v) for v in torch.aminmax(x))
+        if math.isnan(lo) or math.isnan(hi):
+            raise ValueError("x holds NaN values; training images must lie in [-1, 1]")
+        if lo < -1 - INPUT_RANGE_SLACK or hi > 1 + INPUT_RANGE_SLACK:
+            raise ValueError(f"x must lie in [-1, 1] (pixels scaled x * 2/255 - 1), got values in "
+                             f"[{lo:.4g}, {hi:.4g}]")
+        self._range_checked = True
 
     # ------------------------------------------------------------------ inference
     @torch.no_grad()
@@ -341,22 +399,31 @@ class ACAITrainer:
 
     # ------------------------------------------------------------------ checkpoints
     def state_dict(self) -> dict:
-        return dict(
-            version=CHECKPOINT_VERSION, model_name=self.model.name, config=self.config.to_dict(),
-            backend=self.backend, seed=self.seed, nimg=self.nimg, steps=self.steps,
+        """The whole training state as plain data (tensors, dicts, lists, numbers, strings: it loads
+        with torch.load(weights_only=True)). In a torchrun job it also holds every rank's random
+        streams (rank_states), gathered from all ranks: every rank must call it."""
+        state = dict(
+            version=CHECKPOINT_VERSION, package_version=package_version(), model_name=self.model.name,
+            config=self.config.to_dict(), backend=self.backend, seed=self.seed, nimg=self.nimg,
+            steps=self.steps, world_size=self.world_size,
             model=self.model.state_dict(), probe=self.probe.state_dict(),
             optimizer=self.optimizer.state_dict(),
             generator=self.generator.get_state(), generator_device=self.device.type,
             alpha_state=self.alpha_state.cpu(),
         )
+        if self.distributed is not None:
+            generators = self.distributed.gather_host(self.generator.get_state())
+            alphas = self.distributed.gather_host(self.alpha_state)
+            state["rank_states"] = [dict(generator=g, alpha_state=a) for g, a in zip(generators, alphas)]
+        return state
 
     def save(self, path: str | os.PathLike) -> None:
-        """Write the whole training state to `path` atomically (a temporary file, then a rename)."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp")
-        torch.save(self.state_dict(), tmp)
-        os.replace(tmp, path)
+        """Write the whole training state to `path` atomically (acai_fast.checkpoint: a temporary
+        file, fsync, rename; the previous file stays whole until the new one is complete). In a
+        torchrun job every rank calls it (it gathers the ranks' random streams); rank 0 writes."""
+        state = self.state_dict()
+        if self.distributed is None or self.distributed.is_main:
+            save_checkpoint(state, path)
 
     def load_state_dict(self, state: dict) -> None:
         """Restore weights, optimiser states, counters and random streams (any backend's state)."""
@@ -369,15 +436,29 @@ class ACAITrainer:
         self.optimizer.load_state_dict(copy.deepcopy(state["optimizer"]))
         self.match_optimizer_layouts()
         self.nimg, self.steps = state["nimg"], state["steps"]
-        if state["generator_device"] == self.device.type:
-            self.generator.set_state(state["generator"])
+        generator, alpha_state = self._saved_streams(state)
+        if generator is not None and state["generator_device"] == self.device.type:
+            self.generator.set_state(generator)
         else:  # generator states do not carry across device types: reseed reproducibly instead
-            log.warning("checkpoint from %s loaded on %s: noise draws restart from seed %d + step",
-                        state["generator_device"], self.device.type, self.seed)
-            self.generator.manual_seed(self.seed + self.steps)
-        self.alpha_state.copy_(state["alpha_state"])  # plain integers: carries across devices
+            log.warning("checkpoint from %s (%d process(es)) loaded on %s (%d): noise draws restart "
+                        "from this rank's seed + step", state["generator_device"],
+                        state.get("world_size", 1), self.device.type, self.world_size)
+            self.generator.manual_seed(rank_seed(self.seed, self.rank) + self.steps)
+        self.alpha_state.copy_(alpha_state)  # plain integers: carries across devices
         if self.engine is not None:
             self.engine.reload_parameters()
+
+    def _saved_streams(self, state: dict):
+        """This rank's saved (generator state or None, alpha state): its own when the checkpoint
+        came from a job of as many ranks; rank 0's (= the one-process streams) for rank 0; else the
+        rank's alpha stream restarts from rank_seed at the saved position (a new world size)."""
+        ranks = state.get("rank_states")
+        if ranks is not None and len(ranks) == self.world_size:
+            return ranks[self.rank]["generator"], ranks[self.rank]["alpha_state"]
+        if self.rank == 0:
+            return state["generator"], state["alpha_state"]
+        offset = int(state["alpha_state"][1])
+        return None, make_rng_state(rank_seed(self.seed, self.rank), "cpu", offset=offset)
 
     def match_optimizer_layouts(self) -> None:
         """Give Adam's moments their parameter's memory layout. Fused Adam walks a parameter and its
@@ -391,17 +472,26 @@ class ACAITrainer:
 
     @classmethod
     def load(cls, path: str | os.PathLike, device=None, backend: str = "auto",
-             dtype=None, cuda_graph: bool | None = None) -> "ACAITrainer":
+             dtype=None, cuda_graph: bool | None = None, distributed=None,
+             skip_nonfinite: bool = False) -> "ACAITrainer":
         """A trainer restored from `path` (weights, optimiser states, counters, random streams).
-        Any backend can continue any checkpoint: the weights are fp32 whatever trained them."""
-        path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"no checkpoint at {path}")
-        state = torch.load(path, map_location="cpu", weights_only=False)
-        if not isinstance(state, dict) or state.get("version") != CHECKPOINT_VERSION:
-            raise ValueError(f"{path} is not an acai_fast checkpoint (version {CHECKPOINT_VERSION})")
-        trainer = cls(ACAIConfig.from_dict(state["config"]), backend=backend, device=device,
-                      seed=state["seed"], dtype=dtype, cuda_graph=cuda_graph,
-                      model=state["model_name"])
-        trainer.load_state_dict(state)
+        Any backend can continue any checkpoint: the weights are fp32 whatever trained them.
+
+        The file is read as data (acai_fast.checkpoint.load_checkpoint, weights_only=True): a
+        missing file raises FileNotFoundError; a truncated, foreign, crafted or wrong-version file,
+        or one whose contents do not fit, raises CheckpointError (a ValueError) in one line."""
+        state = load_checkpoint(path)
+        try:
+            config = ACAIConfig.from_dict(state["config"])
+        except (TypeError, ValueError) as exc:
+            raise CheckpointError(f"{path}: its config is not valid ({str(exc).splitlines()[0]})") from None
+        trainer = cls(config, backend=backend, device=device, seed=state["seed"], dtype=dtype,
+                      cuda_graph=cuda_graph, model=state["model_name"], distributed=distributed,
+                      skip_nonfinite=skip_nonfinite)
+        try:
+            trainer.load_state_dict(state)
+        except (KeyError, IndexError, TypeError, RuntimeError) as exc:
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise CheckpointError(f"{path}: its weights or optimiser state do not fit this model "
+                                  f"({first[:200]})") from None
         return trainer

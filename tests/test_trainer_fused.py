@@ -87,7 +87,18 @@ def test_fused_equals_reference_for_every_advweight(advweight):
 
 @pytest.mark.parametrize("n", (1, 2), ids=["single", "pair"])
 def test_fused_tiny_batches(n):
-    """N=1 mixes an image with itself; N=2 mixes the two: the row bookkeeping of the 2N/3N buffers."""
+    """N=2 mixes the two images: the row bookkeeping of the 2N/3N buffers. N=1 would mix an image
+    with itself: both backends refuse it (mixing needs pairs), as does a config with batch 1."""
+    if n == 1:
+        with pytest.raises(ValueError, match="batch must be >= 2"):
+            ACAIConfig(**{**RGB_LIKE, "batch": 1})
+        x, labels = batch(RGB_LIKE)
+        for backend in ("fused", "reference"):
+            trainer = make(RGB_LIKE, backend)
+            with pytest.raises(ValueError, match="at least 2 images"):
+                trainer.step(x[:1], labels[:1])
+            assert trainer.steps == 0 and int(trainer.alpha_state[1]) == 0  # nothing ran
+        return
     config = {**RGB_LIKE, "batch": n}
     fused, ref = make(config, "fused"), make(config, "reference")
     compare_step(fused, ref, *batch(config), 0)
