@@ -116,7 +116,7 @@ def check_state(state, path: str | os.PathLike = "checkpoint") -> None:
         written_by = state.get("package_version")
         by = f" by acai_fast {written_by}" if isinstance(written_by, str) else ""
         raise CheckpointError(f"{path} has checkpoint format version {version!r} (written{by}); this "
-                              f"acai_fast ({_package_version()}) reads versions "
+                              f"acai_fast ({package_version()}) reads versions "
                               f"{', '.join(map(str, READABLE_VERSIONS))}")
     missing = [k for k in REQUIRED_KEYS if k not in state]
     if missing:
@@ -210,6 +210,7 @@ def _mib(n: int) -> str:
     return f"{n / 2 ** 20:.1f} MiB"
 
 
-def _package_version() -> str:
+def package_version() -> str:
+    """acai_fast.__version__ (read at call time: this module is imported by the package itself)."""
     from . import __version__
     return __version__
