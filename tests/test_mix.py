@@ -227,14 +227,16 @@ def compile_sm90():
         p, ints = "*" + dt, dict(N="i32", D="i32")
         for draw in (True, False):
             ptx = compile_(mm._mix_fwd_kernel, dict(Z_ptr=p, Zmix_ptr=p, Alpha_ptr="*fp32",
-                                                    State_ptr="*i64" if draw else "*fp32", **ints),
+                                                    State_ptr="*i64" if draw else "*fp32", **ints,
+                                                    stride_zr="i32", stride_mr="i32"),
                            dict(DRAW=draw, BLOCK_D=64))
             if draw:
                 assert "mul.f32" in ptx and "0f2FFFFFFF" in ptx, "alpha is not float(y) * scale"
                 assert ptx.count("atom.global.gpu.acq_rel.add.u64") == 1
                 assert ptx.index("bar.sync") < ptx.index("atom.global")
         for acc in (True, False):
-            compile_(mm._mix_bwd_kernel, dict(G_ptr=p, Alpha_ptr="*fp32", Dz_ptr=p, **ints),
+            compile_(mm._mix_bwd_kernel, dict(G_ptr=p, Alpha_ptr="*fp32", Dz_ptr=p, **ints,
+                                              stride_gr="i32", stride_dr="i32"),
                      dict(ACCUMULATE=acc, BLOCK_D=1024))
     ptx = compile_(mm._alpha_draw_kernel, dict(Alpha_ptr="*fp32", State_ptr="*i64", N="i32"), dict(BLOCK=64))
     assert "mul.f32" in ptx and ptx.index("bar.sync") < ptx.rindex("st.global")
@@ -256,6 +258,29 @@ def test_draw_alpha_is_the_mix_draw(n):
     assert torch.equal(alpha, expected[:n])
     with pytest.raises(ValueError, match="positive int"):
         mm.draw_alpha(state, 0)
+
+
+@pytest.mark.parametrize("backend", ("triton", "reference"))
+def test_array_of_runs_equals_single_runs(backend):
+    """mix_fwd_runs / mix_bwd_runs over R=3 runs (own seeds, row blocks of bigger buffers) equal R
+    single-run calls bit for bit, and advance each run's own stream."""
+    runs, n, shape = 3, 5, (2, 3, 3)
+    big = torch.randn(runs, 2 * n, *shape, device=DEVICE)
+    z, out = big[:, :n], big[:, n:]
+    states = mm.make_rng_states([3, 9, 3], DEVICE)
+    singles = [make_rng_state(s, DEVICE) for s in (3, 9, 3)]
+    z_mix, alpha = mm.mix_fwd_runs(z, states.clone(), out=out, backend=backend)
+    assert z_mix.data_ptr() == out.data_ptr()
+    g = torch.randn(runs, n, *shape, device=DEVICE)
+    dz = torch.randn(runs, n, *shape, device=DEVICE)
+    dz_runs = mm.mix_bwd_runs(g, alpha, dz=dz.clone(), backend=backend)
+    for r in range(runs):
+        zm1, a1 = mix_fwd(z[r].contiguous(), state=singles[r], backend=backend)
+        assert torch.equal(z_mix[r], zm1) and torch.equal(alpha[r], a1), r
+        assert torch.equal(dz_runs[r], mix_bwd(g[r], a1, dz=dz[r].clone(), backend=backend)), r
+    assert torch.equal(alpha[0], alpha[2]) and not torch.equal(alpha[0], alpha[1])  # seeds 3, 9, 3
+    with pytest.raises(ValueError, match="runs, 3"):
+        mm.mix_fwd_runs(z, states[0])
 
 
 @pytest.mark.skipif(HAS_GPU, reason="the GPU tests compile and run the kernels")

@@ -120,7 +120,7 @@ def mix_bwd_ref(g: torch.Tensor, alpha: torch.Tensor, *, upcast: bool = False) -
 
 
 @triton.jit
-def _mix_fwd_kernel(Z_ptr, Zmix_ptr, Alpha_ptr, State_ptr, N, D,
+def _mix_fwd_kernel(Z_ptr, Zmix_ptr, Alpha_ptr, State_ptr, N, D, stride_zr, stride_mr,
                     DRAW: tl.constexpr, BLOCK_D: tl.constexpr):
     """Forward: z_mix[i] = a_i z[i] + (1 - a_i) z[j], z_mix[j] = a_j z[j] + (1 - a_j) z[i], fp32 math.
 
@@ -128,9 +128,16 @@ def _mix_fwd_kernel(Z_ptr, Zmix_ptr, Alpha_ptr, State_ptr, N, D,
     to 2.4e-7) with seed, offset = State[0], State[1];
     programs of column block 0 store a_i, a_j to Alpha; the last program to finish (ticket from an
     atomic on State[2], after a barrier so that every read of the offset is done) stores
-    offset + N and resets the ticket counter. Otherwise a = Alpha[row]."""
+    offset + N and resets the ticket counter. Otherwise a = Alpha[row].
+    Runs (grid axis 2): run r mixes its own rows with its own alphas, drawn from its own state
+    State[r] (seeds differ per run), its z and z_mix moved by their run strides."""
     pid_p = tl.program_id(0)
     pid_c = tl.program_id(1)
+    run = tl.program_id(2).to(tl.int64)
+    Z_ptr += run * stride_zr
+    Zmix_ptr += run * stride_mr
+    Alpha_ptr += run * N
+    State_ptr += run * 3
     i = pid_p.to(tl.int64)
     j = N - 1 - i
     two = tl.arange(0, 2)
@@ -165,12 +172,17 @@ def _mix_fwd_kernel(Z_ptr, Zmix_ptr, Alpha_ptr, State_ptr, N, D,
 
 
 @triton.jit
-def _mix_bwd_kernel(G_ptr, Alpha_ptr, Dz_ptr, N, D,
+def _mix_bwd_kernel(G_ptr, Alpha_ptr, Dz_ptr, N, D, stride_gr, stride_dr,
                     ACCUMULATE: tl.constexpr, BLOCK_D: tl.constexpr):
     """Backward: dz[i] (+)= a_i g[i] + (1 - a_j) g[j], dz[j] (+)= a_j g[j] + (1 - a_i) g[i], fp32
-    math, one rounding to dz's dtype; both rows of dz are read before either is written."""
+    math, one rounding to dz's dtype; both rows of dz are read before either is written.
+    Runs: grid axis 2, as in the forward."""
     pid_p = tl.program_id(0)
     pid_c = tl.program_id(1)
+    run = tl.program_id(2).to(tl.int64)
+    G_ptr += run * stride_gr
+    Dz_ptr += run * stride_dr
+    Alpha_ptr += run * N
     i = pid_p.to(tl.int64)
     j = N - 1 - i
     ai = tl.load(Alpha_ptr + i)
@@ -211,9 +223,9 @@ def _alpha_draw_kernel(Alpha_ptr, State_ptr, N, BLOCK: tl.constexpr):
 # ------------------------------------------------------------------------------------------------
 
 
-def _triton_grid(n, d):
+def _triton_grid(n, d, runs=1):
     block_d = min(triton.next_power_of_2(d), 1024)
-    return ((n + 1) // 2, triton.cdiv(d, block_d)), block_d
+    return ((n + 1) // 2, triton.cdiv(d, block_d), runs), block_d
 
 
 def _check_z(op, name, z):
@@ -326,7 +338,7 @@ def mix_fwd(z: torch.Tensor, alpha: torch.Tensor | None = None, *, state: torch.
         else:
             grid, block_d = _triton_grid(n, d)
             _mix_fwd_kernel[grid](z, z_mix, alpha_out, state if state is not None else alpha_out, n, d,
-                                  DRAW=state is not None, BLOCK_D=block_d)
+                                  0, 0, DRAW=state is not None, BLOCK_D=block_d)
     return z_mix, alpha_out
 
 
@@ -370,8 +382,86 @@ def mix_bwd(g: torch.Tensor, alpha: torch.Tensor, *, dz: torch.Tensor | None = N
                                      _ext.dtype_code(g.dtype), accumulate, _ext.stream_handle(g.device))
         else:
             grid, block_d = _triton_grid(n, d)
-            _mix_bwd_kernel[grid](g, alpha, dz, n, d, ACCUMULATE=accumulate, BLOCK_D=block_d)
+            _mix_bwd_kernel[grid](g, alpha, dz, n, d, 0, 0, ACCUMULATE=accumulate, BLOCK_D=block_d)
     return dz
+
+
+def _check_runs(op, name, t, runs):
+    """An array tensor: (runs, N, ...) with every run contiguous (any run stride)."""
+    if not isinstance(t, torch.Tensor) or t.dim() < 2 or t.shape[0] != runs:
+        raise ValueError(f"{op}: {name} must be (runs={runs}, N, ...), got "
+                         f"{tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__}")
+    _check_z(op, f"{name}[0]", t[0])
+
+
+def mix_fwd_runs(z: torch.Tensor, state: torch.Tensor, *, out: torch.Tensor | None = None,
+                 backend: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
+    """`mix_fwd` for an array of R runs in one launch: z (R, N, ...) with every run contiguous (any
+    run stride, e.g. row blocks of a bigger buffer), state (R, 3) (one Philox stream per run, see
+    make_rng_states) -> (z_mix (R, N, ...) or into `out`, alpha (R, N)). R = 1 is exactly
+    `mix_fwd` (and may use the CUDA twin); R > 1 runs the Triton kernel (or the reference)."""
+    op = "mix"
+    runs = state.shape[0] if isinstance(state, torch.Tensor) and state.dim() == 2 else -1
+    if runs < 1 or tuple(state.shape[1:]) != (RNG_STATE_SIZE,):
+        raise ValueError(f"{op}: state of an array must be (runs, {RNG_STATE_SIZE}) int64 (make_rng_states)")
+    _check_runs(op, "z", z, runs)
+    if out is not None:
+        _check_runs(op, "out", out, runs)
+    if runs == 1:
+        z_mix, alpha = mix_fwd(z[0], state=state[0], out=out[0] if out is not None else None, backend=backend)
+        return (out if out is not None else z_mix.unsqueeze(0)), alpha.unsqueeze(0)
+    name = _ext.resolve_backend(op, z, backend)
+    name = "triton" if name == "cuda" else name  # the CUDA twin has no run axis
+    _ext.check_backend_runs(op, name, z.device)
+    n, d = z.shape[1], z[0].numel() // z.shape[1]
+    if out is None:
+        out = torch.empty_like(z)
+    if name == "reference":
+        alphas = []
+        for r in range(runs):
+            z_mix, alpha = mix_fwd(z[r], state=state[r], backend="reference")
+            out[r].copy_(z_mix)
+            alphas.append(alpha)
+        return out, torch.stack(alphas)
+    alpha = torch.empty(runs, n, dtype=torch.float32, device=z.device)
+    with torch.cuda.device(z.device) if z.is_cuda else contextlib.nullcontext():
+        grid, block_d = _triton_grid(n, d, runs)
+        _mix_fwd_kernel[grid](z, out, alpha, state, n, d, z.stride(0), out.stride(0), DRAW=True,
+                              BLOCK_D=block_d)
+    return out, alpha
+
+
+def mix_bwd_runs(g: torch.Tensor, alpha: torch.Tensor, *, dz: torch.Tensor,
+                 backend: str = "auto") -> torch.Tensor:
+    """`mix_bwd` with dz given (accumulate), for an array of R runs in one launch: g and dz
+    (R, N, ...) with every run contiguous, alpha (R, N). Returns dz."""
+    op = "mix_bwd"
+    runs = g.shape[0] if isinstance(g, torch.Tensor) and g.dim() >= 2 else -1
+    _check_runs(op, "g", g, runs)
+    _check_runs(op, "dz", dz, runs)
+    if not isinstance(alpha, torch.Tensor) or tuple(alpha.shape) != (runs, g.shape[1]):
+        raise ValueError(f"{op}: alpha of an array must be (runs, N) = {(runs, g.shape[1])}")
+    if runs == 1:
+        mix_bwd(g[0], alpha[0], dz=dz[0], backend=backend)
+        return dz
+    name = _ext.resolve_backend(op, g, backend)
+    name = "triton" if name == "cuda" else name
+    _ext.check_backend_runs(op, name, g.device)
+    if name == "reference":
+        for r in range(runs):
+            mix_bwd(g[r], alpha[r], dz=dz[r], backend="reference")
+        return dz
+    n, d = g.shape[1], g[0].numel() // g.shape[1]
+    with torch.cuda.device(g.device) if g.is_cuda else contextlib.nullcontext():
+        grid, block_d = _triton_grid(n, d, runs)
+        _mix_bwd_kernel[grid](g, alpha, dz, n, d, g.stride(0), dz.stride(0), ACCUMULATE=True,
+                              BLOCK_D=block_d)
+    return dz
+
+
+def make_rng_states(seeds, device) -> torch.Tensor:
+    """The (runs, 3) int64 Philox states of an array of runs, one `make_rng_state(seed)` per run."""
+    return torch.stack([make_rng_state(int(s), "cpu") for s in seeds]).to(device)
 
 
 def draw_alpha(state: torch.Tensor, n: int, *, backend: str = "auto") -> torch.Tensor:
