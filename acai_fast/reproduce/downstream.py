@@ -1,0 +1,308 @@
+"""`acai-fast reproduce probe|cluster`: the paper's downstream tables (Berthelot et al. 2019, the
+linear-probe and the clustering tables) on MNIST, SVHN or CIFAR-10, trained and scored as the paper
+does (SPEC.md section 5).
+
+Every model trains on the dataset's training split (GPU-resident batches, acai_fast.data.batches)
+with the linear probe on its detached latent; then
+- probe: each run's number is the median of the probe's test accuracy over its last 20 evaluations
+  (acai_fast.reproduce.common.run_statistic; evaluations before those are skipped: they would cost
+  time and change nothing);
+- cluster: each run's number is the clustering accuracy of its final latents: the first 60,000
+  training images fitted, the test set scored (acai_fast.eval.cluster, `restarts` K-means
+  initialisations, 1000 in the paper);
+then mean +- std over runs. Outputs in OUT (P = the preset, e.g. mnist32):
+    TASK_P_table.md            our numbers beside the paper's (SPEC.md section 4; n/a where SPEC has none)
+    TASK_P_results.json        every number, per run and per model, and the settings
+    TASK_P_interpolations.png  a grid of test-pair interpolations per model (first run)
+    runs/P/MODEL/seedS/        each run's metrics.jsonl, checkpoint.pt, interpolations.png,
+                               clustering.json; an existing run is continued, not retrained, so
+                               `reproduce cluster` after `reproduce probe` with the same OUT reuses it.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import time
+from pathlib import Path
+
+import torch
+
+from ..config import PRESETS, ACAIConfig
+from .common import format_mean_std, markdown_table, mean_std, run_statistic
+
+TASKS = ("probe", "cluster")
+DATASET_FAMILY = {"mnist": "mnist", "svhn": "svhn", "cifar10": "cifar"}  # dataset -> preset family
+# ACAI's linear-probe test accuracy (%) as SPEC.md section 4 recalls it from the paper: (dataset,
+# latent dims) -> number. SPEC gives no clustering numbers and none for other models: n/a.
+PAPER_PROBE = {("mnist", 32): 98.25, ("mnist", 256): 99.00, ("svhn", 256): 85.14,
+               ("cifar10", 256): 52.77, ("cifar10", 1024): 63.99}
+PAPER = {"probe": {("acai",) + k: v for k, v in PAPER_PROBE.items()}, "cluster": {}}
+WINDOW = 20  # the paper's per-run statistic: median of the last 20 evaluations
+MAX_TRAIN_LATENTS = 60000  # the paper clusters the latents of up to 60,000 training images
+SHOW_PAIRS = 8  # rows of each model's grid in TASK_P_interpolations.png
+
+
+@dataclasses.dataclass
+class DownstreamRun:
+    """One trained run: its number for the task, and what produced it."""
+    model: str
+    seed: int
+    kimg: float
+    value: float  # probe: median test accuracy of the last 20 evaluations; cluster: test accuracy
+    seconds: float
+    backend: str
+    details: dict
+
+
+def preset_for(dataset: str, latent: int) -> str:
+    """The paper's preset for `dataset` at `latent` dims (e.g. mnist, 32 -> mnist32); ValueError
+    listing the valid choices otherwise."""
+    if dataset not in DATASET_FAMILY:
+        raise ValueError(f"dataset must be one of {', '.join(DATASET_FAMILY)}, got {dataset!r}")
+    family = DATASET_FAMILY[dataset]
+    valid = [int(p[len(family):]) for p in PRESETS if p.startswith(family) and p[len(family):].isdigit()]
+    if latent not in valid:
+        raise ValueError(f"--latent for {dataset} must be one of {', '.join(map(str, valid))} "
+                         f"(the paper's presets), got {latent}")
+    return f"{family}{latent}"
+
+
+def resolve_models(models) -> list[str]:
+    """"all" (every model of acai_fast.models.MODELS, ACAI first), a comma-separated string or a
+    list of names -> the validated list of names."""
+    from ..models import MODELS
+
+    if isinstance(models, str):
+        names = (["acai"] + [m for m in MODELS if m != "acai"] if models == "all"
+                 else [m.strip() for m in models.split(",") if m.strip()])
+    else:
+        names = list(models)
+    unknown = [m for m in names if m not in MODELS]
+    if not names or unknown:
+        raise ValueError(f"unknown model(s) {', '.join(map(repr, unknown)) or '(none given)'}; "
+                         f"valid: all or a comma-separated list of {', '.join(MODELS)}")
+    if len(set(names)) != len(names):
+        raise ValueError(f"models listed twice: {names}")
+    return names
+
+
+def check_arguments(task: str, dataset: str, latent: int, models="all", kimg: float = 16384,
+                    runs: int = 1, eval_kimg: float = 64, restarts: int = 1000,
+                    config_overrides: dict | None = None) -> tuple[ACAIConfig, list[str]]:
+    """Validate reproduce_downstream's arguments before any data is read or anything trains
+    (ValueError with the reason); returns the configuration and the model names."""
+    if task not in TASKS:
+        raise ValueError(f"task must be one of {', '.join(TASKS)}, got {task!r}")
+    config = ACAIConfig.preset(preset_for(dataset, latent), **(config_overrides or {}))
+    names = resolve_models(models)
+    for name, value in (("kimg", kimg), ("eval_kimg", eval_kimg)):
+        if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
+            raise ValueError(f"{name} must be a number > 0, got {value!r}")
+    for name, value in (("runs", runs), ("restarts", restarts)):
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    if eval_kimg * 1024 < config.batch:
+        raise ValueError(f"eval_kimg={eval_kimg:g} is less than one batch ({config.batch} images)")
+    return config, names
+
+
+def evaluation_points(total_img: int, eval_img: int, window: int = WINDOW) -> list[int]:
+    """The image counts at which fit() evaluates (every eval_img, and at the end), last `window`
+    of them only: the ones the per-run median reads."""
+    points = list(range(eval_img, total_img, eval_img)) + [total_img]
+    return points[-window:]
+
+
+def reproduce_downstream(task: str, dataset: str, latent: int, data: str | os.PathLike,
+                         out: str | os.PathLike, *, models="all", kimg: float = 16384, runs: int = 1,
+                         eval_kimg: float = 64, restarts: int = 1000, backend: str = "auto",
+                         device=None, seed: int = 0, config_overrides: dict | None = None,
+                         progress: bool = True) -> dict:
+    """Train `runs` runs of each model on `dataset` at `latent` dims for `kimg` thousand (x1024)
+    images, score them for `task` ("probe" or "cluster") as the paper does and write the table, the
+    figure and per-run folders into `out` (see the module docstring). Run r has seed `seed + r`.
+
+    data: the dataset folder (acai_fast.data.load_dataset); restarts: K-means initialisations
+    (cluster); config_overrides: ACAIConfig fields to change (tests use tiny networks).
+    Returns the dict written to TASK_P_results.json."""
+    from tqdm.auto import tqdm
+
+    from ..data import load_pixels
+    from ..data.common import to_unit_range
+
+    config, names = check_arguments(task, dataset, latent, models, kimg, runs, eval_kimg, restarts,
+                                    config_overrides)
+    preset = preset_for(dataset, latent)
+    x_train, y_train = load_pixels(dataset, data, "train")
+    x_test, y_test = load_pixels(dataset, data, "test")
+    total_img, eval_img = int(round(kimg * 1024)), int(round(eval_kimg * 1024))
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    first_scored = evaluation_points(total_img, eval_img)[0]
+    preview = (to_unit_range(x_test[:SHOW_PAIRS]), to_unit_range(x_test[SHOW_PAIRS:2 * SHOW_PAIRS]))
+
+    run_img = -(-total_img // config.batch) * config.batch  # fit() trains whole batches
+    bar = tqdm(total=run_img * runs * len(names), disable=not progress, dynamic_ncols=True, unit="img",
+               unit_scale=True, bar_format="{desc} {percentage:3.0f}%|{bar}| [{elapsed} elapsed, {remaining} left]")
+    results: dict[str, list[DownstreamRun]] = {m: [] for m in names}
+    shown: dict[str, torch.Tensor] = {}
+    device_name = None
+    try:
+        for name in names:
+            for r in range(runs):
+                bar.set_description(f"{task} {preset}: {name} run {r + 1}/{runs}")
+                run_dir = out / "runs" / preset / name / f"seed{seed + r}"
+                trainer = _trainer(run_dir, config, backend, device, seed + r, name)
+                device_name = str(trainer.device)
+                test_x = to_unit_range(x_test.to(trainer.device))
+
+                def evaluate(t):
+                    if t.nimg < first_scored:
+                        return {}
+                    from ..eval.probe import probe_accuracy
+                    return dict(test_probe_accuracy=probe_accuracy(t, test_x, y_test))
+
+                t0 = time.perf_counter()
+                bar.update(min(trainer.nimg, run_img))  # a continued run's images count as done
+                trainer.fit(_counted(trainer, x_train, y_train, bar), kimg=kimg, eval_kimg=eval_kimg,
+                            out_dir=run_dir, evaluate=evaluate, progress=False, preview=preview)
+                history = _read_history(run_dir)
+                details = dict(probe=run_statistic(history, "test_probe_accuracy", WINDOW))
+                if task == "cluster":
+                    bar.set_description(f"{task} {preset}: {name} run {r + 1}/{runs} (k-means)")
+                    details.update(_clustering(run_dir, trainer, x_train, y_train, x_test, y_test,
+                                               restarts, seed + r))
+                value = details["probe"] if task == "probe" else details["accuracy"]
+                run = DownstreamRun(name, seed + r, round(trainer.nimg / 1024, 3), value,
+                                    time.perf_counter() - t0, trainer.backend, details)
+                results[name].append(run)
+                if r == 0:
+                    shown[name] = trainer.interpolate(*preview)
+                bar.write(f"{name} run {r + 1}/{runs} (seed {seed + r}, {trainer.backend}, "
+                          f"{run.kimg:g} kimg, {run.seconds:.0f} s): {task} accuracy {value:.4f}")
+    finally:
+        bar.close()
+
+    settings = dict(task=task, dataset=dataset, latent=latent, preset=preset, kimg=kimg, runs=runs,
+                    eval_kimg=eval_kimg, window=WINDOW, restarts=restarts if task == "cluster" else None,
+                    seed=seed, device=device_name, config=config.to_dict(),
+                    train_images=int(x_train.shape[0]), test_images=int(x_test.shape[0]))
+    summary = {m: dict(zip(("mean", "std"), mean_std(r.value for r in rs))) for m, rs in results.items()}
+    record = dict(settings=settings, summary=summary,
+                  runs=[dataclasses.asdict(r) for rs in results.values() for r in rs])
+    stem = f"{task}_{preset}"
+    with open(out / f"{stem}_results.json", "w") as f:
+        json.dump(_strict_json(record), f, indent=1)
+    (out / f"{stem}_table.md").write_text(downstream_table(summary, settings))
+    save_interpolation_figure(shown, out / f"{stem}_interpolations.png", title=f"{preset} test pairs")
+    return record
+
+
+def downstream_table(summary: dict, settings: dict) -> str:
+    """The Markdown table: one row per model, our mean +- std (%) beside the paper's number."""
+    task, dataset, latent = settings["task"], settings["dataset"], settings["latent"]
+    what = "linear probe test accuracy" if task == "probe" else "clustering test accuracy"
+    header = ["model", "dataset", "latent dims", f"{what} (%), ours", "paper (%)"]
+    rows = []
+    for model, s in summary.items():
+        paper = PAPER[task].get((model, dataset, latent))
+        rows.append([model, dataset, latent, format_mean_std(s["mean"], s["std"], scale=100),
+                     f"{paper:.2f}" if paper is not None else "n/a"])
+    how = (f"median of the last {settings['window']} evaluations per run (every {settings['eval_kimg']:g} kimg)"
+           if task == "probe" else
+           f"final latents, K-means with {settings['restarts']} restarts on up to "
+           f"{MAX_TRAIN_LATENTS:,} training latents, Hungarian-matched test accuracy")
+    note = (f"\n{settings['runs']} run(s) per model, {settings['kimg']:g} kimg each (the paper: 16384), "
+            f"on {settings['device']}; {how}; mean ± std over runs. Paper numbers: SPEC.md section 4"
+            f"{'' if task == 'probe' else ' (which gives none for clustering)'}.\n")
+    return f"### {task} accuracy, {settings['preset']}\n\n" + markdown_table(header, rows) + note
+
+
+def save_interpolation_figure(images: dict[str, torch.Tensor], path, title: str = "") -> None:
+    """One panel per model: rows of test-pair interpolations (first run), side by side."""
+    import matplotlib
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    from ..plotting import interpolation_grid
+
+    if not images:
+        return
+    grids = {name: interpolation_grid(imgs) for name, imgs in images.items()}
+    h, w = next(iter(grids.values())).shape[:2]
+    # at least one screen pixel per image pixel: panels of w x h pixels at 100 dpi, plus titles
+    fig, axes = plt.subplots(1, len(grids), figsize=(1.1 * w / 100 * len(grids), 1.1 * h / 100 + 0.8),
+                             squeeze=False)
+    for ax, (name, grid) in zip(axes[0], grids.items()):
+        ax.imshow(grid, cmap="gray" if grid.ndim == 2 else None, vmin=0, vmax=255, interpolation="nearest")
+        ax.set_title(name)
+        ax.axis("off")
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    tmp = f"{path}.tmp.png"
+    fig.savefig(tmp, dpi=100)
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
+def _trainer(run_dir: Path, config, backend, device, seed, name):
+    """The run's trainer: continued from run_dir/checkpoint.pt when there is one (same model and
+    configuration, else ValueError), else new."""
+    from ..trainer import ACAITrainer
+
+    checkpoint = run_dir / "checkpoint.pt"
+    if checkpoint.exists():
+        trainer = ACAITrainer.load(checkpoint, device=device, backend=backend)
+        if trainer.model.name != name or trainer.config != config or trainer.seed != seed:
+            raise ValueError(f"{checkpoint} holds another run ({trainer.model.name}, seed {trainer.seed}, "
+                             f"{trainer.config}); move it away or choose another --out")
+        return trainer
+    return ACAITrainer(config, backend=backend, device=device, seed=seed, model=name)
+
+
+def _counted(trainer, x_train, y_train, bar):
+    """Device-resident training batches from the trainer's own position, advancing `bar` by each
+    batch (fit() pulls one batch per step)."""
+    from ..data import DeviceBatches
+
+    for x, labels in DeviceBatches(x_train, y_train, batch=trainer.config.batch, seed=trainer.seed,
+                                   device=trainer.device, start_step=trainer.steps):
+        bar.update(x.shape[0])
+        yield x, labels
+
+
+def _clustering(run_dir: Path, trainer, x_train, y_train, x_test, y_test, restarts, seed) -> dict:
+    """The run's clustering result, cached in run_dir/clustering.json for its (kimg, restarts, seed)."""
+    from ..eval.cluster import evaluate_clustering
+
+    cache = run_dir / "clustering.json"
+    key = dict(nimg=trainer.nimg, restarts=restarts, seed=seed)
+    if cache.exists():
+        saved = json.loads(cache.read_text())
+        if all(saved.get(k) == v for k, v in key.items()):
+            return saved
+    t0 = time.perf_counter()
+    result = evaluate_clustering(trainer, x_train, y_train, x_test, y_test, restarts=restarts, seed=seed,
+                                 max_train=MAX_TRAIN_LATENTS)
+    result.update(key, seconds=round(time.perf_counter() - t0, 1))
+    cache.write_text(json.dumps(result, indent=1))
+    return result
+
+
+def _read_history(run_dir: Path) -> list[dict]:
+    path = run_dir / "metrics.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
+
+
+def _strict_json(obj):
+    """NaN -> None, recursively (strict JSON)."""
+    if isinstance(obj, float) and math.isnan(obj):
+        return None
+    if isinstance(obj, dict):
+        return {k: _strict_json(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_strict_json(v) for v in obj]
+    return obj
