@@ -223,20 +223,53 @@ def compile_sm90():
         ptxs.append(compile_(al._image_loss_fwd_kernel,
                              dict(X_ptr="*fp32", Ae_ptr=p, Dae_ptr=p, Xreal_ptr=p, Loss_ptr="*fp32",
                                   Partials_ptr="*fp32", Counter_ptr="*i32", M="i32", reg="fp32",
-                                  grad_scale="fp32"),
-                             dict(BLOCK=1024, MAX_PARTIALS=al.MAX_PARTIALS)))
+                                  grad_scale="fp32", Reg_ptr="*fp32", stride_xr="i32", stride_ar="i32",
+                                  stride_dr="i32", stride_rr="i32"),
+                             dict(BLOCK=1024, MAX_PARTIALS=al.MAX_PARTIALS, REG_PER_RUN=dt == "bf16")))
         for grad_maps in (True, False):
             ptxs.append(compile_(al._critic_loss_fwd_kernel,
                                  dict(Cmix_ptr=p, Creal_ptr=p, Alpha_ptr="*fp32", Gae_ptr=p, Gd_ptr=p,
                                       Gr_ptr=p, Losses_ptr="*fp32", Partials_ptr="*fp32",
                                       Counter_ptr="*i32", N="i32", K="i32", inv_k="fp32", scale="fp32",
-                                      advweight="fp32"),
+                                      advweight="fp32", Adv_ptr="*fp32", stride_mr="i32",
+                                      stride_rr="i32", stride_gr="i32"),
                                  dict(GRAD_MAPS=grad_maps, BLOCK_N=16, BLOCK_K=256,
-                                      MAX_PARTIALS=al.MAX_PARTIALS)))
+                                      MAX_PARTIALS=al.MAX_PARTIALS, ADV_PER_RUN=grad_maps)))
     for ptx in ptxs:
         assert ptx.count("atom.global.gpu.acq_rel.add.u32") == 1
         assert ptx.rindex("bar.sync", 0, ptx.index("atom.global")) > 0
         assert "ld.global.cg" in ptx
+
+
+@pytest.mark.parametrize("backend", ("triton", "reference"))
+def test_arrays_of_runs_equal_single_runs(backend):
+    """image_loss_fwd_runs / critic_loss_fwd_runs over R=3 runs with per-run reg and advweight, in row
+    blocks of bigger buffers, equal R single calls (losses, gradients, x_real), bit for bit."""
+    runs, n, shape = 3, 5, (4, 4, 1)
+    xbig, aebig = torch.rand(runs, n + 2, *shape, device=DEVICE), torch.randn(runs, 2 * n, *shape, device=DEVICE)
+    x, ae = xbig[:, 1:n + 1], aebig[:, n:]
+    reg = torch.tensor([0.2, 0.5, 0.9], device=DEVICE)
+    outs = torch.zeros(runs, 3 * n, *shape, device=DEVICE)
+    img = al.image_loss_fwd_runs(x, ae, reg, d_ae_out=outs[:, :n], x_real_out=outs[:, 2 * n:], backend=backend)
+    maps = torch.randn(runs, 2 * n, 2, 2, 3, device=DEVICE)
+    alpha = torch.rand(runs, n, device=DEVICE) / 2
+    adv = torch.tensor([0.0, 0.5, 1.0], device=DEVICE)
+    g = torch.zeros(runs, 3 * n, 2, 2, 3, device=DEVICE)
+    crit = al.critic_loss_fwd_runs(maps[:, :n], maps[:, n:], alpha, adv,
+                                   grads_out=(g[:, 2 * n:], g[:, :n], g[:, n:2 * n]), backend=backend)
+    for r in range(runs):
+        one = al.image_loss_fwd(x[r].contiguous(), ae[r].contiguous(), float(reg[r]), backend=backend)
+        assert torch.equal(img.loss_ae[r], one.loss_ae) and torch.equal(outs[r, :n], one.d_ae), r
+        assert torch.equal(outs[r, 2 * n:], one.x_real), r
+        c1 = al.critic_loss_fwd(maps[r, :n].contiguous(), maps[r, n:].contiguous(), alpha[r],
+                                float(adv[r]), backend=backend)
+        for f in ("loss_ae_disc", "loss_disc", "loss_disc_real"):
+            assert torch.equal(getattr(crit, f)[r], getattr(c1, f)), (r, f)
+        assert torch.equal(g[r, 2 * n:], c1.g_mix_ae) and torch.equal(g[r, :n], c1.g_mix_critic), r
+        assert torch.equal(g[r, n:2 * n], c1.g_real_critic), r
+    assert not g[0, 2 * n:].any()  # advweight 0: no adversarial gradient for run 0
+    with pytest.raises(ValueError, match="float32 \\(3,\\) tensor"):
+        al.image_loss_fwd_runs(x, ae, reg[:2], d_ae_out=outs[:, :n], x_real_out=outs[:, 2 * n:])
 
 
 @pytest.mark.skipif(HAS_GPU, reason="the GPU tests compile and run the kernels")

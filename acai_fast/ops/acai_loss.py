@@ -116,13 +116,25 @@ def critic_loss_grads_ref(c_mix_map, c_real_map, alpha, advweight: float = 0.5) 
 
 @triton.jit
 def _image_loss_fwd_kernel(X_ptr, Ae_ptr, Dae_ptr, Xreal_ptr, Loss_ptr, Partials_ptr, Counter_ptr,
-                           M, reg, grad_scale,
-                           BLOCK: tl.constexpr, MAX_PARTIALS: tl.constexpr):
+                           M, reg, grad_scale, Reg_ptr, stride_xr, stride_ar, stride_dr, stride_rr,
+                           BLOCK: tl.constexpr, MAX_PARTIALS: tl.constexpr, REG_PER_RUN: tl.constexpr):
     """Image pass over the M flat elements, grid-stride in BLOCK-wide tiles:
     diff = ae - x; loss = sum(diff^2) / M; d_ae = grad_scale * diff (grad_scale = fp32(2 / M));
-    x_real = ae + reg * (x - ae). Reads x, ae once; writes d_ae, x_real once (ae's dtype)."""
+    x_real = ae + reg * (x - ae). Reads x, ae once; writes d_ae, x_real once (ae's dtype).
+    Runs (grid axis 1): each run's tensors move by their run strides, its reg is Reg[run] when
+    REG_PER_RUN, and it reduces into its own partials, counter and Loss[run]."""
     pid = tl.program_id(0)
     nprog = tl.num_programs(0)
+    run = tl.program_id(1).to(tl.int64)
+    X_ptr += run * stride_xr
+    Ae_ptr += run * stride_ar
+    Dae_ptr += run * stride_dr
+    Xreal_ptr += run * stride_rr
+    Loss_ptr += run
+    Partials_ptr += run * MAX_PARTIALS
+    Counter_ptr += run
+    if REG_PER_RUN:
+        reg = tl.load(Reg_ptr + run)
     offs = tl.arange(0, BLOCK)
     acc = tl.zeros([BLOCK], dtype=tl.float32)
     out_ty = Dae_ptr.dtype.element_ty
@@ -147,16 +159,31 @@ def _image_loss_fwd_kernel(X_ptr, Ae_ptr, Dae_ptr, Xreal_ptr, Loss_ptr, Partials
 
 @triton.jit
 def _critic_loss_fwd_kernel(Cmix_ptr, Creal_ptr, Alpha_ptr, Gae_ptr, Gd_ptr, Gr_ptr, Losses_ptr,
-                            Partials_ptr, Counter_ptr, N, K, inv_k, scale, advweight,
+                            Partials_ptr, Counter_ptr, N, K, inv_k, scale, advweight, Adv_ptr,
+                            stride_mr, stride_rr, stride_gr,
                             GRAD_MAPS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                            MAX_PARTIALS: tl.constexpr):
+                            MAX_PARTIALS: tl.constexpr, ADV_PER_RUN: tl.constexpr):
     """Critic-map pass over maps viewed as (N, K), BLOCK_N images per tile, grid-stride over tiles:
     c = (sum over K) * inv_k per image; g_ae = advweight * scale * c_mix, g_disc = scale * (c_mix - a),
     g_real = scale * c_real with scale = fp32(2 / (N K)), stored over the whole map row (GRAD_MAPS)
     or once per image; the per-image terms c_mix^2, (c_mix - a)^2, c_real^2 summed per program
-    (partials laid out [term][program]) and reduced by the last program: losses = sums / N."""
+    (partials laid out [term][program]) and reduced by the last program: losses = sums / N.
+    Runs (grid axis 1): maps move by stride_mr / stride_rr, the three gradients by stride_gr, alpha
+    by N; advweight is Adv[run] when ADV_PER_RUN; own partials, counter and Losses[run, 0:3]."""
     pid = tl.program_id(0)
     nprog = tl.num_programs(0)
+    run = tl.program_id(1).to(tl.int64)
+    Cmix_ptr += run * stride_mr
+    Creal_ptr += run * stride_rr
+    Gae_ptr += run * stride_gr
+    Gd_ptr += run * stride_gr
+    Gr_ptr += run * stride_gr
+    Alpha_ptr += run * N
+    Losses_ptr += run * 3
+    Partials_ptr += run * 3 * MAX_PARTIALS
+    Counter_ptr += run
+    if ADV_PER_RUN:
+        advweight = tl.load(Adv_ptr + run)
     rows0 = tl.arange(0, BLOCK_N)
     cols0 = tl.arange(0, BLOCK_K)
     out_ty = Gae_ptr.dtype.element_ty
@@ -310,7 +337,8 @@ def image_loss_fwd(x: torch.Tensor, ae: torch.Tensor, reg: float = 0.2, *, backe
             grid = (min(triton.cdiv(m, _IMAGE_BLOCK), MAX_PARTIALS),)
             grad_scale = float(np.float32(2.0) / np.float32(m))  # as the CUDA kernel: fp32(2) / fp32(M)
             _image_loss_fwd_kernel[grid](x, ae, d_ae, x_real, loss, partials, counter, m, float(reg),
-                                         grad_scale, BLOCK=_IMAGE_BLOCK, MAX_PARTIALS=MAX_PARTIALS)
+                                         grad_scale, loss, 0, 0, 0, 0, BLOCK=_IMAGE_BLOCK,
+                                         MAX_PARTIALS=MAX_PARTIALS, REG_PER_RUN=False)
     return ImageLoss(loss, d_ae, x_real)
 
 
@@ -387,11 +415,128 @@ def critic_loss_fwd(c_mix_map: torch.Tensor, c_real_map: torch.Tensor, alpha: to
             inv_k = float(np.float32(1.0) / np.float32(k))
             scale = float(np.float32(2.0) / (np.float32(n) * np.float32(k)))
             _critic_loss_fwd_kernel[grid](c_mix_map, c_real_map, alpha, *grads, losses, partials, counter,
-                                          n, k, inv_k, scale, float(advweight), GRAD_MAPS=grad_maps,
-                                          BLOCK_N=block_n, BLOCK_K=block_k, MAX_PARTIALS=MAX_PARTIALS)
+                                          n, k, inv_k, scale, float(advweight), losses, 0, 0, 0,
+                                          GRAD_MAPS=grad_maps, BLOCK_N=block_n, BLOCK_K=block_k,
+                                          MAX_PARTIALS=MAX_PARTIALS, ADV_PER_RUN=False)
     if not grad_maps:
         grads = [_expand(g, c_mix_map) for g in grads]
     return CriticLoss(losses[0], losses[1], losses[2], *grads)
+
+
+def _check_runs(op, name, t, runs=None):
+    if not isinstance(t, torch.Tensor) or t.dim() < 2 or (runs is not None and t.shape[0] != runs):
+        raise ValueError(f"{op}: {name} must be (runs{'=' + str(runs) if runs else ''}, N, ...) with "
+                         f"every run contiguous, got {tuple(t.shape) if isinstance(t, torch.Tensor) else t}")
+    _check_tensor(op, f"{name}[0]", t[0])
+
+
+def _per_run(op, name, v, runs, device):
+    """A per-run scalar hyper-parameter: a float (the same for every run) or an fp32 (runs,) tensor."""
+    if isinstance(v, torch.Tensor):
+        if tuple(v.shape) != (runs,) or v.dtype != torch.float32 or v.device != device:
+            raise ValueError(f"{op}: {name} must be a float or a float32 ({runs},) tensor on {device}")
+        return v
+    if not isinstance(v, (int, float)) or not np.isfinite(v):
+        raise ValueError(f"{op}: {name} must be a finite number, got {v!r}")
+    return float(v)
+
+
+def _run_counter(op, counter, runs, device):
+    if counter is None:
+        return torch.zeros(runs, dtype=torch.int32, device=device)
+    if counter.dtype != torch.int32 or tuple(counter.shape) != (runs,) or counter.device != device:
+        raise ValueError(f"{op}: counter of an array must be int32 zeros of shape ({runs},) on {device}")
+    return counter
+
+
+def image_loss_fwd_runs(x, ae, reg, *, d_ae_out, x_real_out, counter=None, backend="auto") -> ImageLoss:
+    """`image_loss_fwd` for an array of R runs in one launch: x, ae, d_ae_out, x_real_out (R, N, ...)
+    with every run contiguous (any run stride); reg a float or an fp32 (R,) tensor (per run);
+    counter: int32 zeros (R,) left at zero (default: a fresh one). -> ImageLoss(loss_ae (R,), ...).
+    R = 1 is exactly `image_loss_fwd` (and may use the CUDA twin)."""
+    op = "acai_image_loss"
+    runs = ae.shape[0] if isinstance(ae, torch.Tensor) and ae.dim() >= 2 else 0
+    for name, t in (("x", x), ("ae", ae), ("d_ae_out", d_ae_out), ("x_real_out", x_real_out)):
+        _check_runs(op, name, t, runs)
+    if x.shape != ae.shape:
+        raise ValueError(f"{op}: x and ae must have the same shape, got {tuple(x.shape)} and {tuple(ae.shape)}")
+    reg = _per_run(op, "reg", reg, runs, ae.device)
+    if runs == 1 and not isinstance(reg, torch.Tensor):
+        out = image_loss_fwd(x[0], ae[0], reg, backend=backend, d_ae_out=d_ae_out[0],
+                             x_real_out=x_real_out[0], counter=counter[:1] if counter is not None else None)
+        return ImageLoss(out.loss_ae.view(1), d_ae_out, x_real_out)
+    name = _ext.resolve_backend(op, ae, backend)
+    name = "triton" if name == "cuda" else name  # the CUDA twin has no run axis
+    _ext.check_backend_runs(op, name, ae.device)
+    if name == "reference":
+        regs = reg.tolist() if isinstance(reg, torch.Tensor) else [reg] * runs
+        losses = [image_loss_fwd(x[r], ae[r], regs[r], backend="reference", d_ae_out=d_ae_out[r],
+                                 x_real_out=x_real_out[r]).loss_ae for r in range(runs)]
+        return ImageLoss(torch.stack(losses), d_ae_out, x_real_out)
+    m = ae[0].numel()
+    counter = _run_counter(op, counter, runs, ae.device)
+    loss = torch.empty(runs, dtype=torch.float32, device=ae.device)
+    partials = torch.empty(runs * MAX_PARTIALS, dtype=torch.float32, device=ae.device)
+    per_run = isinstance(reg, torch.Tensor)
+    with _device_guard(ae):
+        grid = (min(triton.cdiv(m, _IMAGE_BLOCK), MAX_PARTIALS), runs)
+        grad_scale = float(np.float32(2.0) / np.float32(m))
+        _image_loss_fwd_kernel[grid](x, ae, d_ae_out, x_real_out, loss, partials, counter, m,
+                                     0.0 if per_run else reg, grad_scale, reg if per_run else loss,
+                                     x.stride(0), ae.stride(0), d_ae_out.stride(0), x_real_out.stride(0),
+                                     BLOCK=_IMAGE_BLOCK, MAX_PARTIALS=MAX_PARTIALS, REG_PER_RUN=per_run)
+    return ImageLoss(loss, d_ae_out, x_real_out)
+
+
+def critic_loss_fwd_runs(c_mix_map, c_real_map, alpha, advweight, *, grads_out, counter=None,
+                         backend="auto") -> CriticLoss:
+    """`critic_loss_fwd` (grad_maps=True) for an array of R runs in one launch: maps (R, N, ...) with
+    every run contiguous, alpha (R, N), advweight a float or an fp32 (R,) tensor, grads_out three
+    (R, N, ...) tensors with one run stride between them all (e.g. row blocks of one buffer).
+    -> CriticLoss with (R,) losses. R = 1 is exactly `critic_loss_fwd`."""
+    op = "acai_critic_loss"
+    runs = c_mix_map.shape[0] if isinstance(c_mix_map, torch.Tensor) and c_mix_map.dim() >= 2 else 0
+    for name, t in (("c_mix_map", c_mix_map), ("c_real_map", c_real_map), *(("grads_out", g) for g in grads_out)):
+        _check_runs(op, name, t, runs)
+    n = c_mix_map.shape[1]
+    if not isinstance(alpha, torch.Tensor) or tuple(alpha.shape) != (runs, n) or alpha.dtype != torch.float32:
+        raise ValueError(f"{op}: alpha of an array must be float32 ({runs}, {n})")
+    if len({g.stride(0) for g in grads_out}) > 1:
+        raise ValueError(f"{op}: the three grads_out of an array must share one run stride")
+    advweight = _per_run(op, "advweight", advweight, runs, c_mix_map.device)
+    if runs == 1 and not isinstance(advweight, torch.Tensor):
+        out = critic_loss_fwd(c_mix_map[0], c_real_map[0], alpha[0], advweight, backend=backend,
+                              grads_out=tuple(g[0] for g in grads_out),
+                              counter=counter[:1] if counter is not None else None)
+        return CriticLoss(out.loss_ae_disc.view(1), out.loss_disc.view(1), out.loss_disc_real.view(1),
+                          *grads_out)
+    name = _ext.resolve_backend(op, c_mix_map, backend)
+    name = "triton" if name == "cuda" else name
+    _ext.check_backend_runs(op, name, c_mix_map.device)
+    if name == "reference":
+        advs = advweight.tolist() if isinstance(advweight, torch.Tensor) else [advweight] * runs
+        outs = [critic_loss_fwd(c_mix_map[r], c_real_map[r], alpha[r], advs[r], backend="reference",
+                                grads_out=tuple(g[r] for g in grads_out)) for r in range(runs)]
+        return CriticLoss(*(torch.stack([getattr(o, f) for o in outs])
+                            for f in ("loss_ae_disc", "loss_disc", "loss_disc_real")), *grads_out)
+    k = c_mix_map[0].numel() // n
+    counter = _run_counter(op, counter, runs, c_mix_map.device)
+    losses = torch.empty(runs, 3, dtype=torch.float32, device=c_mix_map.device)
+    partials = torch.empty(runs * 3 * MAX_PARTIALS, dtype=torch.float32, device=c_mix_map.device)
+    per_run = isinstance(advweight, torch.Tensor)
+    with _device_guard(c_mix_map):
+        block_k = min(triton.next_power_of_2(k), 1024)
+        block_n = max(1, min(triton.next_power_of_2(n), 4096 // block_k))
+        grid = (min(triton.cdiv(n, block_n), MAX_PARTIALS), runs)
+        inv_k = float(np.float32(1.0) / np.float32(k))
+        scale = float(np.float32(2.0) / (np.float32(n) * np.float32(k)))
+        _critic_loss_fwd_kernel[grid](c_mix_map, c_real_map, alpha, *grads_out, losses, partials, counter,
+                                      n, k, inv_k, scale, 0.0 if per_run else advweight,
+                                      advweight if per_run else losses, c_mix_map.stride(0),
+                                      c_real_map.stride(0), grads_out[0].stride(0), GRAD_MAPS=True,
+                                      BLOCK_N=block_n, BLOCK_K=block_k, MAX_PARTIALS=MAX_PARTIALS,
+                                      ADV_PER_RUN=per_run)
+    return CriticLoss(losses[:, 0], losses[:, 1], losses[:, 2], *grads_out)
 
 
 def _expand(v, like):
