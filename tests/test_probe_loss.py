@@ -4,7 +4,7 @@ sizes, and bad input."""
 import pytest
 import torch
 
-from acai_fast.ops.probe_loss import probe_loss, probe_loss_ref
+from acai_fast.ops.probe_loss import ProbeLoss, probe_loss, probe_loss_ref
 from helpers import assert_close
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -52,6 +52,24 @@ def test_reference_is_cross_entropy(seed):
     assert_close(ref.d_bias, g.sum(0), atol=1e-6, rtol=1e-5, name="closed form db")
 
 
+@pytest.mark.parametrize("backend", ("triton", "reference"))
+def test_array_of_runs_equals_single_runs(backend, seed):
+    """runs=True: R=3 probes on their own latents (row blocks of a channels_last buffer), labels and
+    weights in one launch equal R single calls."""
+    runs, n = 3, 6
+    big = torch.randn(runs, 2 * n, 2, 2, 4, device=DEVICE).permute(0, 1, 4, 2, 3)  # channels_last runs
+    z = big[:, n:]
+    weight = torch.randn(runs, 10, 16, device=DEVICE)
+    bias = torch.randn(runs, 10, device=DEVICE)
+    labels = torch.randint(0, 10, (runs, n), device=DEVICE)
+    out = probe_loss(z, weight, bias, labels, runs=True, backend=backend)
+    assert out.loss.shape == (runs,) and out.d_weight.shape == weight.shape
+    for r in range(runs):
+        one = probe_loss(z[r], weight[r], bias[r], labels[r], backend=backend)
+        for f in ProbeLoss._fields:
+            assert_close(getattr(out, f)[r], getattr(one, f), atol=0, rtol=0, name=f"run {r} {f}")
+
+
 def test_bad_input():
     z, weight, bias, labels = torch.randn(4, 6), torch.randn(3, 6), torch.randn(3), torch.zeros(4, dtype=torch.long)
     with pytest.raises(ValueError, match="weight must be"):
@@ -76,7 +94,7 @@ def compile_sm90():
         constexprs = dict(BLOCK_N=32, BLOCK_C=16, BLOCK_D=64)
         signature = dict(Z_ptr="*" + zdt, W_ptr="*fp32", B_ptr="*fp32", L_ptr="*i64", DW_ptr="*fp32",
                          DB_ptr="*fp32", Out_ptr="*fp32",
-                         **{k: "i32" for k in "N C D HW WD stride_zn stride_zc stride_zh stride_zw".split()},
+                         **{k: "i32" for k in "N C D HW WD stride_zn stride_zc stride_zh stride_zw stride_zr".split()},
                          **{k: "constexpr" for k in constexprs})
         triton.compile(ASTSource(fn=_probe_loss_kernel, signature=signature, constexprs=constexprs),
                        target=GPUTarget("cuda", 90, 32), options=dict(num_warps=4))

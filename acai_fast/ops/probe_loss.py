@@ -58,13 +58,23 @@ def probe_loss_ref(z, weight, bias, labels, *, upcast: bool = True) -> ProbeLoss
 
 @triton.jit
 def _probe_loss_kernel(Z_ptr, W_ptr, B_ptr, L_ptr, DW_ptr, DB_ptr, Out_ptr,
-                       N, C, D, HW, WD, stride_zn, stride_zc, stride_zh, stride_zw,
+                       N, C, D, HW, WD, stride_zn, stride_zc, stride_zh, stride_zw, stride_zr,
                        BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr):
     """One program. For each block of BLOCK_N rows: logits = z @ W^T + b over D in BLOCK_D chunks
     (z gathered through its strides: feature d = (c, h, w) with d = c*HW + h*WD + w), softmax,
     loss_i = logsumexp - logit[label], correct_i = argmax == label, g = (softmax - onehot) / N;
     db += sum_i g; dW += g^T @ z (a second pass over the chunks, read-add-write: the rows blocks
-    run in order, so the sums are deterministic). Out = [mean loss, accuracy]."""
+    run in order, so the sums are deterministic). Out = [mean loss, accuracy].
+    Runs: one program per run (grid axis 0), each with its own latent rows (run stride), labels,
+    dense layer and outputs (contiguous per run)."""
+    run = tl.program_id(0).to(tl.int64)
+    Z_ptr += run * stride_zr
+    W_ptr += run * C * D
+    B_ptr += run * C
+    L_ptr += run * N
+    DW_ptr += run * C * D
+    DB_ptr += run * C
+    Out_ptr += run * 2
     cls = tl.arange(0, BLOCK_C)
     c_ok = cls < C
     bias = tl.load(B_ptr + cls, mask=c_ok, other=0.0).to(tl.float32)
@@ -121,21 +131,24 @@ def _probe_loss_kernel(Z_ptr, W_ptr, B_ptr, L_ptr, DW_ptr, DB_ptr, Out_ptr,
 # ------------------------------------------------------------------------------------------------
 
 
-def _check_inputs(z, weight, bias, labels):
+def _check_inputs(z, weight, bias, labels, runs=None):
     op = "probe_loss"
     for name, t in (("z", z), ("weight", weight), ("bias", bias), ("labels", labels)):
         if not isinstance(t, torch.Tensor):
             raise ValueError(f"{op}: {name} must be a torch.Tensor, got {type(t).__name__}")
-    if z.dim() < 2 or z.shape[0] < 1:
-        raise ValueError(f"{op}: z must be (N, ...) with N >= 1, got shape {tuple(z.shape)}")
-    n, d = z.shape[0], z[0].numel()
-    if weight.dim() != 2 or weight.shape[1] != d or bias.shape != (weight.shape[0],):
-        raise ValueError(f"{op}: weight must be (C, {d}) and bias (C,), got {tuple(weight.shape)} and "
-                         f"{tuple(bias.shape)}")
-    if not 1 <= weight.shape[0] <= MAX_CLASSES:
-        raise ValueError(f"{op}: 1 to {MAX_CLASSES} classes are supported, got {weight.shape[0]}")
-    if labels.shape != (n,) or labels.dtype not in (torch.int64, torch.int32):
-        raise ValueError(f"{op}: labels must be ({n},) int64, got {tuple(labels.shape)} {labels.dtype}")
+    lead = (runs,) if runs is not None else ()
+    k = len(lead)
+    if z.dim() < 2 + k or z.shape[k] < 1 or z.shape[:k] != lead:
+        raise ValueError(f"{op}: z must be {'(runs, ' if k else '('}N, ...) with N >= 1, got shape {tuple(z.shape)}")
+    n, d = z.shape[k], z[(0,) * (k + 1)].numel()
+    if weight.dim() != 2 + k or weight.shape[k + 1] != d or bias.shape != weight.shape[:k + 1] \
+            or weight.shape[:k] != lead:
+        raise ValueError(f"{op}: weight must be {lead + ('C', d)} and bias {lead + ('C',)}, got "
+                         f"{tuple(weight.shape)} and {tuple(bias.shape)}")
+    if not 1 <= weight.shape[k] <= MAX_CLASSES:
+        raise ValueError(f"{op}: 1 to {MAX_CLASSES} classes are supported, got {weight.shape[k]}")
+    if labels.shape != lead + (n,) or labels.dtype not in (torch.int64, torch.int32):
+        raise ValueError(f"{op}: labels must be {lead + (n,)} int64, got {tuple(labels.shape)} {labels.dtype}")
     if z.dtype not in (torch.float32, torch.bfloat16) or weight.dtype != torch.float32:
         raise ValueError(f"{op}: z must be float32 or bfloat16 and weight float32, got {z.dtype} "
                          f"and {weight.dtype}")
@@ -145,41 +158,49 @@ def _check_inputs(z, weight, bias, labels):
 
 def probe_loss(z: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, labels: torch.Tensor, *,
                d_weight_out: torch.Tensor | None = None, d_bias_out: torch.Tensor | None = None,
-               backend: str = "auto") -> ProbeLoss:
+               runs: bool = False, backend: str = "auto") -> ProbeLoss:
     """The probe's loss, accuracy and gradients (see ProbeLoss) for the latent z (N, C, H, W) or
     (N, D) in any layout, the dense layer (weight (classes, D), bias) and integer labels, in one
     launch. d_weight_out / d_bias_out: contiguous fp32 tensors to write the gradients into (e.g.
-    the probe parameters' persistent .grad). backend: "auto" (triton for CUDA tensors, else
+    the probe parameters' persistent .grad). runs=True: an array of R runs, every argument with a
+    leading run axis (z (R, N, ...) with any run stride, weight (R, classes, D) contiguous, labels
+    (R, N)); losses and accuracies come out (R,). backend: "auto" (triton for CUDA tensors, else
     reference), "triton" (CUDA, or the CPU interpreter) or "reference". Labels outside
     [0, classes) are not checked here (the trainer checks them once)."""
-    _check_inputs(z, weight, bias, labels)
+    R = z.shape[0] if runs and isinstance(z, torch.Tensor) else None
+    _check_inputs(z, weight, bias, labels, R)
     if backend == "auto":
         backend = "triton" if _ext.HAS_TRITON and z.is_cuda else "reference"
     if backend not in ("triton", "reference"):
         raise ValueError(f"probe_loss: unknown backend {backend!r}; valid: auto, triton, reference")
     _ext.check_backend_runs("probe_loss", backend, z.device)
-    n, d = z.shape[0], z[0].numel()
-    classes = weight.shape[0]
-    if backend == "reference":
-        out = probe_loss_ref(z, weight, bias, labels)
-        dw = d_weight_out.copy_(out.d_weight) if d_weight_out is not None else out.d_weight
-        db = d_bias_out.copy_(out.d_bias) if d_bias_out is not None else out.d_bias
-        return ProbeLoss(out.loss, out.accuracy, dw, db)
-
-    z4 = z if z.dim() == 4 else z.reshape(n, -1, 1, 1)  # (N, D) -> (N, D, 1, 1): same flattening
-    _, ch, h, w = z4.shape
     dw = d_weight_out if d_weight_out is not None else torch.empty_like(weight, dtype=torch.float32)
     db = d_bias_out if d_bias_out is not None else torch.empty_like(bias, dtype=torch.float32)
+    if backend == "reference":
+        outs = [probe_loss_ref(z[r], weight[r], bias[r], labels[r]) for r in range(R)] if runs \
+            else [probe_loss_ref(z, weight, bias, labels)]
+        stack = (lambda ts: torch.stack(ts)) if runs else (lambda ts: ts[0])
+        dw.copy_(stack([o.d_weight for o in outs]))
+        db.copy_(stack([o.d_bias for o in outs]))
+        return ProbeLoss(stack([o.loss for o in outs]), stack([o.accuracy for o in outs]), dw, db)
+
+    z5 = z if runs else z.unsqueeze(0)
+    n = z5.shape[1]
+    d = z5[0, 0].numel()
+    classes = weight.shape[-2]
+    z5 = z5 if z5.dim() == 5 else z5.reshape(*z5.shape[:2], -1, 1, 1)  # (R, N, D) -> (R, N, D, 1, 1)
+    _, _, ch, h, w = z5.shape
     if not (dw.is_contiguous() and dw.shape == weight.shape and dw.dtype == torch.float32
             and db.is_contiguous() and db.shape == bias.shape and db.dtype == torch.float32):
         raise ValueError("probe_loss: d_weight_out / d_bias_out must be contiguous fp32 tensors of the "
                          "parameters' shapes")
-    weight = weight.contiguous()
-    out = torch.empty(2, dtype=torch.float32, device=z.device)
+    weight, bias = weight.contiguous(), bias.contiguous()
+    out = torch.empty(z5.shape[0], 2, dtype=torch.float32, device=z.device)
     block_c = max(16, triton.next_power_of_2(classes))
     block_n = 16 if n <= 16 else 32
     block_d = 64 if block_c <= 32 else 32
     with torch.cuda.device(z.device) if z.is_cuda else contextlib.nullcontext():
-        _probe_loss_kernel[(1,)](z4, weight, bias, labels, dw, db, out, n, classes, d, h * w, w,
-                                 *z4.stride(), BLOCK_N=block_n, BLOCK_C=block_c, BLOCK_D=block_d)
-    return ProbeLoss(out[0], out[1], dw, db)
+        _probe_loss_kernel[(z5.shape[0],)](z5, weight, bias, labels, dw, db, out, n, classes, d, h * w, w,
+                                           *z5.stride()[1:], z5.stride(0),
+                                           BLOCK_N=block_n, BLOCK_C=block_c, BLOCK_D=block_d)
+    return ProbeLoss(out[:, 0] if runs else out[0, 0], out[:, 1] if runs else out[0, 1], dw, db)
