@@ -60,14 +60,19 @@ def build_parser() -> argparse.ArgumentParser:
                        help="activation dtype (default: bf16 for fused on a GPU, else fp32)")
     train.add_argument("--cuda-graph", action="store_true",
                        help="fused on a GPU: replay each step as one CUDA graph (after 3 eager steps)")
-    train.add_argument("--seed", type=int, default=0, help="seed of the weights, alphas and lines data")
+    train.add_argument("--seed", type=int, default=None,
+                       help="seed of the weights, alphas and data order (default 0; with --resume the "
+                            "checkpoint's: a different one is an error)")
     train.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
     train.add_argument("--eval-kimg", type=_positive_float, default=64.0,
                        help="evaluate, checkpoint and draw every this many kimg")
-    train.add_argument("--batch", type=int, default=None, help="override the preset's batch size (64)")
+    train.add_argument("--batch", type=int, default=None,
+                       help="the GLOBAL batch: images per step over all processes (under torchrun split "
+                            "evenly, >= 2 per process); default: the preset's, 64")
     train.add_argument("--data", default=None,
                        help="for mnist32/mnist256: folder holding the MNIST or Fashion-MNIST IDX .gz files")
     train.add_argument("--no-progress", action="store_true", help="no progress bar")
+    _add_fault_arguments(train)
     train.add_argument("--profile", action="store_true",
                        help="sample the GPU with NVML for the whole run (OUT/gpu_samples.csv) and add each "
                             "interval's mean utilisation and power to its metrics line")
@@ -87,7 +92,9 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--checkpoint", required=True)
     evaluate.add_argument("--data", default=None, help="IDX data folder for image presets")
     evaluate.add_argument("--device", default=None)
+    _add_model_arguments(train)
     _add_profile_parser(sub)
+    _add_reproduce_parsers(sub)
     return parser
 
 
@@ -110,6 +117,38 @@ def _add_profile_parser(sub) -> None:
     prof.add_argument("--out", required=True, help="folder for trace.json, profile.json, utilisation.png")
     prof.add_argument("--device", default=None)
     prof.add_argument("--seed", type=int, default=0)
+
+
+def _add_model_arguments(train) -> None:
+    """`train --model NAME` and the paper's hyper-parameters a user may vary (each default: the
+    preset's value); validated by ACAIConfig, recorded in the checkpoint and on every metrics line."""
+    from .models import MODELS
+
+    train.add_argument("--model", default=None, choices=list(MODELS),
+                       help="what to train: acai, the paper's baselines or vae_acai (default: acai; "
+                            "with --resume: the checkpoint's)")
+    train.add_argument("--advweight", type=float, default=None, help="lambda: weight of the critic term (0.5)")
+    train.add_argument("--reg", type=float, default=None, help="gamma: the critic's real-data mixing (0.2)")
+    train.add_argument("--advdepth", type=int, default=None, help="critic width (0: the encoder's depth)")
+    train.add_argument("--depth", type=int, default=None, help="width of the first encoder/decoder level")
+    train.add_argument("--latent", type=int, default=None, help="latent channels")
+    train.add_argument("--lr", type=float, default=None, help="Adam learning rate (1e-4)")
+
+
+def _model_overrides(args) -> dict:
+    names = ("advweight", "reg", "advdepth", "depth", "latent", "lr")
+    return {k: getattr(args, k) for k in names if getattr(args, k) is not None}
+
+
+def _add_fault_arguments(train) -> None:
+    """Timed checkpoints and what a non-finite loss does (acai_fast.loop.fit). SIGINT/SIGTERM
+    always finish the step, write a checkpoint and exit; a second Ctrl-C exits at once."""
+    train.add_argument("--checkpoint-min", type=_positive_float, default=30.0,
+                       help="also write OUT/checkpoint.pt every this many minutes (atomically: the "
+                            "previous one stays whole until the new one is written)")
+    train.add_argument("--nan-policy", default="stop", choices=("stop", "skip"),
+                       help="on a non-finite loss: stop (naming the step and the loss; the last good "
+                            "checkpoint is kept) or skip that step's update and go on")
 
 
 def _dataset_kind(config: ACAIConfig) -> str:
@@ -148,30 +187,48 @@ def cmd_train(parser, args) -> int:
     from .loop import json_line
     from .trainer import ACAITrainer
 
+    from .checkpoint import CheckpointError
+    from .distributed import init_from_env
+    from .loop import check_outputs
+
     device = _device_arg(parser, args)
+    try:  # torchrun: join the job (None when this process runs alone)
+        distributed = args.distributed = init_from_env(device)
+    except ValueError as exc:
+        parser.error(str(exc))
     out = Path(args.out)
     checkpoint = out / "checkpoint.pt"
     if checkpoint.exists() and not args.resume:
         parser.error(f"{checkpoint} exists: pass --resume to continue it, or choose another --out")
     overrides = {} if args.batch is None else dict(batch=args.batch)
+    overrides.update(_model_overrides(args))
     try:
         config = ACAIConfig.preset(args.preset, **overrides)
         if args.resume and checkpoint.exists():
             trainer = ACAITrainer.load(checkpoint, device=device, backend=args.backend, dtype=args.dtype,
-                                       cuda_graph=args.cuda_graph)
+                                       cuda_graph=args.cuda_graph, distributed=distributed,
+                                       skip_nonfinite=args.nan_policy == "skip")
+            if args.seed is not None and args.seed != trainer.seed:
+                parser.error(f"--seed {args.seed} conflicts with --resume: {checkpoint} was trained "
+                             f"with seed {trainer.seed} (leave --seed out to continue it)")
+            if args.model is not None and args.model != trainer.model.name:
+                parser.error(f"--model {args.model}: {checkpoint} holds a {trainer.model.name!r} model")
             if trainer.config != config:
                 print(f"note: resuming with the checkpoint's configuration {trainer.config}", file=sys.stderr)
             print(f"resuming {checkpoint} at {trainer.nimg / 1024:.1f} kimg", file=sys.stderr)
         else:
             if args.resume:
                 print(f"note: no checkpoint in {out}; starting a new run", file=sys.stderr)
-            trainer = ACAITrainer(config, backend=args.backend, device=device, seed=args.seed,
-                                  dtype=args.dtype, cuda_graph=args.cuda_graph)
+            trainer = ACAITrainer(config, backend=args.backend, device=device,
+                                  seed=0 if args.seed is None else args.seed, distributed=distributed,
+                                  skip_nonfinite=args.nan_policy == "skip",
+                                  dtype=args.dtype, cuda_graph=args.cuda_graph, model=args.model or "acai")
     except ValueError as exc:
         parser.error(str(exc))
 
     kind = _dataset_kind(trainer.config)
-    fit_args = dict(kimg=args.kimg, eval_kimg=args.eval_kimg, out_dir=out, progress=not args.no_progress)
+    fit_args = dict(kimg=args.kimg, eval_kimg=args.eval_kimg, out_dir=out, progress=not args.no_progress,
+                    checkpoint_minutes=args.checkpoint_min, nan_policy=args.nan_policy)
     if kind == "lines":
         data = "lines"
         if args.data is not None:
@@ -184,8 +241,15 @@ def cmd_train(parser, args) -> int:
     else:
         parser.error(f"preset {args.preset}: its dataset (SVHN, CelebA or CIFAR-10) has no loader yet; "
                      f"supported: lines (built in), {', '.join(IMAGE_PRESETS)} (--data)")
-    out.mkdir(parents=True, exist_ok=True)
-    print(f"acai-fast: training {args.preset} on {trainer.device} (backend {trainer.backend}, "
+    try:  # before any step: the folder can be created and written, its disk holds the checkpoints
+        check_outputs(trainer, out)
+    except CheckpointError as exc:
+        parser.error(f"--out: {exc}")
+    if distributed is not None and distributed.is_main:
+        print(f"acai-fast: torchrun job of {distributed.world_size} processes ({distributed.backend}); "
+              f"global batch {trainer.config.batch}, {distributed.local_batch(trainer.config.batch)} per "
+              f"process; rank 0 evaluates and writes", file=sys.stderr)
+    print(f"acai-fast: training {trainer.model.name} on {args.preset} on {trainer.device} (backend {trainer.backend}, "
           f"{str(trainer.dtype).replace('torch.', '')}) "
           f"to {args.kimg:g} kimg; outputs in {out}", file=sys.stderr)
     if args.profile:
@@ -197,7 +261,7 @@ def cmd_train(parser, args) -> int:
             print(f"note: --profile recorded no GPU samples ({sampler.reason})", file=sys.stderr)
     else:
         history = trainer.fit(data, **fit_args)
-    if history:
+    if history and (distributed is None or distributed.is_main):
         print(json_line(history[-1]))
     return 0
 
@@ -267,13 +331,91 @@ def cmd_evaluate(parser, args) -> int:
     return 0
 
 
+def _add_reproduce_parsers(sub) -> None:
+    """`acai-fast reproduce TASK`: the paper's tables (acai_fast.reproduce). Each task is a
+    sub-command of `reproduce` with its own function; lines: `_add_reproduce_lines`."""
+    reproduce = sub.add_parser("reproduce", help="reproduce a table of the paper (lines, ...)")
+    tasks = reproduce.add_subparsers(dest="task", required=True)
+    _add_reproduce_lines(tasks)
+
+
+def _add_reproduce_lines(tasks) -> None:
+    lines = tasks.add_parser("lines", help="the lines table: every model trained and scored as the paper",
+                             formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    lines.add_argument("--models", default="all",
+                       help="all, or a comma-separated list of acai, baseline, dropout, denoising, vae, aae, "
+                            "vqvae, vae_acai")
+    lines.add_argument("--kimg", type=_positive_float, default=16384.0,
+                       help="train each run on this many thousand (x1024) images (the paper: 16384)")
+    lines.add_argument("--runs", type=int, default=3, help="runs (seeds) per model; the table shows mean +- std")
+    lines.add_argument("--eval-kimg", type=_positive_float, default=64.0,
+                       help="evaluate every this many kimg (only the last 20 evaluations are run: the "
+                            "per-run median reads those)")
+    lines.add_argument("--out", required=True, help="folder for lines_table.md, the PNGs and runs/")
+    lines.add_argument("--backend", default="auto", help="auto, reference or fused, for every model")
+    lines.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    lines.add_argument("--seed", type=int, default=0, help="run r of each model has seed SEED + r")
+    lines.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def cmd_reproduce_lines(parser, args) -> int:
+    import torch
+
+    from .reproduce.lines import check_arguments, reproduce_lines
+    from .trainer import resolve_backend
+
+    device = _device_arg(parser, args)
+    if args.seed < 0:
+        parser.error(f"--seed must be >= 0, got {args.seed}")
+    try:
+        models = check_arguments(args.models, args.kimg, args.runs, args.eval_kimg)
+        resolve_backend(args.backend, torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu")))
+    except ValueError as exc:
+        parser.error(str(exc))
+    print(f"acai-fast: reproducing the lines table: {', '.join(models)}; {args.runs} run(s) x "
+          f"{args.kimg:g} kimg each; outputs in {args.out}", file=sys.stderr)
+    reproduce_lines(args.out, models, kimg=args.kimg, runs=args.runs, eval_kimg=args.eval_kimg,
+                    backend=args.backend, device=device, seed=args.seed, progress=not args.no_progress)
+    print((Path(args.out) / "lines_table.md").read_text())
+    return 0
+
+
+def cmd_reproduce(parser, args) -> int:
+    return {"lines": cmd_reproduce_lines}[args.task](parser, args)
+
+
 def main(argv=None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     parser = build_parser()
     args = parser.parse_args(argv)
     command = {"train": cmd_train, "interpolate": cmd_interpolate, "evaluate": cmd_evaluate,
-               "profile": cmd_profile}[args.command]
-    return command(parser, args)
+               "profile": cmd_profile, "reproduce": cmd_reproduce}[args.command]
+    return _run(command, parser, args)
+
+
+def _run(command, parser, args) -> int:
+    """Run a sub-command. A training stopped on purpose (SIGINT/SIGTERM, a non-finite loss) or a
+    checkpoint that could not be written ends with one line and its exit code, not a traceback; a
+    second Ctrl-C exits 130 at once. A torchrun process group (args.distributed) is left at the end."""
+    from .checkpoint import CheckpointError
+    from .loop import TrainingStopped
+
+    try:
+        return command(parser, args)
+    except TrainingStopped as exc:
+        print(f"acai-fast: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except CheckpointError as exc:  # e.g. the disk filled up during training
+        print(f"acai-fast: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("acai-fast: interrupted at once (a second Ctrl-C); the last complete checkpoint is kept",
+              file=sys.stderr)
+        return 130
+    finally:
+        distributed = getattr(args, "distributed", None)
+        if distributed is not None:
+            distributed.close()
 
 
 if __name__ == "__main__":

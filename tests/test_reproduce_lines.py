@@ -1,0 +1,118 @@
+"""`acai-fast reproduce lines` (acai_fast/reproduce/lines.py): every model trained and scored in a tiny
+setting, the table in the paper's shape with its numbers, the per-run statistic read from the
+evaluations, the figures, and the command line's argument checks."""
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from acai_fast import ACAIConfig
+from acai_fast.cli import main
+from acai_fast.reproduce.lines import (LABELS, MODEL_ORDER, check_arguments, evaluation_points,
+                                       reproduce_lines, resolve_models)
+
+TINY = dict(depth=4, latent=3, latent_width=8, advdepth=5, batch=6)
+PNG = b"\x89PNG"
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny tensors gain nothing from intra-op threads (13x slower with two on a shared 2-core box)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def metrics(path):
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def test_reproduce_lines_end_to_end(tmp_path):
+    record = reproduce_lines(tmp_path, "all", kimg=4 * 6 / 1024, runs=2, eval_kimg=2 * 6 / 1024,
+                             backend="reference", device="cpu", config=ACAIConfig(**TINY), pairs=4,
+                             progress=False)
+    assert list(record["summary"]) == list(MODEL_ORDER) and len(MODEL_ORDER) == 8
+    table = (tmp_path / "lines_table.md").read_text()
+    rows = {line.split("|")[1].strip(): [c.strip() for c in line.split("|")[2:-1]]
+            for line in table.splitlines() if line.startswith("| ")}
+    assert rows[""] == [LABELS[m] for m in MODEL_ORDER]  # the paper's column order, vae_acai last
+    assert rows["Mean Distance (×10⁻³), paper"] == ["6.88"] + ["n/a"] * 5 + ["0.24", "not in paper"]
+    assert rows["Mean Smoothness, paper"] == ["0.44"] + ["n/a"] * 5 + ["0.10", "not in paper"]
+
+    for i, name in enumerate(MODEL_ORDER):
+        per_run = []
+        for seed in (0, 1):
+            history = metrics(tmp_path / "runs" / name / f"seed{seed}" / "metrics.jsonl")
+            assert [r["step"] for r in history] == [2, 4] and all(r["model"] == name for r in history)
+            distances = [r["mean_distance"] for r in history]
+            per_run.append(float(np.median(distances)))  # both evaluations are in the window of 20
+        summary = record["summary"][name]["mean_distance"]
+        assert summary["runs"] == pytest.approx(per_run, rel=1e-12)
+        assert summary["mean"] == pytest.approx(np.mean(per_run)) and summary["std"] == pytest.approx(np.std(per_run))
+        cell = rows["Mean Distance (×10⁻³), ours"][i]
+        assert cell == f"{np.mean(per_run) * 1e3:.2f} ± {np.std(per_run) * 1e3:.2f}", (name, cell)
+    assert record["settings"]["backends"] == {m: "reference" for m in MODEL_ORDER}
+    results = json.loads((tmp_path / "lines_results.json").read_text())
+    assert results["settings"]["runs"] == 2 and len(results["runs"]) == 16
+    for png in ("lines_interpolations.png", "lines_angles.png"):
+        data = (tmp_path / png).read_bytes()
+        assert data[:4] == PNG and len(data) > 10_000, png
+
+
+def test_only_the_last_evaluations_are_run_and_scored(tmp_path):
+    """Window 2, an evaluation point every step: the first two points are skipped (no metrics), and
+    the run's number is the median of the last two."""
+    assert evaluation_points(24, 6, window=2) == [18, 24]
+    assert evaluation_points(30, 12, window=20) == [12, 24, 30]
+    record = reproduce_lines(tmp_path, "baseline", kimg=4 * 6 / 1024, runs=1, eval_kimg=6 / 1024, window=2,
+                             backend="reference", device="cpu", config=ACAIConfig(**TINY), pairs=4,
+                             progress=False)
+    history = metrics(tmp_path / "runs" / "baseline" / "seed0" / "metrics.jsonl")
+    assert [r["step"] for r in history] == [1, 2, 3, 4]
+    assert ["mean_distance" in r for r in history] == [False, False, True, True]
+    expected = np.median([history[2]["mean_smoothness"], history[3]["mean_smoothness"]])
+    assert record["summary"]["baseline"]["mean_smoothness"]["mean"] == pytest.approx(expected)
+
+
+def test_argument_checks():
+    assert resolve_models("all") == list(MODEL_ORDER)
+    assert resolve_models("acai, vae") == ["acai", "vae"]
+    for bad, message in [("nope", "unknown model"), ("acai,acai", "twice"), ("", "unknown model")]:
+        with pytest.raises(ValueError, match=message):
+            resolve_models(bad)
+    with pytest.raises(ValueError, match="runs must be a positive integer"):
+        check_arguments("all", 1, 0, 1)
+    with pytest.raises(ValueError, match="kimg must be a number > 0"):
+        check_arguments("all", -1, 1, 1)
+    with pytest.raises(ValueError, match="less than one batch"):
+        check_arguments("all", 1, 1, 0.01)
+    with pytest.raises(ValueError, match="needs a lines config"):
+        check_arguments("all", 1, 1, 1, ACAIConfig.preset("mnist32"))
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--models", "acai,nope"], "unknown model"),
+    (["--runs", "0"], "runs must be a positive integer"),
+    (["--kimg", "0"], "must be > 0"),
+    (["--eval-kimg", "0.01"], "less than one batch"),
+    (["--backend", "magic"], "unknown backend"),
+])
+def test_cli_rejects_bad_arguments(argv, message, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["reproduce", "lines", "--out", str(tmp_path / "x"), "--device", "cpu", *argv])
+    assert exc.value.code == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()
+
+
+def test_cli_reproduce_lines(tmp_path, capsys):
+    """The command on the real lines preset: one step of one model, one full evaluation."""
+    out = tmp_path / "table"
+    assert main(["reproduce", "lines", "--models", "baseline", "--kimg", "0.0625", "--eval-kimg", "0.0625",
+                 "--runs", "1", "--out", str(out), "--device", "cpu", "--no-progress"]) == 0
+    printed = capsys.readouterr().out
+    assert "| Mean Distance (×10⁻³), ours |" in printed and "6.88" in printed
+    assert printed.strip() == (out / "lines_table.md").read_text().strip()
+    assert (out / "lines_angles.png").read_bytes()[:4] == PNG
