@@ -33,7 +33,8 @@ def _read_mat(path: Path, verify: bool) -> tuple[np.ndarray, np.ndarray]:
                          f"expected the official SVHN {path.name} with X (32, 32, 3, N) uint8 and "
                          f"y (N, 1){hint}") from None
     if "X" not in mat or "y" not in mat:
-        raise ValueError(f"{path}: expected variables X and y, found {sorted(k for k in mat if not k.startswith('__'))}{hint}")
+        found = sorted(name for name, *_ in scipy.io.whosmat(path))
+        raise ValueError(f"{path}: expected variables X and y, found {found}{hint}")
     x, y = mat["X"], mat["y"]
     if x.ndim != 4 or x.shape[:3] != (32, 32, 3) or x.dtype != np.uint8:
         raise ValueError(f"{path}: X must be (32, 32, 3, N) uint8, found {x.shape} {x.dtype}{hint}")

@@ -4,8 +4,9 @@ training latents by SVD, run K-means with K = number of classes from many random
 one-to-one cluster-to-class matching (Hungarian method).
 
 K-means runs every restart at once in PyTorch, on the latents' device: the centres of R restarts are
-one (R, K, D) tensor, an iteration is two GEMMs for all of them (distances, then the new centres as
-one-hot @ x), and restarts that have converged drop out of the batch. Restart r starts from K
+one (R, K, D) tensor; an iteration runs the exact steps (argmin, one-hot, counts) for all of them at
+once and two small GEMMs per restart (distances, then the new centres as one-hot @ x), and restarts
+that have converged drop out of the batch. Restart r starts from K
 distinct training points drawn by numpy.random.default_rng([seed, r]), so it does not depend on how
 many restarts run beside it: more restarts can only lower the best inertia.
 
@@ -103,35 +104,41 @@ def kmeans(x: torch.Tensor, k: int, restarts: int = 1000, seed: int = 0, *, max_
 
 def _lloyd(x: torch.Tensor, centers: torch.Tensor, max_iter: int, tol_abs: float) -> list[int]:
     """Lloyd iterations on (C, K, D) centres in place until each restart has converged (assignments
-    unchanged, or squared centre shift <= tol_abs) or max_iter; returns each one's iteration count."""
+    unchanged, or squared centre shift <= tol_abs) or max_iter; returns each one's iteration count.
+
+    Why one GEMM per restart rather than one for the whole batch: a restart's arithmetic then has
+    the same shapes whatever runs beside it (a wide GEMM may round a column differently depending on
+    how many columns it has), so restart r gives bit-identical centres in any batch. The exact parts
+    (argmin, one-hot, counts) run batched."""
     c_count, k, d = centers.shape
     n = x.shape[0]
-    active = torch.arange(c_count, device=x.device)
+    active = list(range(c_count))
     previous = torch.full((c_count, n), -1, dtype=torch.long, device=x.device)
     iters = [max_iter] * c_count
+    dist = torch.empty(c_count, n, k, dtype=x.dtype, device=x.device)
     for it in range(1, max_iter + 1):
-        c = centers[active]  # (A, K, D)
-        a = c.shape[0]
-        # ||c||^2 - 2 x.c for all restarts in one GEMM: (N, D) @ (D, A*K) -> (N, A, K) (||x||^2 does
-        # not change the argmin); the argmin reads the GEMM's output in place, no transposed copy.
-        dist = torch.addmm((c * c).sum(2).view(1, a * k), x, c.reshape(a * k, d).T, alpha=-2).view(n, a, k)
-        labels = dist.argmin(2)  # (N, A)
-        del dist
-        one_hot = torch.zeros(n, a, k, dtype=x.dtype, device=x.device).scatter_(2, labels[..., None], 1.0)
-        counts = one_hot.sum(0)  # (A, K)
-        sums = (one_hot.view(n, a * k).T @ x).view(a, k, d)  # (A*K, N) @ (N, D) -> (A, K, D)
-        del one_hot
-        labels = labels.T  # (A, N), a view
-        new = torch.where(counts[..., None] > 0, sums / counts.clamp_min(1)[..., None], c)
-        shift = ((new - c) ** 2).sum((1, 2))
-        unchanged = (labels == previous[active]).all(1)
-        centers[active] = new
-        previous[active] = labels
-        done = (unchanged | (shift <= tol_abs)).cpu()
-        for j in active[done.to(active.device)].tolist():
-            iters[j] = it
-        active = active[~done.to(active.device)]
-        if active.numel() == 0:
+        a = len(active)
+        for i, r in enumerate(active):
+            # ||c||^2 - 2 x.c: (N, D) @ (D, K) -> (N, K) (||x||^2 does not change the argmin)
+            torch.addmm((centers[r] * centers[r]).sum(1), x, centers[r].T, alpha=-2, out=dist[i])
+        labels = dist[:a].argmin(2)  # (A, N)
+        one_hot = torch.zeros(a, n, k, dtype=x.dtype, device=x.device).scatter_(2, labels[..., None], 1.0)
+        counts = one_hot.sum(1)  # (A, K): sums of ones, exact
+        index = torch.tensor(active, device=x.device)
+        unchanged = (labels == previous[index]).all(1).tolist()
+        previous[index] = labels
+        shifts = []
+        for i, r in enumerate(active):
+            sums = one_hot[i].T @ x  # (K, N) @ (N, D) -> (K, D)
+            new = torch.where(counts[i, :, None] > 0, sums / counts[i].clamp_min(1)[:, None], centers[r])
+            shifts.append(((new - centers[r]) ** 2).sum())
+            centers[r] = new
+        done = [u or s <= tol_abs for u, s in zip(unchanged, torch.stack(shifts).tolist())]
+        for r, finished in zip(active, done):
+            if finished:
+                iters[r] = it
+        active = [r for r, finished in zip(active, done) if not finished]
+        if not active:
             break
     return iters
 
