@@ -1,0 +1,266 @@
+"""acai_fast.profiling: the NVML sampler (against an injected reader, and the real "no NVML" path of
+this machine), the trace analysis (top kernels, phase split) on synthetic GPU traces and a real CPU
+trace, `acai-fast profile` and `acai-fast train --profile` on the CPU, and fit(monitor=...)."""
+import csv
+import gzip
+import json
+import logging
+import threading
+import time
+
+import pytest
+import torch
+
+from acai_fast import ACAIConfig, ACAITrainer
+from acai_fast.cli import main
+from acai_fast.loop import fit
+from acai_fast.profiling import (CSV_COLUMNS, FIELDS, GpuSampler, NvmlUnavailable, format_phase_table,
+                                 format_top_table, open_nvml, phase_split, summarize_samples, top_kernels)
+
+HAS_NVML = True
+try:
+    open_nvml()
+except NvmlUnavailable:
+    HAS_NVML = False
+
+
+class FakeReader:
+    """Counts its calls; sample k has gpu_util_pct = k, power_w = 100 + k; raises after `fail_after`."""
+
+    def __init__(self, fail_after=None):
+        self.calls = 0
+        self.fail_after = fail_after
+        self.closed = False
+        self.name, self.source = "Fake GPU", "fake"
+
+    def __call__(self):
+        if self.fail_after is not None and self.calls >= self.fail_after:
+            raise RuntimeError("the GPU fell off the bus")
+        k = self.calls
+        self.calls += 1
+        return dict(gpu_util_pct=k, mem_util_pct=1, mem_used_mib=1000.0 + k, mem_total_mib=80000.0,
+                    power_w=100.0 + k, sm_clock_mhz=1980, temperature_c=40 + k)
+
+    def close(self):
+        self.closed = True
+
+
+def test_sampler_interval_stop_and_csv(tmp_path):
+    path = tmp_path / "gpu_samples.csv"
+    reader = FakeReader()
+    interval = 0.02
+    with GpuSampler(interval, reader=reader, csv_path=path) as sampler:
+        assert sampler.running and sampler.available
+        time.sleep(0.3)
+    # Clean stop: the thread is gone, NVML closed, and nothing is sampled afterwards.
+    assert not sampler.running
+    assert not any(t.name == "acai-gpu-sampler" for t in threading.enumerate())
+    assert reader.closed
+    n = len(sampler.samples)
+    time.sleep(0.06)
+    assert len(sampler.samples) == n == reader.calls
+    # The interval: ~0.3 s / 0.02 s = 15 samples (a loaded 2-core machine may be late, never early
+    # by much: the schedule is absolute, so no burst follows a late sample).
+    assert 5 <= n <= 17, n
+    gaps = [b["time_s"] - a["time_s"] for a, b in zip(sampler.samples, sampler.samples[1:])]
+    assert sorted(gaps)[len(gaps) // 2] == pytest.approx(interval, abs=0.012)
+    assert min(gaps) > interval / 2
+    # CSV: the header, then one row per sample with the reader's values in order.
+    rows = list(csv.reader(path.open()))
+    assert tuple(rows[0]) == CSV_COLUMNS
+    assert len(rows) == n + 1
+    col = {name: i for i, name in enumerate(CSV_COLUMNS)}
+    assert [int(r[col["gpu_util_pct"]]) for r in rows[1:]] == list(range(n))
+    assert [float(r[col["power_w"]]) for r in rows[1:]] == [100.0 + k for k in range(n)]
+    elapsed = [float(r[col["elapsed_s"]]) for r in rows[1:]]
+    assert elapsed == sorted(elapsed) and elapsed[0] < interval
+    # A second run appends without a second header.
+    with GpuSampler(interval, reader=FakeReader(), csv_path=path):
+        time.sleep(0.05)
+    rows = list(csv.reader(path.open()))
+    assert sum(tuple(r) == CSV_COLUMNS for r in rows) == 1 and len(rows) > n + 1
+
+
+def test_sampler_intervals_and_summary():
+    reader = FakeReader()
+    sampler = GpuSampler(0.01, reader=reader).start()
+    time.sleep(0.08)
+    sampler.begin_interval()
+    time.sleep(0.08)
+    sampler.stop()
+    out = sampler.end_interval()
+    n = len(sampler.samples)
+    start = n - out["gpu_samples"]  # sample k has gpu_util_pct k
+    assert out["gpu_samples"] >= 2 and start >= 2  # only the interval's samples, not the earlier ones
+    assert out["gpu_util_mean"] == pytest.approx((start + n - 1) / 2, abs=0.01)
+    assert out["gpu_power_w_mean"] == pytest.approx(100 + out["gpu_util_mean"], abs=0.01)
+    assert out["gpu_mem_used_mib_max"] == 1000.0 + n - 1
+    assert out["gpu_temperature_c_max"] == 40 + n - 1 and out["gpu_sm_clock_mhz_mean"] == 1980
+    assert set(FIELDS) <= set(sampler.samples[0])
+    assert sampler.summary()["gpu_samples"] == n
+    assert summarize_samples([])["gpu_util_mean"] is None
+
+
+def test_failing_reader_stops_sampling_not_the_run(caplog):
+    with caplog.at_level(logging.WARNING, logger="acai_fast"):
+        with GpuSampler(0.005, reader=FakeReader(fail_after=3)) as sampler:
+            time.sleep(0.1)
+            assert not sampler.running
+    assert len(sampler.samples) == 3
+    assert "fell off the bus" in sampler.reason and not sampler.available
+    assert sampler.end_interval() == {}
+    assert sum("GPU sampling off" in r.message for r in caplog.records) == 1
+
+
+@pytest.mark.skipif(HAS_NVML, reason="this machine has NVML: the no-NVML path is for machines without a GPU")
+def test_real_sampler_without_nvml_says_so_once(tmp_path, caplog):
+    path = tmp_path / "gpu_samples.csv"
+    with caplog.at_level(logging.WARNING, logger="acai_fast"):
+        with GpuSampler(0.01, csv_path=path) as sampler:
+            time.sleep(0.05)
+            assert not sampler.running
+        sampler.stop()
+    assert not sampler.available and "NVML" in sampler.reason
+    assert sampler.samples == [] and sampler.end_interval() == {} and sampler.summary() == {}
+    assert not path.exists()
+    assert sum("GPU sampling off" in r.message for r in caplog.records) == 1
+    with pytest.raises(NvmlUnavailable, match="NVML"):
+        open_nvml()
+
+
+# ------------------------------------------------------------------------------------------------
+# Trace analysis on synthetic traces (the GPU path, without a GPU)
+# ------------------------------------------------------------------------------------------------
+
+
+def _x(cat, name, ts, dur, **args):
+    return dict(ph="X", cat=cat, name=name, ts=ts, dur=dur, pid=1, tid=1, args=args)
+
+
+def gpu_trace():
+    return [
+        _x("user_annotation", "acai::step", 0, 100),
+        _x("user_annotation", "acai::forward", 0, 40),
+        _x("user_annotation", "acai::backward", 40, 40),
+        _x("user_annotation", "acai::optimizer", 80, 15),
+        _x("cuda_runtime", "cudaLaunchKernel", 10, 2, correlation=1),
+        _x("cuda_driver", "cuLaunchKernel", 50, 2, correlation=2),
+        _x("cuda_runtime", "cudaLaunchKernel", 85, 2, correlation=3),
+        _x("kernel", "conv_fwd", 20, 10, correlation=1),
+        _x("kernel", "conv_bwd", 60, 20, correlation=2),
+        _x("kernel", "adam", 90, 5, correlation=3),
+        # a second step, replayed from a CUDA graph: two kernels of one graph launch
+        _x("user_annotation", "acai::step", 200, 50),
+        _x("cuda_runtime", "cudaGraphLaunch", 201, 3, correlation=9),
+        _x("kernel", "conv_fwd", 210, 10, correlation=9),
+        _x("kernel", "conv_bwd", 222, 8, correlation=9),
+        # launched outside any step: ignored by the split, counted by the top list
+        _x("cuda_runtime", "cudaLaunchKernel", 300, 1, correlation=5),
+        _x("gpu_memset", "Memset (Device)", 301, 1, correlation=5),
+    ]
+
+
+def test_phase_split_gpu_trace():
+    split = phase_split(gpu_trace())
+    assert split["device"] == "cuda" and split["steps"] == 2
+    # step 1 kernels: forward 10, backward 20, optimizer 5; span 20..95 = 75 with 35 busy -> 40 idle
+    # step 2: graph replay 18 over span 210..230 = 20 -> 2 idle.  Per step: halves of the sums.
+    assert split["phases"] == {"forward": 5.0, "backward": 10.0, "optimizer": 2.5, "graph replay": 9.0,
+                               "gaps": 21.0}
+    assert split["step_us"] == pytest.approx((75 + 20) / 2)
+    assert sum(split["percent"].values()) == pytest.approx(100, abs=0.05)
+    assert "graph replay" in format_phase_table(split)
+
+
+def test_top_kernels_gpu_trace():
+    top = top_kernels(gpu_trace(), n=2)
+    assert [(r["name"], r["calls"], r["total_us"]) for r in top] == [("conv_bwd", 2, 28.0), ("conv_fwd", 2, 20.0)]
+    assert top[0]["mean_us"] == 14.0 and top[0]["percent"] == pytest.approx(100 * 28 / 54, abs=0.01)
+    assert "kernel (GPU time)" in format_top_table(top, "cuda")
+
+
+def test_cpu_self_times_and_split():
+    events = [
+        _x("user_annotation", "acai::step", 0, 200),
+        _x("user_annotation", "acai::forward", 0, 100),
+        _x("cpu_op", "aten::conv2d", 5, 90),
+        _x("cpu_op", "aten::convolution", 10, 80),
+        _x("cpu_op", "aten::mkldnn_convolution", 15, 60),
+        _x("user_annotation", "acai::backward", 100, 80),
+        _x("cpu_op", "aten::convolution_backward", 110, 50),
+    ]
+    top = {r["name"]: r["total_us"] for r in top_kernels(events)}
+    assert top == {"aten::mkldnn_convolution": 60, "aten::convolution_backward": 50, "aten::convolution": 20,
+                   "aten::conv2d": 10}
+    split = phase_split(events)
+    assert split["device"] == "cpu"
+    assert split["phases"] == {"forward": 100, "backward": 80, "other (host)": 20}
+
+
+# ------------------------------------------------------------------------------------------------
+# The commands on the CPU
+# ------------------------------------------------------------------------------------------------
+
+
+def test_profile_command_cpu(tmp_path, capsys):
+    out = tmp_path / "prof"
+    code = main(["profile", "--preset", "lines", "--batch", "2", "--steps", "2", "--warmup", "1",
+                 "--device", "cpu", "--out", str(out), "--top", "5"])
+    captured = capsys.readouterr()
+    assert code == 0
+    assert "CPU run" in captured.out and "a CPU run" in captured.err
+    trace = json.loads((out / "trace.json").read_text())  # loads as JSON
+    names = {e["name"] for e in trace["traceEvents"] if e.get("cat") == "user_annotation"}
+    assert {"acai::step", "acai::forward", "acai::backward", "acai::probe", "acai::optimizer"} <= names
+    report = json.loads((out / "profile.json").read_text())
+    assert report["device"] == "cpu" and len(report["top"]) == 5 and len(report["step_ms"]) == 2
+    assert report["split"]["steps"] == 2
+    assert {"forward", "backward", "optimizer", "probe"} <= set(report["split"]["phases"])
+    assert sum(report["split"]["percent"].values()) == pytest.approx(100, abs=0.05)
+    assert any("convolution" in r["name"] for r in report["top"])
+    assert "CPU op (self time)" in captured.out and "forward" in captured.out
+    assert report["gpu"]["available"] is False
+    assert (out / "utilisation.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_fit_monitor_adds_interval_means(tmp_path):
+    trainer = ACAITrainer(ACAIConfig.preset("lines", batch=4), backend="reference", device="cpu")
+    x = torch.rand(4, 1, 32, 32) * 2 - 1
+    path = tmp_path / "gpu_samples.csv"
+    with GpuSampler(0.005, reader=FakeReader(), csv_path=path) as sampler:
+        history = fit(trainer, iter([x] * 4), kimg=16 / 1024, eval_kimg=8 / 1024, out_dir=tmp_path,
+                      evaluate=lambda t: {}, progress=False, monitor=sampler)
+    lines = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert len(history) == len(lines) == 2
+    for record in lines:
+        assert record["gpu_samples"] >= 1 and record["gpu_util_mean"] is not None
+        assert record["gpu_power_w_mean"] == pytest.approx(100 + record["gpu_util_mean"], abs=0.01)
+    assert lines[1]["gpu_util_mean"] > lines[0]["gpu_util_mean"]  # the second interval's samples only
+    assert len(list(csv.reader(path.open()))) == len(sampler.samples) + 1
+
+
+def _write_idx(folder, prefix, n):
+    """A tiny MNIST-format data set (IDX .gz): the cheapest preset to train from the command line."""
+    gen = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (n, 28, 28), generator=gen, dtype=torch.uint8).numpy()
+    labels = torch.randint(0, 10, (n,), generator=gen, dtype=torch.uint8).numpy()
+    header = lambda magic, dims: magic.to_bytes(4, "big") + b"".join(d.to_bytes(4, "big") for d in dims)
+    with gzip.open(folder / f"{prefix}-images-idx3-ubyte.gz", "wb") as f:
+        f.write(header(2051, (n, 28, 28)) + images.tobytes())
+    with gzip.open(folder / f"{prefix}-labels-idx1-ubyte.gz", "wb") as f:
+        f.write(header(2049, (n,)) + labels.tobytes())
+
+
+@pytest.mark.skipif(HAS_NVML, reason="checks the no-NVML behaviour of train --profile")
+def test_train_profile_flag_cpu(tmp_path, capsys):
+    _write_idx(tmp_path, "train", 16)
+    _write_idx(tmp_path, "t10k", 32)  # the preview draws test images 0-31
+    out = tmp_path / "run"
+    code = main(["train", "--preset", "mnist32", "--data", str(tmp_path), "--kimg", str(16 / 1024),
+                 "--eval-kimg", str(8 / 1024), "--batch", "8", "--out", str(out), "--device", "cpu",
+                 "--no-progress", "--profile"])
+    assert code == 0
+    assert "no GPU samples" in capsys.readouterr().err
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert len(records) == 2 and all("loss_ae" in r and "gpu_util_mean" not in r for r in records)
+    assert not (out / "gpu_samples.csv").exists()
