@@ -33,6 +33,7 @@ from .models import Randomness, build_model
 from .networks import LinearProbe
 from .ops.mix import draw_alpha, make_rng_state
 from .ops.probe_loss import probe_loss
+from .profiling import phase
 
 log = logging.getLogger("acai_fast")
 
@@ -170,7 +171,10 @@ class ACAITrainer:
         if self.backend == "fused":
             if self.model.name == "acai":
                 from .engine.fused_step import FusedACAIStep
-                self.engine = FusedACAIStep(self)
+                self.engine = FusedACAIStep(self.model, dtype=self.dtype, device=self.device,
+                                            alpha_states=self.alpha_state.unsqueeze(0),
+                                            advweight=self.config.advweight, reg=self.config.reg,
+                                            on_layout_change=self.match_optimizer_layouts)
             else:
                 self._set_conv_backend("triton")
         self.graphs = None
@@ -253,17 +257,20 @@ class ACAITrainer:
         """One forward; every objective's gradient w.r.t. its own parameters (and the probe's, on the
         detached latent); then one Adam update of everything."""
         if self.engine is not None:
-            losses, latent = self.engine.gradients(x)
+            with phase("forward_backward"):  # profiler marks (acai_fast.profiling); no cost otherwise
+                losses, latent = self.engine.gradients(x)
         else:
             losses, latent = self._autograd_gradients(x)
         if labels is not None:
-            losses.update(self._probe_gradients(latent, labels))
+            with phase("probe"):
+                losses.update(self._probe_gradients(latent, labels))
         else:
             for p in self.probe.parameters():
                 p.grad = None  # no labels: Adam leaves the probe alone
         self._before_update(losses)
-        self.optimizer.step()
-        self.model.after_update()
+        with phase("optimizer"):
+            self.optimizer.step()
+            self.model.after_update()
         return losses
 
     def _before_update(self, losses: dict[str, torch.Tensor]) -> None:
@@ -280,14 +287,16 @@ class ACAITrainer:
 
     def _autograd_gradients(self, x: torch.Tensor):
         """The model's objectives in autograd; each objective's gradient reaches its own group only."""
-        out = self.model.objectives(x, Randomness(self.alpha_state, self.generator))
+        with phase("forward"):
+            out = self.model.objectives(x, Randomness(self.alpha_state, self.generator))
         groups = list(out.objectives.items())
-        for i, (name, objective) in enumerate(groups):
-            params = self.param_groups[name]
-            grads = torch.autograd.grad(objective, params, retain_graph=i < len(groups) - 1,
-                                        allow_unused=True)
-            for p, g in zip(params, grads):
-                p.grad = g if g is not None else torch.zeros_like(p)
+        with phase("backward"):
+            for i, (name, objective) in enumerate(groups):
+                params = self.param_groups[name]
+                grads = torch.autograd.grad(objective, params, retain_graph=i < len(groups) - 1,
+                                            allow_unused=True)
+                for p, g in zip(params, grads):
+                    p.grad = g if g is not None else torch.zeros_like(p)
         return {k: v.detach() for k, v in out.logged.items()}, out.latent.detach()
 
     def _probe_gradients(self, z: torch.Tensor, labels: torch.Tensor) -> dict[str, torch.Tensor]:

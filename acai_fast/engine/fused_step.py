@@ -1,21 +1,24 @@
 """The ACAI step (SPEC.md section 2, models/acai.py) as one explicit schedule on the fused ops, with
 no autograd over the networks: forward, then exactly the backward pieces some objective needs.
 
-Forward (N images; buffers are channels_last, blocks of rows written in place, never concatenated):
-    z      = encoder(x)                                    -> zz[:N]         zz: (2N, latent, w, w)
-    z_mix  = mix(z) (alpha drawn on the device, Philox)     -> zz[N:]
-    [ae; x_mix] = decoder(zz)                               -> xs[:2N]        xs: (3N, colors, 32, 32)
-    loss_ae, d_ae, x_real = image_loss(x, ae)               -> d_ae in g_dec[:N], x_real in xs[2N:]
-    [c_mix; c_real] = critic maps of xs[N:] = [x_mix; x_real]
+It runs an array of R same-shaped runs at once (one launch per layer serves them all; a single
+run is the array of one, with the same launches). Every tensor below has a leading run axis and is
+channels_last within each run; buffers are written in blocks of rows, never concatenated:
+Forward (N images per run):
+    z      = encoder(x)                                    -> zz[:, :N]      zz: (R, 2N, latent, w, w)
+    z_mix  = mix(z) (alpha drawn on the device, Philox)     -> zz[:, N:]
+    [ae; x_mix] = decoder(zz)                               -> xs[:, :2N]     xs: (R, 3N, colors, 32, 32)
+    loss_ae, d_ae, x_real = image_loss(x, ae)               -> d_ae in g_dec[:, :N], x_real in xs[:, 2N:]
+    [c_mix; c_real] = critic maps of xs[:, N:] = [x_mix; x_real]
     losses and map gradients = critic_loss(c_mix, c_real, alpha)
-                                                  -> g_crit = [d loss_disc; d loss_disc_real; d adv*loss_ae_disc]
+                                   -> g_crit = [d loss_disc; d loss_disc_real; d adv*loss_ae_disc]
 Backward:
     critic: one input-gradient pass per block over the 3N gradient images (the critic objective's
         2N, then the autoencoder's N on x_mix, which reuse the forward's first N saved images), and
         one weight-gradient pass over the critic objective's 2N; the first block's input gradient
-        only for the autoencoder's rows -> g_dec[N:] (d objective / d x_mix)
+        only for the autoencoder's rows -> g_dec[:, N:] (d objective / d x_mix)
     decoder: input and weight gradients over the 2N images [ae; x_mix]
-    mix backward: dz = g_z[:N] + mix_bwd(g_z[N:]) (accumulated in place: one launch)
+    mix backward: dz = g_z[:, :N] + mix_bwd(g_z[:, N:]) (accumulated in place: one launch)
     encoder: weight gradients, and input gradients where a block has a predecessor
     (The trainer then runs Adam, PyTorch's fused one, over both groups and the probe.)
 The weight gradients are written, split reduction included, straight into the parameters'
@@ -25,12 +28,13 @@ cast them as they load, so no cast, copy, concatenation or gradient sum runs as 
 from __future__ import annotations
 
 import dataclasses
+from typing import Callable
 
 import torch
 
-from ..ops.acai_loss import critic_loss_fwd, image_loss_fwd
-from ..ops.conv_block import conv_bwd, conv_fwd, dw_counter_size, output_shape
-from ..ops.mix import mix_bwd, mix_fwd
+from ..ops.acai_loss import critic_loss_fwd_runs, image_loss_fwd_runs
+from ..ops.conv_block import conv_bwd, conv_fwd, dw_counter_size, empty_activation
+from ..ops.mix import mix_bwd_runs, mix_fwd_runs
 
 
 @dataclasses.dataclass
@@ -40,121 +44,162 @@ class _Saved:
     y: torch.Tensor | None
     sign: torch.Tensor | None
 
+    def rows(self, n: int) -> "_Saved":
+        """The first n images of every run."""
+        return _Saved(self.x[:, :n], self.y[:, :n] if self.y is not None else None,
+                      self.sign[:, :n] if self.sign is not None else None)
+
 
 def _nhwc(t: torch.Tensor) -> torch.Tensor:
-    """A channels_last (N, C, H, W) tensor as the contiguous (N, H, W, C) tensor it is (a view)."""
-    return t.permute(0, 2, 3, 1)
+    """A (R, N, C, H, W) tensor, channels_last per run, as the (R, N, H, W, C) tensor it is (a view)."""
+    return t.permute(0, 1, 3, 4, 2)
 
 
-def _cl_empty(shape, dtype, device) -> torch.Tensor:
-    return torch.empty(shape, dtype=dtype, device=device, memory_format=torch.channels_last)
+def channels_last_like(t: torch.Tensor) -> torch.Tensor:
+    """The values of a conv weight (Cout, Cin, k, k) or an array's (R, Cout, Cin, k, k), laid out
+    with Cin contiguous in each run (coalesced weight tiles for the kernels)."""
+    if t.dim() == 4:
+        return t.contiguous(memory_format=torch.channels_last)
+    return t.permute(0, 1, 3, 4, 2).contiguous().permute(0, 1, 4, 2, 3)
 
 
 class FusedACAIStep:
-    """The fused ACAI step of one trainer (its model, optimisers, alpha state, dtype and device).
+    """The fused ACAI step of one model's runs.
 
-    Holds the per-trainer state the schedule needs: the tile counters of the weight-gradient
-    reductions (zeroed once; every launch leaves them at zero). The conv weights are made
-    channels_last here (same values; the optimisers' state follows the parameters' layout)."""
+    model: the ACAI model (its block structure; and, for one run, its parameters).
+    stacked: for an array of R runs, {parameter name: (R, ...) tensor with a persistent .grad of
+        the same layout} (conv weights channels_last per run); None: one run, the model's own
+        parameters (given persistent .grad tensors and channels_last weights here).
+    alpha_states: the (R, 3) int64 Philox states (one run: a (1, 3) view of the trainer's state).
+    advweight, reg: floats, or fp32 (R,) tensors when they differ between runs.
+    on_layout_change: called after the parameters' layout changed (the trainer re-lays Adam's state).
+    The per-step outputs of an array have a leading run axis; one run's do not.
+    Holds the tile counters of the weight-gradient reductions and the loss reductions (zeroed once;
+    every launch leaves them at zero)."""
 
-    def __init__(self, trainer):
-        self.trainer = trainer
-        model = trainer.model
-        self.config = trainer.config
-        self.dtype = trainer.dtype
-        self.device = trainer.device
+    def __init__(self, model, *, dtype, device, alpha_states, advweight, reg, stacked=None,
+                 on_layout_change: Callable[[], None] | None = None):
+        self.model = model
+        self.config = model.config
+        self.dtype = dtype
+        self.device = torch.device(device)
+        self.alpha_states = alpha_states
+        self.runs = alpha_states.shape[0]
+        self.advweight, self.reg = advweight, reg
+        self.stacked = stacked
+        self.on_layout_change = on_layout_change
         # The mix/loss ops: CUDA or Triton on a GPU (their own choice); Triton (interpreted) on the CPU.
         self.op_backend = "auto" if self.device.type == "cuda" else "triton"
-        self.encoder = list(model.encoder.blocks)
-        self.decoder = list(model.decoder.blocks)
-        self.critic = list(model.critic.blocks)
-        self.reload_parameters()
-        self._counters = {id(b): torch.zeros(dw_counter_size(b.weight.shape[2], b.weight.shape[1],
-                                                             b.weight.shape[0]),
-                                             dtype=torch.int32, device=self.device)
-                          for b in self.encoder + self.decoder + self.critic}
+        self.nets = {name: list(getattr(model, name).blocks) for name in ("encoder", "decoder", "critic")}
+        self.names = {id(b): f"{net}.blocks.{i}" for net, blocks in self.nets.items() for i, b in enumerate(blocks)}
+        if stacked is None:
+            self.reload_parameters()
+        self._counters = {id(b): torch.zeros(dw_counter_size(*b.weight.shape[2:0:-1], b.weight.shape[0],
+                                                             runs=self.runs), dtype=torch.int32,
+                                             device=self.device)
+                          for blocks in self.nets.values() for b in blocks}
+        self._loss_counters = torch.zeros(2, self.runs, dtype=torch.int32, device=self.device)
 
     def reload_parameters(self) -> None:
-        """Lay the conv weights out channels_last (Cin contiguous: coalesced weight tiles) and give
-        every parameter a persistent .grad that the kernels write in place. Call after the
+        """One run: lay the conv weights out channels_last (Cin contiguous: coalesced weight tiles)
+        and give every parameter a persistent .grad that the kernels write in place. Call after the
         parameters were replaced (a loaded checkpoint keeps the layout: load_state_dict copies)."""
+        if self.stacked is not None:
+            return
         with torch.no_grad():
-            for block in self.encoder + self.decoder + self.critic:
-                w = block.weight
-                if not w.is_contiguous(memory_format=torch.channels_last):
-                    w.data = w.data.contiguous(memory_format=torch.channels_last)
-                for p in (block.weight, block.bias):
-                    if p.grad is None or p.grad.stride() != p.stride():
-                        p.grad = torch.zeros_like(p)
-        self.trainer.match_optimizer_layouts()
+            for blocks in self.nets.values():
+                for block in blocks:
+                    w = block.weight
+                    if not w.is_contiguous(memory_format=torch.channels_last):
+                        w.data = channels_last_like(w.data)
+                    for p in (block.weight, block.bias):
+                        if p.grad is None or p.grad.stride() != p.stride():
+                            p.grad = torch.zeros_like(p)
+        if self.on_layout_change is not None:
+            self.on_layout_change()
+
+    def _param(self, block, which: str):
+        """(value, grad) of a block's weight or bias with a leading run axis."""
+        if self.stacked is None:
+            p = getattr(block, which)
+            return p.unsqueeze(0), p.grad.unsqueeze(0)
+        p = self.stacked[f"{self.names[id(block)]}.{which}"]
+        return p, p.grad
 
     # ------------------------------------------------------------------ building blocks
     def _forward(self, blocks, h, out=None) -> tuple[torch.Tensor, list[_Saved]]:
         """Run a chain of blocks on h; the last block writes into `out` when given."""
         saved = []
         for i, b in enumerate(blocks):
-            y, sign = conv_fwd(h, b.weight, b.bias, upsample_input=b.upsample_input,
-                               leaky_slope=b.leaky_slope, pool_output=b.pool_output,
-                               out=out if i == len(blocks) - 1 else None, out_dtype=self.dtype)
+            (w, _), (bias, _) = self._param(b, "weight"), self._param(b, "bias")
+            y, sign = conv_fwd(h, w, bias, upsample_input=b.upsample_input, leaky_slope=b.leaky_slope,
+                               pool_output=b.pool_output, out=out if i == len(blocks) - 1 else None,
+                               out_dtype=self.dtype)
             saved.append(_Saved(h, y if b.leaky_slope is not None and not b.pool_output else None, sign))
             h = y
         return h, saved
 
     def _block_bwd(self, b, s: _Saved, g, *, need_dx=True, need_dw=True, dx_out=None):
-        dx, _, _ = conv_bwd(g, s.x, b.weight, s.y, s.sign, weight_dtype=b.weight.dtype,
-                            bias_dtype=b.bias.dtype, upsample_input=b.upsample_input,
-                            leaky_slope=b.leaky_slope, pool_output=b.pool_output, need_dx=need_dx,
-                            need_dw=need_dw, need_db=need_dw, dx_out=dx_out,
-                            dw_out=b.weight.grad, db_out=b.bias.grad, dw_counter=self._counters[id(b)])
+        (w, dw), (bias, db) = self._param(b, "weight"), self._param(b, "bias")
+        dx, _, _ = conv_bwd(g, s.x, w, s.y, s.sign, weight_dtype=w.dtype, bias_dtype=bias.dtype,
+                            upsample_input=b.upsample_input, leaky_slope=b.leaky_slope,
+                            pool_output=b.pool_output, need_dx=need_dx, need_dw=need_dw,
+                            need_db=need_dw, dx_out=dx_out, dw_out=dw, db_out=db,
+                            dw_counter=self._counters[id(b)])
         return dx
 
-    def _backward(self, blocks, saved, g, *, first_dx=True, first_dx_out=None):
+    def _backward(self, blocks, saved, g, *, first_dx=True):
         """Input and weight gradients of a chain from g = dL/d(output); the first block's input
-        gradient only when `first_dx` (into `first_dx_out` when given)."""
+        gradient only when `first_dx`."""
         for i in range(len(blocks) - 1, -1, -1):
-            last = i == 0
-            g = self._block_bwd(blocks[i], saved[i], g, need_dx=first_dx or not last,
-                                dx_out=first_dx_out if last else None)
+            g = self._block_bwd(blocks[i], saved[i], g, need_dx=first_dx or i > 0)
         return g
 
     # ------------------------------------------------------------------ the step
     def gradients(self, x: torch.Tensor):
-        """The forward and backward of one ACAI step on x (N, colors, 32, 32) fp32: writes every conv
-        parameter's .grad (each objective's gradient into its own parameters) and returns
-        ({loss_ae, loss_ae_disc, loss_disc, loss_disc_real}, z) with z the (N, latent, w, w) latent.
-        The trainer then steps Adam."""
-        cfg, dt, dev, ops = self.config, self.dtype, self.device, self.op_backend
-        n = x.shape[0]
-        x = x.contiguous(memory_format=torch.channels_last)  # fp32: the loss target stays exact
+        """The forward and backward of one ACAI step on x ((R,) N, colors, 32, 32) fp32: writes every
+        conv parameter's .grad (each objective's gradient into its own parameters) and returns
+        ({loss_ae, loss_ae_disc, loss_disc, loss_disc_real}, z) with z the ((R,) N, latent, w, w)
+        latent. The trainer then steps Adam."""
+        cfg, dt, dev, ops, R = self.config, self.dtype, self.device, self.op_backend, self.runs
+        single = self.stacked is None
+        if single:
+            x = x.contiguous(memory_format=torch.channels_last).unsqueeze(0)  # fp32: the exact target
+        n = x.shape[1]
+        image = (cfg.colors, cfg.image_size, cfg.image_size)
 
         # ---- forward
-        zz = _cl_empty((2 * n, *cfg.latent_shape), dt, dev)
-        z, enc_saved = self._forward(self.encoder, x, out=zz[:n])
-        _, alpha = mix_fwd(_nhwc(zz[:n]), state=self.trainer.alpha_state, out=_nhwc(zz[n:]), backend=ops)
-        xs = _cl_empty((3 * n, cfg.colors, cfg.image_size, cfg.image_size), dt, dev)
-        _, dec_saved = self._forward(self.decoder, zz, out=xs[:2 * n])
-        g_dec = _cl_empty((2 * n, cfg.colors, cfg.image_size, cfg.image_size), dt, dev)
-        image = image_loss_fwd(_nhwc(x), _nhwc(xs[:n]), cfg.reg, backend=ops,
-                               d_ae_out=_nhwc(g_dec[:n]), x_real_out=_nhwc(xs[2 * n:]))
-        maps, crit_saved = self._forward(self.critic, xs[n:])
-        g_crit = _cl_empty((3 * n, *maps.shape[1:]), dt, dev)
-        critic = critic_loss_fwd(_nhwc(maps[:n]), _nhwc(maps[n:]), alpha, cfg.advweight, backend=ops,
-                                 grads_out=(_nhwc(g_crit[2 * n:]), _nhwc(g_crit[:n]), _nhwc(g_crit[n:2 * n])))
+        zz = empty_activation((2 * n, *cfg.latent_shape), dt, dev, R)
+        _, enc_saved = self._forward(self.nets["encoder"], x, out=zz[:, :n])
+        _, alpha = mix_fwd_runs(_nhwc(zz[:, :n]), self.alpha_states, out=_nhwc(zz[:, n:]), backend=ops)
+        xs = empty_activation((3 * n, *image), dt, dev, R)
+        _, dec_saved = self._forward(self.nets["decoder"], zz, out=xs[:, :2 * n])
+        g_dec = empty_activation((2 * n, *image), dt, dev, R)
+        img = image_loss_fwd_runs(_nhwc(x), _nhwc(xs[:, :n]), self.reg, d_ae_out=_nhwc(g_dec[:, :n]),
+                                  x_real_out=_nhwc(xs[:, 2 * n:]), counter=self._loss_counters[0],
+                                  backend=ops)
+        maps, crit_saved = self._forward(self.nets["critic"], xs[:, n:])
+        g_crit = empty_activation((3 * n, *maps.shape[-3:]), dt, dev, R)
+        crit = critic_loss_fwd_runs(_nhwc(maps[:, :n]), _nhwc(maps[:, n:]), alpha, self.advweight,
+                                    grads_out=(_nhwc(g_crit[:, 2 * n:]), _nhwc(g_crit[:, :n]),
+                                               _nhwc(g_crit[:, n:2 * n])),
+                                    counter=self._loss_counters[1], backend=ops)
 
         # ---- backward: critic (both objectives' input gradients, the critic's weight gradients),
         # then the decoder on [ae; x_mix], the mix, the encoder
+        critic = self.nets["critic"]
         g = g_crit
-        for i in range(len(self.critic) - 1, 0, -1):
-            g = self._block_bwd(self.critic[i], crit_saved[i], g)
-        first, s0 = self.critic[0], crit_saved[0]
-        self._block_bwd(first, s0, g[:2 * n], need_dx=False)
-        self._block_bwd(first, _Saved(s0.x[:n], s0.y[:n] if s0.y is not None else None,
-                                      s0.sign[:n] if s0.sign is not None else None),
-                        g[2 * n:], need_dw=False, dx_out=g_dec[n:])
-        g_z = self._backward(self.decoder, dec_saved, g_dec)
-        mix_bwd(_nhwc(g_z[n:]), alpha, dz=_nhwc(g_z[:n]), backend=ops)
-        self._backward(self.encoder, enc_saved, g_z[:n], first_dx=False)
+        for i in range(len(critic) - 1, 0, -1):
+            g = self._block_bwd(critic[i], crit_saved[i], g)
+        self._block_bwd(critic[0], crit_saved[0], g[:, :2 * n], need_dx=False)
+        self._block_bwd(critic[0], crit_saved[0].rows(n), g[:, 2 * n:], need_dw=False, dx_out=g_dec[:, n:])
+        g_z = self._backward(self.nets["decoder"], dec_saved, g_dec)
+        mix_bwd_runs(_nhwc(g_z[:, n:]), alpha, dz=_nhwc(g_z[:, :n]), backend=ops)
+        self._backward(self.nets["encoder"], enc_saved, g_z[:, :n], first_dx=False)
 
-        losses = dict(loss_ae=image.loss_ae, loss_ae_disc=critic.loss_ae_disc, loss_disc=critic.loss_disc,
-                      loss_disc_real=critic.loss_disc_real)
+        losses = dict(loss_ae=img.loss_ae, loss_ae_disc=crit.loss_ae_disc, loss_disc=crit.loss_disc,
+                      loss_disc_real=crit.loss_disc_real)
+        z = zz[:, :n]
+        if single:
+            return {k: v[0] for k, v in losses.items()}, z[0]
         return losses, z
