@@ -4,6 +4,9 @@
     acai-fast interpolate --checkpoint runs/lines/checkpoint.pt --out grid.png
     acai-fast evaluate --checkpoint runs/lines/checkpoint.pt
     acai-fast profile --preset lines --batch 64 --steps 5 --out prof   # trace, top kernels, phase split
+    acai-fast train --preset svhn32 --data DIR --out runs/svhn32       # or ACAI_FAST_DATA=DIR
+    acai-fast evaluate --checkpoint runs/svhn32/checkpoint.pt --data DIR   # probe + clustering accuracy
+    acai-fast reproduce probe|cluster --dataset mnist --latent 32 --data DIR --out OUT
 """
 from __future__ import annotations
 
@@ -14,7 +17,9 @@ from pathlib import Path
 
 from .config import PRESETS, ACAIConfig
 
-IMAGE_PRESETS = ("mnist32", "mnist256")  # presets whose data ships as IDX files (MNIST, Fashion-MNIST)
+DATA_HELP = ("folder of the preset's dataset (default: $ACAI_FAST_DATA): the MNIST IDX files, SVHN .mat "
+             "files, CIFAR-10 python batches or .tar.gz, or CelebA's img_align_celeba/ (or a subfolder "
+             "named after the dataset)")
 
 
 def _positive_float(text: str) -> float:
@@ -69,8 +74,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--batch", type=int, default=None,
                        help="the GLOBAL batch: images per step over all processes (under torchrun split "
                             "evenly, >= 2 per process); default: the preset's, 64")
-    train.add_argument("--data", default=None,
-                       help="for mnist32/mnist256: folder holding the MNIST or Fashion-MNIST IDX .gz files")
+    train.add_argument("--data", default=None, help=DATA_HELP)
     train.add_argument("--no-progress", action="store_true", help="no progress bar")
     _add_fault_arguments(train)
     train.add_argument("--profile", action="store_true",
@@ -84,14 +88,17 @@ def build_parser() -> argparse.ArgumentParser:
     interp.add_argument("--pairs", type=int, default=16, help="rows: pairs of test images")
     interp.add_argument("--steps", type=int, default=16, help="columns: interpolation steps, ends included")
     interp.add_argument("--seed", type=int, default=1234, help="which test pairs")
-    interp.add_argument("--data", default=None, help="IDX data folder for image presets (test split)")
+    interp.add_argument("--data", default=None, help=DATA_HELP + "; the test split is used")
     interp.add_argument("--device", default=None)
 
     evaluate = sub.add_parser("evaluate", help="print the evaluation metrics of a checkpoint as JSON",
                               formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     evaluate.add_argument("--checkpoint", required=True)
-    evaluate.add_argument("--data", default=None, help="IDX data folder for image presets")
+    evaluate.add_argument("--data", default=None, help=DATA_HELP)
     evaluate.add_argument("--device", default=None)
+    evaluate.add_argument("--restarts", type=int, default=1000,
+                          help="image presets: K-means initialisations of the clustering accuracy (the paper: 1000)")
+    evaluate.add_argument("--no-progress", action="store_true", help="no progress bar")
     _add_model_arguments(train)
     _add_profile_parser(sub)
     _add_reproduce_parsers(sub)
@@ -152,18 +159,43 @@ def _add_fault_arguments(train) -> None:
 
 
 def _dataset_kind(config: ACAIConfig) -> str:
-    return {"lines": "lines", "mnist": "idx"}.get(config.dataset, "unsupported")
+    """"lines" (generated) or "image" (a dataset read from --data)."""
+    return "lines" if config.dataset == "lines" else "image"
 
 
-def _load_idx(parser, folder, split):
-    from .data import load_idx_dataset
+# CelebA's "test" split is its training set (as in the paper's code): pictures need only a few.
+_TEST_LIMIT = {"celeba": 2048}
 
-    if folder is None:
-        parser.error("this preset trains on MNIST-format data: pass --data FOLDER with the IDX .gz files")
+
+def _load_images(parser, config: ACAIConfig, folder, split, *, pixels=False, limit=None):
+    """The preset's dataset `split` from --data (or $ACAI_FAST_DATA): (float32 images in [-1, 1], or
+    the stored uint8 pixels with pixels=True; int64 labels, None for CelebA). A missing folder or a
+    missing or malformed file exits with status 2 and one line naming it."""
+    from .data import data_folder, dataset_of_preset, load_dataset, load_pixels
+
+    name = dataset_of_preset(config.dataset)
     try:
-        return load_idx_dataset(folder, split)
+        root = data_folder(folder)
+    except ValueError as exc:
+        parser.error(f"this preset trains on {name}: {exc}")
+    if limit is None and split == "test":
+        limit = _TEST_LIMIT.get(name)
+    try:
+        return (load_pixels if pixels else load_dataset)(name, root, split, limit=limit)
     except (FileNotFoundError, ValueError) as exc:
         parser.error(f"--data: {exc}")
+
+
+def _image_batches(trainer, x, y):
+    """Training batches for fit(): the whole set moved to the trainer's device once, as uint8
+    (acai_fast.data.DeviceBatches); under torchrun each process takes its share of a global batch."""
+    from .data import DeviceBatches
+
+    dist = trainer.distributed
+    rank, world = (0, 1) if dist is None else (dist.rank, dist.world_size)
+    local = trainer.config.batch if dist is None else dist.local_batch(trainer.config.batch)
+    return DeviceBatches(x, y, batch=local, seed=trainer.seed, device=trainer.device,
+                         start_step=trainer.steps, rank=rank, world_size=world)
 
 
 def _idx_evaluation(x_test, y_test):
@@ -233,14 +265,13 @@ def cmd_train(parser, args) -> int:
         data = "lines"
         if args.data is not None:
             parser.error("--data is not used by the lines preset (its data is generated)")
-    elif kind == "idx":
-        x, y = _load_idx(parser, args.data, "train")
-        x_test, y_test = _load_idx(parser, args.data, "test")
-        data = (x, y)
-        fit_args.update(evaluate=_idx_evaluation(x_test, y_test), preview=(x_test[:16], x_test[16:32]))
-    else:
-        parser.error(f"preset {args.preset}: its dataset (SVHN, CelebA or CIFAR-10) has no loader yet; "
-                     f"supported: lines (built in), {', '.join(IMAGE_PRESETS)} (--data)")
+    else:  # an image dataset: uint8 on the device, the probe trained on its labels (as the paper)
+        x, y = _load_images(parser, trainer.config, args.data, "train", pixels=True)
+        x_test, y_test = _load_images(parser, trainer.config, args.data, "test")
+        data = _image_batches(trainer, x, y)
+        if y_test is not None:  # CelebA has no labels: no probe to score
+            fit_args.update(evaluate=_idx_evaluation(x_test, y_test))
+        fit_args.update(preview=(x_test[:16], x_test[16:32]))
     try:  # before any step: the folder can be created and written, its disk holds the checkpoints
         check_outputs(trainer, out)
     except CheckpointError as exc:
@@ -309,7 +340,7 @@ def cmd_interpolate(parser, args) -> int:
         a, b = eval_pairs(args.pairs, args.seed)
         x_a, x_b = draw_lines(a), draw_lines(b)
     else:
-        x, _ = _load_idx(parser, args.data, "test")
+        x, _ = _load_images(parser, trainer.config, args.data, "test")
         idx = torch.randperm(len(x), generator=torch.Generator().manual_seed(args.seed))[:2 * args.pairs]
         x_a, x_b = x[idx[:args.pairs]], x[idx[args.pairs:]]
     save_interpolation_grid(trainer.interpolate(x_a, x_b, steps=args.steps), args.out)
@@ -326,9 +357,36 @@ def cmd_evaluate(parser, args) -> int:
         from .eval.lines import evaluate_lines
         result.update(evaluate_lines(trainer))
     else:
-        result.update(_idx_evaluation(*_load_idx(parser, args.data, "test"))(trainer))
-    print(json_line(result))
+        result.update(_image_evaluation(parser, args, trainer))
+    line = json_line(result)
+    path = Path(args.checkpoint).with_name(Path(args.checkpoint).stem + "_evaluation.json")
+    path.write_text(line + "\n")
+    print(line)
+    print(f"wrote {path}", file=sys.stderr)
     return 0
+
+
+def _image_evaluation(parser, args, trainer) -> dict:
+    """Probe and clustering accuracy on the test split (SPEC.md section 5): the linear probe's test
+    accuracy; K-means (--restarts) on the latents of up to 60,000 training images, Hungarian-matched
+    test accuracy."""
+    from .eval.cluster import evaluate_clustering
+
+    if args.restarts < 1:
+        parser.error(f"--restarts must be >= 1, got {args.restarts}")
+    x_test, y_test = _load_images(parser, trainer.config, args.data, "test", pixels=True)
+    if y_test is None:
+        print("note: CelebA has no labels: no probe or clustering accuracy", file=sys.stderr)
+        return {}
+    x_train, y_train = _load_images(parser, trainer.config, args.data, "train", pixels=True, limit=60000)
+    from .data import to_unit_range
+
+    result = _idx_evaluation(to_unit_range(x_test), y_test)(trainer)
+    clustering = evaluate_clustering(trainer, x_train, y_train, x_test, y_test, restarts=args.restarts,
+                                     progress=not args.no_progress)
+    result.update(clustering_accuracy=clustering["accuracy"], clustering_train_accuracy=clustering["train_accuracy"],
+                  clustering_restarts=args.restarts, clustering_inertia=clustering["inertia"])
+    return result
 
 
 def _add_reproduce_parsers(sub) -> None:
@@ -337,6 +395,7 @@ def _add_reproduce_parsers(sub) -> None:
     reproduce = sub.add_parser("reproduce", help="reproduce a table of the paper (lines, ...)")
     tasks = reproduce.add_subparsers(dest="task", required=True)
     _add_reproduce_lines(tasks)
+    _add_reproduce_downstream(tasks)
 
 
 def _add_reproduce_lines(tasks) -> None:
@@ -380,8 +439,67 @@ def cmd_reproduce_lines(parser, args) -> int:
     return 0
 
 
+def _add_reproduce_downstream(tasks) -> None:
+    """`reproduce probe` and `reproduce cluster` (acai_fast.reproduce.downstream): the same options."""
+    what = dict(probe="the linear-probe table: test accuracy of a linear classifier on the latent",
+                cluster="the clustering table: K-means accuracy of the whitened latents")
+    for task in ("probe", "cluster"):
+        p = tasks.add_parser(task, help=what[task] + ", every model trained as the paper",
+                             formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        p.add_argument("--dataset", required=True, choices=("mnist", "svhn", "cifar10"))
+        p.add_argument("--latent", type=int, required=True,
+                       help="latent dims: 32 or 256 (mnist, svhn), 256 or 1024 (cifar10)")
+        p.add_argument("--data", default=None, help=DATA_HELP)
+        p.add_argument("--out", required=True, help=f"folder for {task}_PRESET_table.md, the JSON, the PNG and runs/")
+        p.add_argument("--models", default="all", help="all, or a comma-separated list of models (acai, ...)")
+        p.add_argument("--kimg", type=_positive_float, default=16384.0,
+                       help="train each run on this many thousand (x1024) images (the paper: 16384)")
+        p.add_argument("--runs", type=int, default=1, help="runs (seeds) per model; the table shows mean +- std")
+        p.add_argument("--eval-kimg", type=_positive_float, default=64.0,
+                       help="evaluate the probe every this many kimg (only the last 20 evaluations run)")
+        if task == "cluster":
+            p.add_argument("--restarts", type=int, default=1000, help="K-means initialisations (the paper: 1000)")
+        p.add_argument("--backend", default="auto", help="auto, reference or fused, for every model")
+        p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+        p.add_argument("--seed", type=int, default=0, help="run r of each model has seed SEED + r")
+        p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def cmd_reproduce_downstream(parser, args) -> int:
+    import torch
+
+    from .data import data_folder
+    from .reproduce.downstream import check_arguments, load_data, preset_for, reproduce_downstream
+    from .trainer import resolve_backend
+
+    device = _device_arg(parser, args)
+    restarts = getattr(args, "restarts", 1000)
+    if args.seed < 0:
+        parser.error(f"--seed must be >= 0, got {args.seed}")
+    try:
+        _, models = check_arguments(args.task, args.dataset, args.latent, args.models, args.kimg, args.runs,
+                                    args.eval_kimg, restarts)
+        resolve_backend(args.backend, torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu")))
+        folder = data_folder(args.data)
+    except ValueError as exc:
+        parser.error(str(exc))
+    try:
+        data = load_data(args.dataset, folder)
+    except (FileNotFoundError, ValueError) as exc:
+        parser.error(f"--data: {exc}")
+    preset = preset_for(args.dataset, args.latent)
+    print(f"acai-fast: reproducing the {args.task} table on {preset}: {', '.join(models)}; {args.runs} run(s) x "
+          f"{args.kimg:g} kimg each; outputs in {args.out}", file=sys.stderr)
+    reproduce_downstream(args.task, args.dataset, args.latent, data, args.out, models=models, kimg=args.kimg,
+                         runs=args.runs, eval_kimg=args.eval_kimg, restarts=restarts, backend=args.backend,
+                         device=device, seed=args.seed, progress=not args.no_progress)
+    print((Path(args.out) / f"{args.task}_{preset}_table.md").read_text())
+    return 0
+
+
 def cmd_reproduce(parser, args) -> int:
-    return {"lines": cmd_reproduce_lines}[args.task](parser, args)
+    return {"lines": cmd_reproduce_lines, "probe": cmd_reproduce_downstream,
+            "cluster": cmd_reproduce_downstream}[args.task](parser, args)
 
 
 def main(argv=None) -> int:

@@ -55,7 +55,7 @@ def test_train_resume_interpolate_evaluate(tmp_path, capsys):
     (["train", "--out", "x", "--device", "cpu", "--dtype", "bf16"], "bf16"),
     (["train", "--out", "x", "--device", "cpu", "--cuda-graph"], "cuda_graph=True needs"),
     (["train", "--preset", "mnist32", "--out", "x"], "--data"),
-    (["train", "--preset", "cifar1024", "--out", "x"], "no loader yet"),
+    (["train", "--preset", "cifar1024", "--out", "x"], "trains on cifar10: no data folder: pass --data DIR"),
     (["interpolate", "--checkpoint", "missing.pt", "--out", "a.png"], "no checkpoint"),
     (["train"], "--out"),
 ])

@@ -359,6 +359,21 @@ def test_device_batches_epochs_seed_and_resume():
     assert y is None and torch.equal(x, batches[0][0])  # float images are used as they are
 
 
+@pytest.mark.parametrize("world_size", [1, 2])
+def test_device_batches_are_the_tensor_batches_of_fit(world_size):
+    """The same batches as acai_fast.loop.tensor_batches (fit's in-memory path), rank by rank."""
+    from acai_fast.loop import tensor_batches
+
+    pixels, labels = indexed_pixels(45), torch.arange(45)
+    for rank in range(world_size):
+        ours = DeviceBatches(pixels, labels, batch=4, seed=5, start_step=3, rank=rank, world_size=world_size)
+        theirs = tensor_batches(to_unit_range(pixels), labels, batch=4, seed=5, start_step=3, rank=rank,
+                                world_size=world_size)
+        for _ in range(12):
+            (x, y), (x2, y2) = next(ours), next(theirs)
+            assert torch.equal(x, x2) and torch.equal(y, y2)
+
+
 @pytest.mark.parametrize("kwargs, message", [
     (dict(images=torch.zeros(4, 32, 32, dtype=torch.uint8)), r"\(N, C, H, W\)"),
     (dict(images=torch.zeros(4, 1, 32, 32, dtype=torch.int32)), "uint8 pixels or floating"),
@@ -366,6 +381,8 @@ def test_device_batches_epochs_seed_and_resume():
     (dict(batch=20), "need at least one batch of 20"),
     (dict(labels=torch.zeros(3, dtype=torch.long)), r"labels must be \(N,\) = \(10,\)"),
     (dict(start_step=-1), "start_step"),
+    (dict(rank=2, world_size=2), "rank < world_size"),
+    (dict(batch=3, world_size=4), "need at least one batch of 12"),
 ])
 def test_device_batches_bad_input(kwargs, message):
     args = dict(images=indexed_pixels(10), labels=None, batch=4)

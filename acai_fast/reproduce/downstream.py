@@ -26,6 +26,7 @@ import math
 import os
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 
@@ -42,6 +43,24 @@ PAPER = {"probe": {("acai",) + k: v for k, v in PAPER_PROBE.items()}, "cluster":
 WINDOW = 20  # the paper's per-run statistic: median of the last 20 evaluations
 MAX_TRAIN_LATENTS = 60000  # the paper clusters the latents of up to 60,000 training images
 SHOW_PAIRS = 8  # rows of each model's grid in TASK_P_interpolations.png
+
+
+class DownstreamData(NamedTuple):
+    """A dataset's splits as stored (acai_fast.data.load_pixels): uint8 images and int64 labels."""
+    x_train: torch.Tensor
+    y_train: torch.Tensor
+    x_test: torch.Tensor
+    y_test: torch.Tensor
+
+
+def load_data(dataset: str, folder: str | os.PathLike) -> DownstreamData:
+    """`dataset`'s training and test splits from `folder` (FileNotFoundError or ValueError naming a
+    missing or malformed file)."""
+    from ..data import load_pixels
+
+    if dataset not in DATASET_FAMILY:
+        raise ValueError(f"dataset must be one of {', '.join(DATASET_FAMILY)}, got {dataset!r}")
+    return DownstreamData(*load_pixels(dataset, folder, "train"), *load_pixels(dataset, folder, "test"))
 
 
 @dataclasses.dataclass
@@ -115,7 +134,7 @@ def evaluation_points(total_img: int, eval_img: int, window: int = WINDOW) -> li
     return points[-window:]
 
 
-def reproduce_downstream(task: str, dataset: str, latent: int, data: str | os.PathLike,
+def reproduce_downstream(task: str, dataset: str, latent: int, data: str | os.PathLike | DownstreamData,
                          out: str | os.PathLike, *, models="all", kimg: float = 16384, runs: int = 1,
                          eval_kimg: float = 64, restarts: int = 1000, backend: str = "auto",
                          device=None, seed: int = 0, config_overrides: dict | None = None,
@@ -124,19 +143,17 @@ def reproduce_downstream(task: str, dataset: str, latent: int, data: str | os.Pa
     images, score them for `task` ("probe" or "cluster") as the paper does and write the table, the
     figure and per-run folders into `out` (see the module docstring). Run r has seed `seed + r`.
 
-    data: the dataset folder (acai_fast.data.load_dataset); restarts: K-means initialisations
+    data: the dataset folder (acai_fast.data.load_dataset) or its load_data(); restarts: K-means initialisations
     (cluster); config_overrides: ACAIConfig fields to change (tests use tiny networks).
     Returns the dict written to TASK_P_results.json."""
     from tqdm.auto import tqdm
 
-    from ..data import load_pixels
     from ..data.common import to_unit_range
 
     config, names = check_arguments(task, dataset, latent, models, kimg, runs, eval_kimg, restarts,
                                     config_overrides)
     preset = preset_for(dataset, latent)
-    x_train, y_train = load_pixels(dataset, data, "train")
-    x_test, y_test = load_pixels(dataset, data, "test")
+    x_train, y_train, x_test, y_test = data if isinstance(data, DownstreamData) else load_data(dataset, data)
     total_img, eval_img = int(round(kimg * 1024)), int(round(eval_kimg * 1024))
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
