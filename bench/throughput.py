@@ -462,12 +462,14 @@ def child_first_step(spec: str, device: torch.device, seed: int) -> int:
     return 0
 
 
-def first_step_cold_warm(case: Case, device: torch.device, args) -> tuple[float | None, float | None, str | None]:
-    """(cold, warm, error): two fresh processes sharing one new TRITON_CACHE_DIR / TORCHINDUCTOR_CACHE_DIR."""
+def first_step_cold_warm(case: Case, device: torch.device, args,
+                         python: str = sys.executable) -> tuple[float | None, float | None, str | None]:
+    """(cold, warm, error): two fresh processes (`python` this script --child ...) sharing one new
+    TRITON_CACHE_DIR / TORCHINDUCTOR_CACHE_DIR: the first compiles into it, the second finds it full."""
     cache = tempfile.mkdtemp(prefix="acai_bench_cache_")
     env = dict(os.environ, TRITON_CACHE_DIR=os.path.join(cache, "triton"),
                TORCHINDUCTOR_CACHE_DIR=os.path.join(cache, "inductor"), ACAI_BENCH_COMPILE_MODE=args.compile_mode)
-    cmd = [sys.executable, str(pathlib.Path(__file__).resolve()), "--device", str(device), "--seed", str(args.seed),
+    cmd = [python, str(pathlib.Path(__file__).resolve()), "--device", str(device), "--seed", str(args.seed),
            "--child", f"{case.preset}:{case.batch}:{case.variant}"] + (["--fused-cpu"] if args.fused_cpu else [])
     times: list[float] = []
     error = None
