@@ -26,8 +26,13 @@ if want ops; then
   done
 fi
 if want throughput; then
-  timeout 400 python bench/throughput.py --presets lines,cifar1024 --batches 64,1024 \
-    --json "$OUT/throughput.json" 2>&1 | tee "$OUT/throughput.log"
+  # ~2-3 min: lines and cifar1024 at batch 64 and 1024, every variant but torch.compile, >= 100 timed
+  # steps each, cold/warm first step of the fused trainer (fresh processes), NVML during the timing.
+  timeout 420 python bench/throughput.py --quick --first-step-timeout 120 --json "$OUT/throughput.json" \
+    --csv "$OUT/throughput.csv" --plot "$OUT/throughput.png" 2>&1 | tee "$OUT/throughput.log"
+  # ~1 min: where the fused lines step's time goes (eager launches, so the phases are visible).
+  timeout 150 acai-fast profile --preset lines --batch 64 --backend fused --no-cuda-graph --steps 5 \
+    --out "$OUT/profile_lines" 2>&1 | tee "$OUT/profile_lines.log"
 fi
 if want train; then
   # The lines preset end to end on the fused backend (metrics, PNG, checkpoint under $OUT/lines).
