@@ -8,19 +8,37 @@
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
+import signal
+import sys
+import threading
 import time
 from pathlib import Path
 from typing import Callable, Iterable
 
+import numpy as np
 import torch
+
+from .checkpoint import CheckpointError, check_output_folder
+from .distributed import rank_seed
+
+log = logging.getLogger("acai_fast")
+
+NAN_POLICIES = ("stop", "skip")
+# Control points (read the losses back, agree with the other ranks on stopping or checkpointing):
+# every step on the CPU, where reading a loss costs nothing; every CONTROL_EVERY_GPU steps on a GPU,
+# where each read-back waits for the queue (at ~1 ms per step a signal is answered within ~0.1 s).
+CONTROL_EVERY_GPU = 64
 
 
 def fit(trainer, data="lines", kimg: float = 16384, *, eval_kimg: float | None = 64,
         out_dir: str | os.PathLike | None = None, evaluate: Callable | None = None,
         progress: bool = True, seed: int | None = None,
-        preview: tuple[torch.Tensor, torch.Tensor] | None = None, monitor=None) -> list[dict]:
+        preview: tuple[torch.Tensor, torch.Tensor] | None = None, monitor=None,
+        checkpoint_minutes: float | None = None, nan_policy: str = "stop",
+        handle_signals: bool = True) -> list[dict]:
     """Train `trainer` until `kimg` thousand (x1024) images have been seen in total (a resumed
     trainer continues from its own count), evaluating every `eval_kimg` and at the end.
 
@@ -34,7 +52,18 @@ def fit(trainer, data="lines", kimg: float = 16384, *, eval_kimg: float | None =
     monitor: optional object with begin_interval() and end_interval() -> dict (e.g.
         acai_fast.profiling.GpuSampler, `acai-fast train --profile`): each record gets the dict of
         the interval's training steps (mean GPU utilisation, power, ...) added.
-    Returns the list of evaluation records."""
+    checkpoint_minutes: also write out_dir/checkpoint.pt every this many minutes (besides every
+        evaluation); checkpoints are atomic, the previous one stays whole until the new one is.
+    nan_policy: "stop": a non-finite loss stops training with TrainingStopped naming the step and
+        the loss, writing nothing more (the last good checkpoint stays); "skip": such a step applies
+        no update (trainer.skip_nonfinite) and is reported, training goes on.
+    handle_signals: SIGINT and SIGTERM finish the current step, write a checkpoint (with out_dir)
+        and raise TrainingStopped; a second Ctrl-C raises KeyboardInterrupt at once.
+    torchrun (trainer.distributed): config.batch is the global batch; each rank draws its own shard
+        ("lines": rank_seed(seed, rank); (images, labels): its part of each global batch); every
+        rank calls fit; rank 0 alone evaluates and writes; logged losses are averaged over ranks.
+    The output folder is checked (created, writable, room for checkpoints) before the first step.
+    Returns the list of evaluation records; raises TrainingStopped (with .history) when stopped."""
     from .data import lines as lines_data
 
     total = int(round(kimg * 1024))
@@ -43,14 +72,22 @@ def fit(trainer, data="lines", kimg: float = 16384, *, eval_kimg: float | None =
     eval_every = int(round(eval_kimg * 1024)) if eval_kimg else None
     if eval_every is not None and eval_every <= 0:
         raise ValueError(f"eval_kimg must be > 0 or None, got {eval_kimg}")
+    if nan_policy not in NAN_POLICIES:
+        raise ValueError(f"nan_policy must be one of {', '.join(NAN_POLICIES)}, got {nan_policy!r}")
+    if checkpoint_minutes is not None and not (checkpoint_minutes > 0 and out_dir is not None):
+        raise ValueError(f"checkpoint_minutes must be > 0 and needs out_dir, got {checkpoint_minutes!r}")
     seed = trainer.seed if seed is None else seed
     config = trainer.config
+    dist = trainer.distributed
+    rank, world = (0, 1) if dist is None else (dist.rank, dist.world_size)
+    main = rank == 0
+    local = config.batch if dist is None else dist.local_batch(config.batch)  # this rank's images per step
     if isinstance(data, str):
         if data != "lines":
             raise ValueError(f"data: the only built-in dataset is 'lines', got {data!r}")
         if config.colors != 1 or config.image_size != lines_data.SIZE:
             raise ValueError("the lines data needs colors=1 and 32x32 images (the 'lines' preset)")
-        batches = lines_data.lines_batches(config.batch, seed=seed, device=trainer.device,
+        batches = lines_data.lines_batches(local, seed=rank_seed(seed, rank), device=trainer.device,
                                            start_step=trainer.steps)
         if evaluate is None:
             evaluate = _lines_evaluation
@@ -59,23 +96,31 @@ def fit(trainer, data="lines", kimg: float = 16384, *, eval_kimg: float | None =
             a, b = eval_pairs(16)
             preview = (lines_data.draw_lines(a), lines_data.draw_lines(b))
     elif isinstance(data, tuple):
-        batches = tensor_batches(*data, batch=config.batch, seed=seed + trainer.steps)
+        batches = tensor_batches(*data, batch=local, seed=seed, start_step=trainer.steps, rank=rank,
+                                 world_size=world)
     elif isinstance(data, Iterable):
         batches = iter(data)
     else:
         raise ValueError(f"data must be 'lines', an iterable of batches or (images, labels), got {type(data).__name__}")
     out = Path(out_dir) if out_dir is not None else None
     if out is not None:
-        out.mkdir(parents=True, exist_ok=True)
+        check_outputs(trainer, out)
+    if nan_policy == "skip":
+        trainer.skip_nonfinite = True
 
     history: list[dict] = []
-    sums: dict[str, torch.Tensor] = {}
+    watch = _LossWatch()  # the interval's losses and its non-finite steps
     interval_steps, interval_images, interval_time = 0, 0, 0.0
     next_eval = (trainer.nimg // eval_every + 1) * eval_every if eval_every else None
     on_gpu = trainer.device.type == "cuda"
-    bar = _progress(total, trainer.nimg, enabled=progress)
+    control_every = CONTROL_EVERY_GPU if on_gpu else 1
+    saved_step = trainer.steps if out is not None and (out / "checkpoint.pt").is_file() else None
+    last_save = time.monotonic()
+    stop = _StopSignals(handle_signals, announce=main)
+    bar = _progress(total, trainer.nimg, enabled=progress and main)
     if monitor is not None:
         monitor.begin_interval()
+    stop.install()
     try:
         while trainer.nimg < total:
             batch = next(batches, None)
@@ -84,15 +129,18 @@ def fit(trainer, data="lines", kimg: float = 16384, *, eval_kimg: float | None =
             x, labels = batch if isinstance(batch, (tuple, list)) else (batch, None)
             t0 = time.perf_counter()
             losses = trainer.step(x, labels)
-            for k, v in losses.items():
-                sums[k] = sums[k] + v if k in sums else v.clone()
+            watch.add(trainer.steps, losses)
             interval_steps += 1
-            interval_images += x.shape[0]
+            interval_images += x.shape[0] * world  # global images
             if on_gpu and interval_steps % 256 == 0:
                 torch.cuda.synchronize()  # keep the timing honest and the queue short
             interval_time += time.perf_counter() - t0
-            bar.update(x.shape[0])
+            bar.update(x.shape[0] * world)
             due = next_eval is not None and trainer.nimg >= next_eval
+            signum, save_now = 0, False
+            if due or trainer.nimg >= total or trainer.steps % control_every == 0:
+                signum, save_now = _control_point(trainer, watch, stop, nan_policy, out, saved_step,
+                                                  checkpoint_minutes, last_save)
             if due or trainer.nimg >= total:
                 if on_gpu:
                     t0 = time.perf_counter()
@@ -100,12 +148,12 @@ def fit(trainer, data="lines", kimg: float = 16384, *, eval_kimg: float | None =
                     interval_time += time.perf_counter() - t0
                 record = dict(kimg=round(trainer.nimg / 1024, 3), nimg=trainer.nimg, step=trainer.steps,
                               images_per_s=round(interval_images / max(interval_time, 1e-9), 1))
-                record.update({k: float(v) / interval_steps for k, v in sums.items()})
+                record.update(watch.interval_means(dist))
                 if "loss_ae" in record:
                     record["rmse"] = math.sqrt(max(record["loss_ae"], 0.0)) * 127.5
                 if monitor is not None:  # before the evaluation: the interval's training steps only
                     record.update(monitor.end_interval())
-                if evaluate is not None:
+                if evaluate is not None and main:  # torchrun: evaluated once, by rank 0
                     record.update(evaluate(trainer))
                 record.update(run_settings(trainer))
                 history.append(record)
@@ -113,23 +161,40 @@ def fit(trainer, data="lines", kimg: float = 16384, *, eval_kimg: float | None =
                                  if k in record and record[k] is not None})
                 if out is not None:
                     write_outputs(trainer, out, record, preview)
-                sums, interval_steps, interval_images, interval_time = {}, 0, 0, 0.0
+                    saved_step, last_save = trainer.steps, time.monotonic()
+                interval_steps, interval_images, interval_time = 0, 0, 0.0
                 if monitor is not None:
                     monitor.begin_interval()
                 if next_eval is not None:
                     while next_eval <= trainer.nimg:
                         next_eval += eval_every
+            elif (save_now or signum) and out is not None:  # --checkpoint-min, or a signal
+                trainer.save(out / "checkpoint.pt")
+                saved_step, last_save = trainer.steps, time.monotonic()
+            if signum and trainer.nimg < total:  # (a signal during the last step: the run is complete)
+                where = (f"checkpoint written to {out / 'checkpoint.pt'}; continue with --resume"
+                         if out is not None else "nothing written (no out_dir)")
+                raise TrainingStopped(f"stopped by {signal.Signals(signum).name} after step {trainer.steps} "
+                                      f"({trainer.nimg / 1024:.3f} kimg); {where}", 128 + signum,
+                                      trainer.steps, history)
+    except TrainingStopped as exc:
+        exc.history = history
+        raise
     finally:
+        stop.restore()
         bar.close()
     return history
 
 
 def write_outputs(trainer, out: Path, record: dict, preview) -> None:
-    """Append `record` to out/metrics.jsonl, write out/checkpoint.pt and out/interpolations.png."""
-    with open(out / "metrics.jsonl", "a") as f:
-        f.write(json_line(record) + "\n")
+    """Append `record` to out/metrics.jsonl, write out/checkpoint.pt and out/interpolations.png.
+    torchrun: every rank calls it (the checkpoint gathers every rank's random streams); rank 0 writes."""
+    main = trainer.distributed is None or trainer.distributed.is_main
+    if main:
+        with open(out / "metrics.jsonl", "a") as f:
+            f.write(json_line(record) + "\n")
     trainer.save(out / "checkpoint.pt")
-    if preview is not None:
+    if preview is not None and main:
         from .plotting import save_interpolation_grid
         save_interpolation_grid(trainer.interpolate(*preview), out / "interpolations.png")
 
@@ -155,19 +220,185 @@ def _lines_evaluation(trainer) -> dict:
 
 
 def tensor_batches(images: torch.Tensor, labels: torch.Tensor | None = None, *, batch: int,
-                   seed: int = 0):
-    """Endless shuffled batches (x, labels) from in-memory tensors; a new permutation every epoch."""
-    if images.shape[0] < batch:
-        raise ValueError(f"need at least one batch of {batch} images, got {images.shape[0]}")
-    gen = torch.Generator().manual_seed(seed)
+                   seed: int = 0, start_step: int = 0, rank: int = 0, world_size: int = 1):
+    """Endless shuffled batches (x, labels) from in-memory tensors; a new permutation every epoch.
+
+    Step s's global batch (batch * world_size images) is a pure function of (seed, s): epoch
+    e = s // (N // global batch) is shuffled by numpy's default_rng([seed, e]), so a resumed run
+    (start_step) sees exactly the batches it would have seen. Rank r takes images
+    r*batch .. (r+1)*batch - 1 of each global batch (a partition: no image twice in one step)."""
+    n = images.shape[0]
+    global_batch = batch * world_size
+    if labels is not None and labels.shape[0] != n:
+        raise ValueError(f"images and labels differ in length: {n} and {labels.shape[0]}")
+    if n < global_batch:
+        raise ValueError(f"need at least one batch of {global_batch} images, got {n}"
+                         + (" (an empty dataset)" if n == 0 else ""))
+    per_epoch = n // global_batch
+    step, epoch, order = start_step, None, None
     while True:
-        order = torch.randperm(images.shape[0], generator=gen)
-        for i in range(0, len(order) - batch + 1, batch):
-            idx = order[i:i + batch]
-            yield images[idx], (labels[idx] if labels is not None else None)
+        e, i = divmod(step, per_epoch)
+        if e != epoch:
+            epoch, order = e, torch.from_numpy(np.random.default_rng([seed, e]).permutation(n))
+        start = i * global_batch + rank * batch
+        idx = order[start:start + batch]
+        yield images[idx], (labels[idx] if labels is not None else None)
+        step += 1
 
 
 def _progress(total: int, initial: int, enabled: bool):
     from tqdm.auto import tqdm
     return tqdm(total=total, initial=initial, unit="img", unit_scale=True, disable=not enabled,
                 dynamic_ncols=True, desc="train")
+
+
+# ------------------------------------------------------------------------------------------------
+# Nothing lost: stopping on a signal or a non-finite loss, output checks (issue 12)
+# ------------------------------------------------------------------------------------------------
+
+
+class TrainingStopped(Exception):
+    """fit() stopped before its kimg: by SIGINT/SIGTERM (after writing a checkpoint, with out_dir)
+    or by a non-finite loss under nan_policy="stop" (nothing more written: the last good checkpoint
+    stays). str(): one line for the user; exit_code: what the CLI exits with (128 + the signal, or
+    1); step: the trainer's step count; history: the evaluation records made before the stop."""
+
+    def __init__(self, message: str, exit_code: int, step: int, history: list | None = None):
+        super().__init__(message)
+        self.exit_code, self.step, self.history = exit_code, step, history if history is not None else []
+
+
+def check_outputs(trainer, out: Path) -> None:
+    """Before training: can `out` take the run's files? Rank 0 checks that the folder can be created
+    and written and that its disk holds two checkpoints (the old one stays until the new one is
+    written); under torchrun every rank calls this and learns the verdict. CheckpointError if not."""
+    dist = trainer.distributed
+    error = None
+    if dist is None or dist.is_main:
+        params = sum(p.numel() for group in trainer.optimizer.param_groups for p in group["params"])
+        need = 2 * (3 * 4 * params + 2 ** 20)  # fp32 weights + Adam's two moments, twice, + slack
+        try:
+            check_output_folder(out, need)
+        except CheckpointError as exc:
+            error = exc
+    if dist is not None:
+        (failed,) = dist.agree(error is not None)
+        if failed and error is None:
+            error = CheckpointError(f"rank 0 cannot write the output folder {out}")
+    if error is not None:
+        raise error
+
+
+def _control_point(trainer, watch, stop, nan_policy: str, out, saved_step, checkpoint_minutes,
+                   last_save) -> tuple[int, bool]:
+    """Read the steps' losses back; stop on a non-finite one (nan_policy "stop") or report it
+    ("skip"); torchrun: agree with every rank on the signal, the checkpoint time and the losses.
+    Returns (the signal to stop for or 0, whether a timed checkpoint is due)."""
+    bad = watch.flush()
+    signum = stop.signum
+    save_now = checkpoint_minutes is not None and time.monotonic() - last_save >= 60 * checkpoint_minutes
+    any_bad = bool(bad)
+    if trainer.distributed is not None:
+        signum, save_now, any_bad = trainer.distributed.agree(signum, save_now, any_bad)
+    if any_bad and nan_policy == "stop":
+        if bad:
+            step, name, value = bad[0]
+            what = f"non-finite {name} ({value}) at step {step}"
+        else:
+            what = f"a non-finite loss on another rank (by step {trainer.steps})"
+        kept = (f"the last good checkpoint {out / 'checkpoint.pt'} (step {saved_step}) is kept"
+                if saved_step is not None else "no checkpoint had been written")
+        raise TrainingStopped(f"{what}; training stopped (nan policy 'stop'); {kept}", 1, trainer.steps)
+    for step, name, value in bad:
+        log.warning("non-finite %s (%s) at step %d: its update was skipped (nan policy 'skip')",
+                    name, value, step)
+    return int(signum), bool(save_now)
+
+
+class _LossWatch:
+    """Every step's losses, kept on the device as one stacked vector per step and read back at
+    control points (one transfer): the interval's means for the metrics line (finite steps only) and
+    the non-finite steps (step number, which loss, its value)."""
+
+    def __init__(self):
+        self.pending: list[tuple[int, tuple[str, ...], torch.Tensor]] = []
+        self.sums: dict[str, float] = {}
+        self.counts: dict[str, int] = {}
+        self.skipped = 0
+
+    def add(self, step: int, losses: dict[str, torch.Tensor]) -> None:
+        self.pending.append((step, tuple(losses), torch.stack([v.detach().float() for v in losses.values()])))
+
+    def flush(self) -> list[tuple[int, str, float]]:
+        """Move the pending losses to the host; returns the non-finite steps among them."""
+        if not self.pending:
+            return []
+        values = torch.cat([v for _, _, v in self.pending]).cpu().tolist()
+        bad, offset = [], 0
+        for step, names, _ in self.pending:
+            row, offset = values[offset:offset + len(names)], offset + len(names)
+            wrong = [(n, v) for n, v in zip(names, row) if not math.isfinite(v)]
+            if wrong:
+                bad.append((step, *wrong[0]))
+                continue
+            for n, v in zip(names, row):
+                self.sums[n] = self.sums.get(n, 0.0) + v
+                self.counts[n] = self.counts.get(n, 0) + 1
+        self.pending = []
+        self.skipped += len(bad)
+        return bad
+
+    def interval_means(self, dist=None) -> dict[str, float]:
+        """The mean of each loss over the interval's finite steps (over every rank's, under
+        torchrun: a collective), and how many steps were skipped; then a new interval starts."""
+        self.flush()
+        names = sorted(self.sums)
+        sums, counts = [self.sums[n] for n in names], [float(self.counts[n]) for n in names]
+        skipped = float(self.skipped)
+        if dist is not None:
+            *both, skipped = dist.sum_host(sums + counts + [skipped])
+            sums, counts = both[:len(names)], both[len(names):]
+        means = {n: s / c for n, s, c in zip(names, sums, counts) if c > 0}
+        if skipped:
+            means["skipped_steps"] = int(skipped)
+        self.sums, self.counts, self.skipped = {}, {}, 0
+        return means
+
+
+class _StopSignals:
+    """While installed, SIGINT and SIGTERM ask fit() to stop after the current step (it then writes
+    a checkpoint and raises TrainingStopped). A second SIGINT more than DEBOUNCE_S after the first
+    raises KeyboardInterrupt at once (one Ctrl-C reaches a torchrun worker twice, from the terminal
+    and forwarded by torchrun, milliseconds apart). Main thread only; restore() puts the previous
+    handlers back."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+    DEBOUNCE_S = 1.0
+
+    def __init__(self, enabled: bool = True, announce: bool = True):
+        self.enabled = enabled and threading.current_thread() is threading.main_thread()
+        self.announce = announce
+        self.signum = 0
+        self._first = 0.0
+        self._previous: dict = {}
+
+    def install(self) -> None:
+        if self.enabled:
+            for sig in self.SIGNALS:
+                self._previous[sig] = signal.signal(sig, self._handle)
+
+    def restore(self) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous = {}
+
+    def _handle(self, signum, frame) -> None:
+        now = time.monotonic()
+        if not self.signum:
+            self.signum, self._first = signum, now
+            if self.announce:
+                print(f"\nacai-fast: {signal.Signals(signum).name}: finishing this step, then writing a "
+                      f"checkpoint (Ctrl-C again to quit at once)", file=sys.stderr, flush=True)
+        elif signum == signal.SIGINT and now - self._first > self.DEBOUNCE_S:
+            self.restore()
+            raise KeyboardInterrupt
