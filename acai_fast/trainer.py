@@ -120,9 +120,17 @@ class ACAITrainer:
     gated on the device through its found_inf input: no host sync, graph-safe); the step counts.
     """
 
+    def __new__(cls, *args, runs=None, **kwargs):
+        """ACAITrainer(config, ..., runs=K or [{"seed": 0, "advweight": 0.5}, ...]) makes an
+        acai_fast.runs.RunArray: K runs of the model trained together as one array."""
+        if runs is not None and cls is ACAITrainer:
+            from .runs import RunArray
+            return RunArray(*args, runs=runs, **kwargs)
+        return super().__new__(cls)
+
     def __init__(self, config: ACAIConfig | None = None, backend: str = "auto", device=None,
                  seed: int = 0, dtype=None, cuda_graph: bool | None = None, model: str = "acai",
-                 distributed=None, skip_nonfinite: bool = False):
+                 distributed=None, skip_nonfinite: bool = False, runs: None = None):
         self.config = config if config is not None else ACAIConfig.preset("lines")
         if not isinstance(self.config, ACAIConfig):
             raise ValueError(f"config must be an ACAIConfig, got {type(self.config).__name__}")

@@ -53,6 +53,11 @@ class Model(nn.Module):
         """The forward pass of one training step on x (N, colors, 32, 32) in [-1, 1]."""
         raise NotImplementedError
 
+    def forward(self, x: torch.Tensor, rand: Randomness) -> StepOutput:
+        """`objectives`: so that torch.func.functional_call can run a model on other parameters
+        (one run of an array, acai_fast.runs)."""
+        return self.objectives(x, rand)
+
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         """The latent used for interpolation and the probe (deterministic: a VAE's mean)."""
         return self.encoder(x)
