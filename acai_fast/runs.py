@@ -284,7 +284,56 @@ class RunArray:
             self._labels_checked = True
         return x, labels.to(self.device, torch.long)
 
-    # ------------------------------------------------------------------ one run out of the array
+    # ------------------------------------------------------------------ runs in and out of the array
+    @classmethod
+    def from_runs(cls, trainers: list[ACAITrainer], **kwargs) -> "RunArray":
+        """An array continuing single-run trainers of one model and shape (e.g. a sweep's runs loaded
+        from their checkpoints), each at the same step: weights, Adam moments, streams, counters.
+        The inverse of `run(k)`. kwargs: backend, device, dtype, cuda_graph (default: the first's)."""
+        if not trainers:
+            raise ValueError("from_runs needs at least one trainer")
+        first = trainers[0]
+        if len({(t.model.name, t.steps, t.nimg) for t in trainers}) > 1 or any(
+                dataclasses.replace(t.config, advweight=0.0, reg=0.0, lr=1.0)
+                != dataclasses.replace(first.config, advweight=0.0, reg=0.0, lr=1.0) for t in trainers):
+            raise ValueError("from_runs: the trainers must share model, shapes and step count")
+        opts = dict(backend=first.backend, device=first.device, dtype=first.dtype,
+                    cuda_graph=first.cuda_graph)
+        opts.update(kwargs)
+        runs = [dict(seed=t.seed, advweight=t.config.advweight, reg=t.config.reg, lr=t.config.lr)
+                for t in trainers]
+        array = cls(first.config, model=first.model.name, runs=runs, **opts)
+        with torch.no_grad():
+            for k, t in enumerate(trainers):
+                named = {**dict(t.model.named_parameters()),
+                         **{f"probe.{n}": p for n, p in t.probe.named_parameters()}}
+                for name, p in named.items():
+                    array.stacked[name][k].copy_(p)
+                    src = t.optimizer.state.get(p)
+                    if not src:
+                        continue
+                    dst = array._adam_state(k, name, src)
+                    for key, v in src.items():
+                        dst[key].copy_(v)
+                array.alpha_states[k].copy_(t.alpha_state.to(array.device))
+                if t.device.type == array.device.type:
+                    array.generators[k].set_state(t.generator.get_state())
+        array.nimg, array.steps = first.nimg, first.steps
+        return array
+
+    def _adam_state(self, k: int, name: str, like: dict) -> dict:
+        """Run k's Adam state tensors for parameter `name` (views into the stacked moments), created
+        (zeros, the step count from `like`) where the optimizer has none yet."""
+        p = self.stacked[name]
+        key = self._run_views[k][list(self.stacked).index(name)] if hasattr(self, "_run_views") else p
+        state = self.optimizer.state[key]
+        if not state:
+            state["step"] = like["step"].detach().clone().to(self.device)
+            for moment in ("exp_avg", "exp_avg_sq"):
+                state[moment] = torch.zeros_like(key)
+        return {"step": state["step"], **{m: state[m] if key is not p else state[m][k]
+                                          for m in ("exp_avg", "exp_avg_sq")}}
+
     def run(self, k: int) -> ACAITrainer:
         """Run k as an ordinary ACAITrainer (a copy of its state: weights, Adam moments, streams,
         counters), to evaluate, interpolate, save or train on alone."""

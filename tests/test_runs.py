@@ -132,3 +132,23 @@ def test_bad_runs():
         array.step(torch.zeros(6, 1, 32, 32))
     with pytest.raises(ValueError, match="run index"):
         array.run(2)
+
+
+def test_from_runs_continues_single_trainers():
+    """from_runs(trainers) is the inverse of run(k): an array built from trained single runs steps
+    exactly as they do."""
+    singles = singles_for(TINY, RUNS[:2], "reference")
+    for step in range(2):
+        x, labels = batches(TINY, 2, step)
+        for k, s in enumerate(singles):
+            s.step(x[k], labels[k])
+    array = RunArray.from_runs(singles)
+    assert array.steps == 2 and [s["seed"] for s in array.settings] == [0, 7]
+    x, labels = batches(TINY, 2, 5)
+    la = array.step(x, labels)
+    for k, s in enumerate(singles):
+        ls = s.step(x[k], labels[k])
+        for name in ls:
+            assert_close(la[name][k], ls[name], atol=1e-7, rtol=1e-5, name=f"run {k} {name}")
+        for name, p in s.model.named_parameters():
+            assert_close(array.stacked[name][k], p, atol=1e-7, rtol=1e-5, name=f"run {k} {name}")
