@@ -744,6 +744,34 @@ def test_choose_config_prefers_table_then_heuristic(tmp_path, monkeypatch):
         cbm.tuned_table.cache_clear()
 
 
+def test_launches_choose_their_config_from_the_shape(monkeypatch, seed):
+    """The GPU path of every launcher (interpreter off): _launch builds the shape key from the
+    kernel's positional and constexpr arguments and launches the heuristic's config (recorded here
+    instead of run)."""
+    launched = []
+
+    class Recorder:
+        def __init__(self, name, arg_names):
+            self.name, self.arg_names = name, arg_names
+
+        def __getitem__(self, grid):
+            return lambda *args, **kwargs: launched.append((self.name, kwargs))
+
+    monkeypatch.setattr(cbm, "INTERPRET", False)
+    monkeypatch.setattr(cbm, "_arch", lambda device: "sm_none")
+    monkeypatch.setattr(cbm, "_KERNELS", {k: Recorder(k, v.arg_names) for k, v in cbm._KERNELS.items()})
+    x, w, b = (t.detach() for t in make_inputs(2, 5, 6, 64, 3))
+    flags = dict(upsample_input=False, leaky_slope=0.2, pool_output=True)
+    y, sign = conv_fwd(x, w, b, **flags)
+    conv_bwd(torch.randn_like(y), x, w, y, sign, bias_dtype=b.dtype, **flags)
+    assert [name for name, _ in launched] == ["fwd", "dx", "dw"]
+    for name, kwargs in launched:
+        args = dict(N=2, H=64, W=64, CIN=5, COUT=6, PIX_PER_SPLIT=cbm._dw_splits(2 * 64 * 64, 3, 5, 6)[1])
+        expected = cbm.heuristic_config(name, args)
+        assert {k: kwargs[k] for k in expected.kwargs} == expected.kwargs, name
+        assert kwargs["num_warps"] == expected.num_warps and kwargs["KS"] == 3
+
+
 def test_shipped_tables_are_well_formed():
     """Every shipped table parses, names its GPU, and holds legal configs for known kernels."""
     for path in cbm.TUNED_DIR.glob("*.json"):

@@ -579,7 +579,7 @@ def _launch(name, config, grid, *args, **constexprs):
     one `choose_config` picks. Returns (the config that ran, its source)."""
     source = "given"
     if config is None:
-        named = dict(zip(_KERNELS[name].arg_names, args))
+        named = {**dict(zip(_KERNELS[name].arg_names, args)), **constexprs}
         config, source = choose_config(name, named, args[0].device)
     if config is None:  # autotune
         _TUNED[name][grid](*args, **constexprs)
