@@ -715,6 +715,10 @@ def test_heuristic_configs_fit_the_gpu_rules(preset, batch):
                 assert c.kwargs["BLOCK_M"] % 4 == 0
                 n_dim = args["COUT"] if name == "fwd" else args["CIN"]
                 assert c.kwargs["BLOCK_N"] <= max(16, 2 * n_dim)
+    for args in layer_launch_args(preset, batch):  # fp32 (the checking dtype): tiles fit in shared memory
+        args = dict(args, Y_ptr=torch.empty(0), G_ptr=torch.empty(0))
+        for name in ("fwd", "dx", "dw"):
+            assert cbm.smem_bytes(name, cbm.heuristic_config(name, args), 4) <= cbm._SMEM_BUDGET, (name, args)
     small_wide = dict(N=64, H=4, W=4, CIN=256, COUT=512, KS=3)
     assert cbm.heuristic_config("fwd", small_wide).kwargs["BLOCK_M"] <= 64
     big = dict(N=1024, H=32, W=32, CIN=64, COUT=64, KS=3)

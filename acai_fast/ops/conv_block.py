@@ -504,6 +504,7 @@ _INTERPRET_CONFIGS = dict(fwd=INTERPRET_FWD_CONFIG, dx=INTERPRET_DX_CONFIG, dw=I
 
 TUNED_DIR = Path(__file__).with_name("tuned")
 _SMS = 132  # streaming multiprocessors of an H100 SXM (H200: 132 too); the heuristic's wave size
+_SMEM_BUDGET = 160 * 1024  # bytes of pipelined tiles the heuristic allows (H100: 227 KB per block)
 
 
 def _next_pow2(v: int) -> int:
@@ -526,10 +527,14 @@ def heuristic_config(name: str, args: dict):
     parallelism, ANCHORS.md: 256->512 at 4x4 lost to cuDNN with one wave), 8 warps for 128x128
     tiles. dw: channel tiles up to 64, 128-pixel chunks. Unmeasured on a GPU: bench/tune.py's table
     replaces these where it has the shape."""
+    elsize = _compute_itemsize(name, args)
     if name == "dw":
         ci = min(64, max(16, _next_pow2(args["CIN"])))
         co = min(64, max(16, _next_pow2(args["COUT"])))
-        return _cfg(ci, co, 128, 8 if ci * co >= 64 * 64 else 4, 3, _DW)
+        stages = 3
+        while stages > 2 and stages * 128 * (ci + co) * elsize > _SMEM_BUDGET:
+            stages -= 1
+        return _cfg(ci, co, 128, 8 if ci * co >= 64 * 64 else 4, stages, _DW)
     n_dim, k_dim = (args["COUT"], args["CIN"]) if name == "fwd" else (args["CIN"], args["COUT"])
     rows = args["N"] * args["H"] * args["W"]
     bn = min(128, max(16, _next_pow2(n_dim)))
@@ -541,7 +546,23 @@ def heuristic_config(name: str, args: dict):
             bm = cand
             break
     big = bm * bn >= 128 * 128
-    return _cfg(bm, bn, bk, 8 if big else 4, 4 if big and rows >= 1 << 18 else 3, _MNK)
+    stages = 4 if big and rows >= 1 << 18 else 3
+    while stages > 2 and stages * (bm * bk + bk * bn) * elsize > _SMEM_BUDGET:
+        stages -= 1  # fp32 tiles are twice the bytes of bf16 ones
+    return _cfg(bm, bn, bk, 8 if big else 4, stages, _MNK)
+
+
+def _compute_itemsize(name: str, args: dict) -> int:
+    t = args.get("G_ptr" if name != "fwd" else "Y_ptr")
+    return t.element_size() if isinstance(t, torch.Tensor) else 2
+
+
+def smem_bytes(name: str, config, itemsize: int) -> int:
+    """Shared memory of a config's pipelined A and B tiles (what Triton allocates, to first order)."""
+    k = config.kwargs
+    if name == "dw":
+        return config.num_stages * (k["BLOCK_P"] * (k["BLOCK_CI"] + k["BLOCK_CO"])) * itemsize
+    return config.num_stages * (k["BLOCK_M"] * k["BLOCK_K"] + k["BLOCK_K"] * k["BLOCK_N"]) * itemsize
 
 
 @functools.lru_cache(maxsize=None)
