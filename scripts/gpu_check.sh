@@ -2,16 +2,19 @@
 # On a GPU machine: build the package (CUDA extension included), run the GPU tests, the benchmarks and
 # a short fused training run, writing every log and JSON under $OUT (default ./out).
 #
-#   bash scripts/gpu_check.sh [STAGE ...]      STAGE: tests, ops, throughput, train, all (default)
+#   bash scripts/gpu_check.sh [STAGE ...]
+#   STAGE: tests, ops, throughput, quality, tune, train, all (default: all but tune)
 #
 # Every stage builds first (incremental after the first call, ~30 s cold). One device call is limited
-# to 10 minutes: on a fresh machine run `tests ops` in one call and `throughput train` in the next.
+# to 10 minutes and a session's device time to ~15: the first call should be `tests throughput`
+# (~6 min), the next `quality` (~4 min: decides backend auto), then `tune` (writes
+# acai_fast/ops/tuned/sm90.json: copy it back from $OUT and commit it) and `ops train`.
 set -uo pipefail
 OUT=${OUT:-out}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
 stages=${*:-all}
-want() { [[ " $stages " == *" all "* || " $stages " == *" $1 "* ]]; }
+want() { [[ ( " $stages " == *" all "* && "$1" != tune ) || " $stages " == *" $1 "* ]]; }
 
 nvidia-smi 2>&1 | tee "$OUT/nvidia-smi.txt"
 python -m pip install --no-build-isolation --no-deps -e . 2>&1 | tail -20 | tee "$OUT/build.log"
@@ -33,6 +36,16 @@ if want throughput; then
   # ~1 min: where the fused lines step's time goes (eager launches, so the phases are visible).
   timeout 150 acai-fast profile --preset lines --batch 64 --backend fused --no-cuda-graph --steps 5 \
     --out "$OUT/profile_lines" 2>&1 | tee "$OUT/profile_lines.log"
+fi
+if want quality; then
+  # Fused vs reference training quality on lines (2 seeds x 256 kimg each): the gate for backend auto.
+  timeout 540 python scripts/compare_quality.py --kimg 256 --seeds 0,1 --json "$OUT/quality.json" \
+    2>&1 | tee "$OUT/quality.log"
+fi
+if want tune; then
+  # Autotune every conv kernel at the presets' shapes and write the shipped table (copied to $OUT).
+  timeout 540 python bench/tune.py --presets lines,cifar1024 --batches 64,1024 2>&1 | tee "$OUT/tune.log"
+  cp acai_fast/ops/tuned/sm*.json "$OUT/" 2>/dev/null
 fi
 if want train; then
   # The lines preset end to end on the fused backend (metrics, PNG, checkpoint under $OUT/lines).
