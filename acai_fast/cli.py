@@ -271,7 +271,8 @@ def cmd_train(parser, args) -> int:
         data = _image_batches(trainer, x, y)
         if y_test is not None:  # CelebA has no labels: no probe to score
             fit_args.update(evaluate=_idx_evaluation(x_test, y_test))
-        fit_args.update(preview=(x_test[:16], x_test[16:32]))
+        half = min(16, x_test.shape[0] // 2)  # rows of interpolations.png
+        fit_args.update(preview=(x_test[:half], x_test[half:2 * half]))
     try:  # before any step: the folder can be created and written, its disk holds the checkpoints
         check_outputs(trainer, out)
     except CheckpointError as exc:

@@ -301,7 +301,12 @@ def test_celeba_crop_and_resize(tmp_path):
         decoded = np.asarray(Image.open(tmp_path / "img_align_celeba" / f"{i + 1:06d}.jpg"))  # (218, 178, 3)
         crop = scaled(decoded).transpose(2, 0, 1)[:, 36:182, 16:162]  # 36 rows off top/bottom, 16 columns off each side
         assert crop.shape == (3, 146, 146)
-        np.testing.assert_allclose(x[i].numpy(), tf1_bicubic_scalar(crop.astype(np.float64), 32, 32), atol=2e-6)
+        expected = tf1_bicubic_scalar(crop.astype(np.float64), 32, 32)
+        np.testing.assert_allclose(x[i].numpy(), expected.clip(-1, 1), atol=2e-6)  # clipped by default
+        if i == 0:
+            raw = prepare_celeba(torch.from_numpy(decoded.copy()).permute(2, 0, 1)[None], clip=False)[0]
+            np.testing.assert_allclose(raw.numpy(), expected, atol=2e-6)  # the paper's unclipped values
+            assert raw.abs().max() > 1  # (noise overshoots: the clip matters here)
     assert torch.equal(load_dataset("celeba", tmp_path / "img_align_celeba", "test", limit=2, progress=False)[0], x[:2])
     with pytest.raises(ValueError, match=r"expected \(N, 3, 218, 178\)"):
         prepare_celeba(torch.zeros(1, 3, 32, 32, dtype=torch.uint8))

@@ -3,8 +3,9 @@
 central 146x146 region kept (36 rows off the top and bottom, 16 columns off the left and right),
 then resized to 32x32 by TF1's `tf.image.resize_bicubic` (restated in `resize_bicubic`).
 
-The resized pixels are not bytes (bicubic mixes them and may overshoot [-1, 1] a little, which the
-paper's code keeps), so CelebA is returned as float32. No labels: the paper's code gives every
+The resized pixels are not bytes, so CelebA is returned as float32. Bicubic resizing overshoots
+[-1, 1] a little at sharp edges; the paper's code keeps the overshoot, but acai_fast's trainer takes
+images in [-1, 1] only, so they are clipped there by default (clip=False keeps the paper's values). No labels: the paper's code gives every
 image class 0 of 1, so the probe learns nothing and clustering does not apply. Split "test" is the
 same images, as in the paper's code (its celeba32_test reads the training records)."""
 from __future__ import annotations
@@ -72,13 +73,15 @@ def resize_bicubic(images: torch.Tensor, size: tuple[int, int], coordinates: str
     return torch.einsum("ih,nchw,jw->ncij", rows, images, cols)
 
 
-def prepare_celeba(pixels: torch.Tensor) -> torch.Tensor:
+def prepare_celeba(pixels: torch.Tensor, clip: bool = True) -> torch.Tensor:
     """Aligned CelebA images, uint8 (N, 3, 218, 178) -> the paper's float32 (N, 3, 32, 32): scale to
-    [-1, 1], crop the central 146x146, resize bicubically (TF1) to 32x32 (the paper's order)."""
+    [-1, 1], crop the central 146x146, resize bicubically (TF1) to 32x32 (the paper's order), then
+    clip the resize's overshoot back to [-1, 1] (clip=True, the trainer's input range)."""
     if pixels.dim() != 4 or tuple(pixels.shape[1:]) != (3, HEIGHT, WIDTH):
         raise ValueError(f"expected (N, 3, {HEIGHT}, {WIDTH}) aligned CelebA images, got {tuple(pixels.shape)}")
     x = to_unit_range(pixels)[:, :, CROP_TOP:CROP_TOP + CROP, CROP_LEFT:CROP_LEFT + CROP]
-    return resize_bicubic(x, (32, 32), "tf1")
+    x = resize_bicubic(x, (32, 32), "tf1")
+    return x.clamp_(-1, 1) if clip else x
 
 
 def _image_folder(folder: Path) -> Path:
@@ -105,10 +108,11 @@ def _read_jpeg(path: Path) -> np.ndarray:
 
 
 def load_celeba(folder: str | os.PathLike, split: str = "train", *, limit: int | None = None,
-                progress: bool = True, chunk: int = 2048) -> tuple[torch.Tensor, None]:
+                progress: bool = True, chunk: int = 2048, clip: bool = True) -> tuple[torch.Tensor, None]:
     """CelebA as the paper prepares it: ((N, 3, 32, 32) float32, None), N = every JPEG of
-    img_align_celeba/ in file-name order (the first `limit` if given). Decodes in threads, `chunk`
-    images at a time, with a progress bar (about 1 ms per image per core)."""
+    img_align_celeba/ in file-name order (the first `limit` if given), clipped to [-1, 1] unless
+    clip=False (see prepare_celeba). Decodes in threads, `chunk` images at a time, with a progress
+    bar (about 1 ms per image per core)."""
     if split not in ("train", "test"):
         raise ValueError(f"split must be 'train' or 'test' (the same images), got {split!r}")
     files = sorted(_image_folder(check_folder(folder)).glob("*.jpg"))[:limit]
@@ -121,7 +125,7 @@ def load_celeba(folder: str | os.PathLike, split: str = "train", *, limit: int |
         for start in range(0, len(files), chunk):
             block = np.stack(list(pool.map(_read_jpeg, files[start:start + chunk])))
             pixels = torch.from_numpy(block).permute(0, 3, 1, 2)  # (B, 218, 178, 3) -> (B, 3, 218, 178)
-            out.append(prepare_celeba(pixels))
+            out.append(prepare_celeba(pixels, clip))
             bar.update(len(block))
     return torch.cat(out), None
 
