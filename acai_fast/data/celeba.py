@@ -93,7 +93,7 @@ def _image_folder(folder: Path) -> Path:
 
 
 def _read_jpeg(path: Path) -> np.ndarray:
-    from PIL import Image, UnidentifiedImageError
+    from PIL import Image, UnidentifiedImageError  # Pillow: a dependency of matplotlib (>= 3.3), ours
 
     try:
         with Image.open(path) as im:
