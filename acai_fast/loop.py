@@ -36,7 +36,7 @@ CONTROL_EVERY_GPU = 64
 def fit(trainer, data="lines", kimg: float = 16384, *, eval_kimg: float | None = 64,
         out_dir: str | os.PathLike | None = None, evaluate: Callable | None = None,
         progress: bool = True, seed: int | None = None,
-        preview: tuple[torch.Tensor, torch.Tensor] | None = None, monitor=None,
+        preview: tuple[torch.Tensor, torch.Tensor] | None = None, monitor=None, tensorboard=None,
         checkpoint_minutes: float | None = None, nan_policy: str = "stop",
         handle_signals: bool = True) -> list[dict]:
     """Train `trainer` until `kimg` thousand (x1024) images have been seen in total (a resumed
@@ -52,6 +52,9 @@ def fit(trainer, data="lines", kimg: float = 16384, *, eval_kimg: float | None =
     monitor: optional object with begin_interval() and end_interval() -> dict (e.g.
         acai_fast.profiling.GpuSampler, `acai-fast train --profile`): each record gets the dict of
         the interval's training steps (mean GPU utilisation, power, ...) added.
+    tensorboard: optional object with write(record, images) (e.g.
+        acai_fast.tensorboard_log.TensorBoardLog, `acai-fast train --tensorboard`): rank 0 hands it
+        each evaluation record and the preview's interpolations (None without a preview).
     checkpoint_minutes: also write out_dir/checkpoint.pt every this many minutes (besides every
         evaluation); checkpoints are atomic, the previous one stays whole until the new one is.
     nan_policy: "stop": a non-finite loss stops training with TrainingStopped naming the step and
@@ -162,6 +165,8 @@ def fit(trainer, data="lines", kimg: float = 16384, *, eval_kimg: float | None =
                 if out is not None:
                     write_outputs(trainer, out, record, preview)
                     saved_step, last_save = trainer.steps, time.monotonic()
+                if tensorboard is not None and main:
+                    tensorboard.write(record, trainer.interpolate(*preview) if preview is not None else None)
                 interval_steps, interval_images, interval_time = 0, 0, 0.0
                 if monitor is not None:
                     monitor.begin_interval()
