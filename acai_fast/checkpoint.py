@@ -55,7 +55,10 @@ def save_checkpoint(state: dict, path: str | os.PathLike) -> None:
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except OSError as exc:
-        tmp.unlink(missing_ok=True)
+        try:
+            tmp.unlink(missing_ok=True)
+        except OSError:  # (the folder itself may be what failed)
+            pass
         kept = f"; the previous checkpoint {path} is intact" if path.is_file() else ""
         reason = "the disk is full" if exc.errno == errno.ENOSPC else (exc.strerror or str(exc))
         raise CheckpointError(f"could not write checkpoint {path}: {reason}{kept}") from None
@@ -175,12 +178,14 @@ def checkpoint_bytes(state: dict) -> int:
 
 def _unpickling_message(path: Path, exc: Exception) -> str:
     text = str(exc)
-    if "Weights only load failed" in text:
-        found = re.search(r"(?:GLOBAL|global) ([\w.]+)", text)
-        what = f" ({found.group(1)})" if found else ""
-        return (f"{path} holds Python objects other than tensors and plain data{what}; refused "
-                f"(checkpoints are read as data with torch.load(weights_only=True): nothing in it ran)")
-    return f"{path} is truncated or corrupted ({_first_line(exc)}); not a complete checkpoint"
+    found = re.search(r"(?:GLOBAL|global) ([\w.]+)", text)
+    if found:  # the pickle asks for a Python callable or class: code, not data
+        return (f"{path} holds Python objects other than tensors and plain data ({found.group(1)}); "
+                f"refused (checkpoints are read as data with torch.load(weights_only=True): nothing in "
+                f"it ran)")
+    bad_op = re.search(r"Unsupported operand \S+", text)
+    reason = bad_op.group(0) if bad_op else _first_line(exc)
+    return f"{path} is truncated or corrupted ({reason}); not a complete checkpoint"
 
 
 def _not_zip(head: bytes) -> str:
