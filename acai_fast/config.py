@@ -95,7 +95,7 @@ class ACAIConfig:
         if self.batch < 2:
             raise ValueError(f"ACAIConfig.batch must be >= 2 (mixing pairs image i with image N-1-i), "
                              f"got {self.batch}")
-        if not isinstance(self.advdepth, int) or self.advdepth < 0:
+        if not isinstance(self.advdepth, int) or isinstance(self.advdepth, bool) or self.advdepth < 0:
             raise ValueError(f"ACAIConfig.advdepth must be an integer >= 0 (0 = depth), got {self.advdepth!r}")
         size = self.image_size
         if size & (size - 1):
@@ -106,7 +106,7 @@ class ACAIConfig:
                              f"(valid: {valid_widths}), got {self.latent_width}")
         for name in ("advweight", "reg", "lr"):
             v = getattr(self, name)
-            if not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
+            if not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v) or v < 0:
                 raise ValueError(f"ACAIConfig.{name} must be a finite number >= 0, got {v!r}")
         if self.dataset not in _NCLASS:
             raise ValueError(f"ACAIConfig.dataset must be one of {sorted(_NCLASS)}, got {self.dataset!r}")
