@@ -515,6 +515,10 @@ def _f(v, fmt, width):
     return f"{'-':>{width}}" if v is None else f"{v:{width}{fmt}}"
 
 
+def _x(v):
+    return f"{'-':>7}" if v is None else f"{v:6.2f}x"
+
+
 def format_table(rows: list[dict], device: torch.device) -> str:
     head = (f"{'preset':<10} {'batch':>5} {'variant':<12} {'ms/step':>9} {'p20':>8} {'p80':>8} {'img/s':>9} "
             f"{'TFLOP/s':>8} {'GB/s':>7} {'launch':>6} {'peak MiB':>8} {'1st s':>6} {'cold s':>6} {'warm s':>6} "
@@ -530,8 +534,8 @@ def format_table(rows: list[dict], device: torch.device) -> str:
             f"{r['gbps']:>7.1f} {_f(r['launches'], 'd', 6)} {_f(r['peak_mem_mib'], '.0f', 8)} "
             f"{_f(r['first_step_s'], '.2f', 6)} {_f(r['first_step_cold_s'], '.1f', 6)} "
             f"{_f(r['first_step_warm_s'], '.1f', 6)} {_f(r.get('gpu_util_mean'), '.0f', 5)} "
-            f"{_f(r.get('gpu_power_w_mean'), '.0f', 5)} {_f(r['speedup_vs_eager_fp32'], '.2f', 6)}x "
-            f"{_f(r['speedup_vs_best_plain'], '.2f', 6)}x")
+            f"{_f(r.get('gpu_power_w_mean'), '.0f', 5)} {_x(r['speedup_vs_eager_fp32'])} "
+            f"{_x(r['speedup_vs_best_plain'])}")
     lines.append(f"x fp32: speed-up against eager_fp32; x best: against the fastest plain-PyTorch variant "
                  f"({', '.join(PLAIN)}) of the same preset and batch. ms/step: median of the timed steps.")
     if device.type != "cuda":

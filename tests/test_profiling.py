@@ -15,7 +15,8 @@ from acai_fast import ACAIConfig, ACAITrainer
 from acai_fast.cli import main
 from acai_fast.loop import fit
 from acai_fast.profiling import (CSV_COLUMNS, FIELDS, GpuSampler, NvmlUnavailable, format_phase_table,
-                                 format_top_table, open_nvml, phase_split, summarize_samples, top_kernels)
+                                 format_report, format_top_table, open_nvml, phase_split, profile_trainer,
+                                 summarize_samples, top_kernels)
 
 HAS_NVML = True
 try:
@@ -264,3 +265,18 @@ def test_train_profile_flag_cpu(tmp_path, capsys):
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert len(records) == 2 and all("loss_ae" in r and "gpu_util_mean" not in r for r in records)
     assert not (out / "gpu_samples.csv").exists()
+
+
+def test_profile_trainer_with_a_reader(tmp_path):
+    """The GPU-sampling half of profile_trainer (a fake NVML on the CPU): the unprofiled window's
+    summary, the samples' CSV and the utilisation picture drawn from samples."""
+    trainer = ACAITrainer(ACAIConfig.preset("lines", batch=2), backend="reference", device="cpu")
+    x = torch.rand(2, 1, 32, 32) * 2 - 1
+    report = profile_trainer(trainer, x, None, steps=1, warmup=0, out_dir=tmp_path, sample_seconds=0.01,
+                             interval_s=0.005, reader=FakeReader())
+    assert report.gpu["available"] and report.gpu["name"] == "Fake GPU"
+    assert report.gpu["sampled_window"]["gpu_samples"] >= 1
+    assert trainer.steps == 1 + 8  # the profiled step, then one round of 8 while sampling
+    assert len(list(csv.reader((tmp_path / "gpu_samples.csv").open()))) >= 3
+    assert (tmp_path / "utilisation.png").read_bytes()[:4] == b"\x89PNG"
+    assert "NVML (Fake GPU)" in format_report(report)
