@@ -650,3 +650,27 @@ def plot_profile(samples: list[dict], marks: dict, split: dict, path, *, title: 
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def format_report(report: ProfileReport) -> str:
+    """What `acai-fast profile` prints: the step times, the top kernels, the phase split, the files."""
+    ms = sorted(report.step_ms)
+    lines = []
+    if report.device != "cuda":
+        lines.append("CPU run: the CPU step's operators and host time (no GPU here); GPU kernels show "
+                     "only on a GPU")
+    lines.append(f"{len(ms)} profiled steps: median {ms[len(ms) // 2]:.3f} ms (min {ms[0]:.3f}, max {ms[-1]:.3f}), "
+                 f"wall time with the profiler on")
+    lines += ["", format_top_table(report.top, report.device), "", format_phase_table(report.split)]
+    gpu = report.gpu
+    if gpu.get("available"):
+        s = gpu.get("sampled_window") or {}
+        lines.append(f"\nNVML ({gpu.get('name')}), steps without the profiler: utilisation {s.get('gpu_util_mean')} %, "
+                     f"power {s.get('gpu_power_w_mean')} W, SM clock {s.get('gpu_sm_clock_mhz_mean')} MHz, "
+                     f"memory {s.get('gpu_mem_used_mib_max')} MiB ({s.get('gpu_samples')} samples)")
+    else:
+        lines.append(f"\nNVML: {gpu.get('reason')}")
+    lines.append(f"trace: {report.trace} (open in https://ui.perfetto.dev or chrome://tracing)")
+    if report.png:
+        lines.append(f"picture: {report.png}")
+    return "\n".join(lines)
