@@ -178,3 +178,21 @@ def test_bench_fused_ops_callables_run_on_cpu():
         assert bench_fused_ops.bytes_moved(case) > 0
         for variant in ("eager", "triton"):
             bench_fused_ops.make_fn(case, variant, device="cpu")()
+
+
+@pytest.mark.gpu
+def test_gpu_mode_small(tmp_path):
+    """On a GPU (scripts/gpu_check.sh tests): the CUDA paths at a small size, before the real run."""
+    out = tmp_path / "gpu.json"
+    code = tp.main(["--device", "cuda", "--presets", "lines", "--batches", "8", "--steps", "5", "--warmup", "3",
+                    "--min-seconds", "0.2", "--first-step", "none",
+                    "--variants", "eager_fp32,eager_bf16,graph_bf16,fused,fused_graph", "--json", str(out)])
+    assert code == 0
+    payload = _strict_json(out.read_text())
+    assert payload["device"] == "cuda" and payload["environment"]["gpu"] and payload["note"] is None
+    for r in payload["results"]:
+        assert r["status"] == "ok", r
+        assert r["steps_timed"] >= 5 and r["ms_median"] > 0 and r["peak_mem_mib"] > 0
+        assert r["launches"] > 0
+        if payload["nvml"]["available"]:
+            assert r["gpu_samples"] >= 1

@@ -280,3 +280,18 @@ def test_profile_trainer_with_a_reader(tmp_path):
     assert len(list(csv.reader((tmp_path / "gpu_samples.csv").open()))) >= 3
     assert (tmp_path / "utilisation.png").read_bytes()[:4] == b"\x89PNG"
     assert "NVML (Fake GPU)" in format_report(report)
+
+
+@pytest.mark.gpu
+def test_profile_gpu_fused_step(tmp_path):
+    """On a GPU: the trace has kernels, the split sees the fused schedule, NVML samples if present."""
+    trainer = ACAITrainer(ACAIConfig.preset("lines", batch=8), backend="fused", device="cuda", cuda_graph=False)
+    x = torch.rand(8, 1, 32, 32, device="cuda") * 2 - 1
+    labels = torch.randint(0, 10, (8,), device="cuda")
+    report = profile_trainer(trainer, x, labels, steps=2, warmup=3, out_dir=tmp_path, sample_seconds=0.5)
+    assert report.device == "cuda" and report.split["device"] == "cuda" and report.split["steps"] == 2
+    assert report.split["phases"]["forward_backward"] > 0 and report.split["phases"]["gaps"] >= 0
+    assert report.split["phases"].get("optimizer", 0) > 0
+    assert report.top and report.top[0]["total_us"] > 0
+    if HAS_NVML:
+        assert report.gpu["available"] and report.gpu["sampled_window"]["gpu_samples"] >= 1
