@@ -20,7 +20,6 @@ launched by the replay, so their time shows as "graph replay".
 """
 from __future__ import annotations
 
-import contextlib
 import csv
 import ctypes
 import dataclasses
