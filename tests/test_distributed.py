@@ -158,3 +158,44 @@ def test_two_process_gloo_job_equals_one_process_with_the_global_batch(tmp_path)
     # a distributed checkpoint continues in one process (rank 0's streams are the one-process ones)
     single = ACAITrainer.load(out / "checkpoint.pt", device="cpu")
     assert single.steps == steps and torch.equal(single.alpha_state, state["rank_states"][0]["alpha_state"])
+
+
+_AVERAGE_WORKER = '''
+import sys, torch
+from acai_fast.distributed import init_from_env
+ctx = init_from_env("cpu")
+r = ctx.rank
+# the fused engine's layouts: channels_last conv weights with persistent .grad; a plain bias; the
+# probe's parameters without a gradient on a step without labels
+w = torch.nn.Parameter(torch.zeros(4, 3, 3, 3).contiguous(memory_format=torch.channels_last))
+b = torch.nn.Parameter(torch.zeros(4))
+probe = torch.nn.Parameter(torch.zeros(2, 5))
+average = ctx.gradient_average([w, b, probe])
+w.grad = (torch.arange(108.0).view(4, 3, 3, 3) * (r + 1)).contiguous(memory_format=torch.channels_last)
+grad_storage = w.grad.data_ptr()
+b.grad = torch.full((4,), float(r))
+flag = average(torch.tensor(1.0 if r == 1 else 0.0))
+ok = (torch.equal(w.grad, torch.arange(108.0).view(4, 3, 3, 3) * 1.5)
+      and w.grad.is_contiguous(memory_format=torch.channels_last) and w.grad.data_ptr() == grad_storage
+      and torch.equal(b.grad, torch.full((4,), 0.5)) and probe.grad is None and float(flag) == 1.0)
+flag = average(None)  # a second call reuses the buffer; no flag raised anywhere
+ok = ok and torch.equal(b.grad, torch.full((4,), 0.5)) and float(flag) == 0.0
+stop, save, bad = ctx.agree(r == 0, 0, r == 1)
+ok = ok and (stop, save, bad) == (1, 0, 1) and ctx.sum_host([1.0, float(r)]) == [2.0, 1.0]
+ok = ok and [int(t[0]) for t in ctx.gather_host(torch.tensor([r * 10]))] == [0, 10]
+print(f"rank {r} ok={ok}", flush=True)
+ctx.close()
+sys.exit(0 if ok else 1)
+'''
+
+
+def test_gradient_average_over_two_gloo_processes(tmp_path):
+    """The all-reduce on the layouts the fused engine uses (channels_last .grad written in place,
+    parameters without a gradient), the flag slot, and the host agreements."""
+    script = tmp_path / "worker.py"
+    script.write_text(_AVERAGE_WORKER)
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                           str(script)], cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"},
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    assert "rank 0 ok=True" in proc.stdout and "rank 1 ok=True" in proc.stdout
