@@ -216,12 +216,10 @@ def _load_trainer(parser, path, device):
 
 
 def cmd_train(parser, args) -> int:
-    from .loop import json_line
-    from .trainer import ACAITrainer
-
     from .checkpoint import CheckpointError
     from .distributed import init_from_env
-    from .loop import check_outputs
+    from .loop import check_outputs, json_line
+    from .trainer import ACAITrainer
 
     device = _device_arg(parser, args)
     try:  # torchrun: join the job (None when this process runs alone)
@@ -281,9 +279,10 @@ def cmd_train(parser, args) -> int:
         print(f"acai-fast: torchrun job of {distributed.world_size} processes ({distributed.backend}); "
               f"global batch {trainer.config.batch}, {distributed.local_batch(trainer.config.batch)} per "
               f"process; rank 0 evaluates and writes", file=sys.stderr)
-    print(f"acai-fast: training {trainer.model.name} on {args.preset} on {trainer.device} (backend {trainer.backend}, "
-          f"{str(trainer.dtype).replace('torch.', '')}) "
-          f"to {args.kimg:g} kimg; outputs in {out}", file=sys.stderr)
+    if distributed is None or distributed.is_main:
+        print(f"acai-fast: training {trainer.model.name} on {args.preset} on {trainer.device} (backend "
+              f"{trainer.backend}, {str(trainer.dtype).replace('torch.', '')}) "
+              f"to {args.kimg:g} kimg; outputs in {out}", file=sys.stderr)
     if args.profile:
         from .profiling import GpuSampler
 

@@ -142,8 +142,10 @@ def fit(trainer, data="lines", kimg: float = 16384, *, eval_kimg: float | None =
             due = next_eval is not None and trainer.nimg >= next_eval
             signum, save_now = 0, False
             if due or trainer.nimg >= total or trainer.steps % control_every == 0:
+                t0 = time.perf_counter()  # (on a GPU it waits for the queue: training time)
                 signum, save_now = _control_point(trainer, watch, stop, nan_policy, out, saved_step,
                                                   checkpoint_minutes, last_save)
+                interval_time += time.perf_counter() - t0
             if due or trainer.nimg >= total:
                 if on_gpu:
                     t0 = time.perf_counter()
