@@ -578,7 +578,7 @@ def profile_trainer(trainer, x: torch.Tensor, labels: torch.Tensor | None = None
         marks["sampled"] = sampler.clock()
         end = marks["sampled"] + (sample_seconds if sampler.available else 0.0)
         while sampler.clock() < end:
-            for _ in range(8):  # a few steps per check: the queue stays short, the GPU busy
+            for _ in range(8 if on_gpu else 1):  # on a GPU a few steps per check: the queue stays short
                 trainer.step(x, labels)
             _sync(device)
         marks["end"] = sampler.clock()
