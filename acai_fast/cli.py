@@ -286,7 +286,9 @@ def cmd_train(parser, args) -> int:
     if args.profile:
         from .profiling import GpuSampler
 
-        with GpuSampler(0.5, device=trainer.device, csv_path=out / "gpu_samples.csv") as sampler:
+        rank = getattr(trainer, "rank", 0)  # each torchrun rank samples its own GPU into its own file
+        samples_csv = out / ("gpu_samples.csv" if rank == 0 else f"gpu_samples_rank{rank}.csv")
+        with GpuSampler(0.5, device=trainer.device, csv_path=samples_csv) as sampler:
             history = trainer.fit(data, monitor=sampler, **fit_args)
         if not sampler.available:
             print(f"note: --profile recorded no GPU samples ({sampler.reason})", file=sys.stderr)
