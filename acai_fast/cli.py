@@ -63,8 +63,9 @@ def build_parser() -> argparse.ArgumentParser:
                             "auto: the fastest backend verified on this device")
     train.add_argument("--dtype", default=None, choices=("fp32", "bf16"),
                        help="activation dtype (default: bf16 for fused on a GPU, else fp32)")
-    train.add_argument("--cuda-graph", action="store_true",
-                       help="fused on a GPU: replay each step as one CUDA graph (after 3 eager steps)")
+    train.add_argument("--cuda-graph", action=argparse.BooleanOptionalAction, default=None,
+                       help="replay each fused step as one CUDA graph after 3 eager steps (default: on "
+                            "for the fused backend on a GPU; --no-cuda-graph for debugging)")
     train.add_argument("--seed", type=int, default=None,
                        help="seed of the weights, alphas and data order (default 0; with --resume the "
                             "checkpoint's: a different one is an error)")
