@@ -35,6 +35,7 @@ import torch
 from ..ops.acai_loss import critic_loss_fwd_runs, image_loss_fwd_runs
 from ..ops.conv_block import conv_bwd, conv_fwd, dw_counter_size, empty_activation
 from ..ops.mix import mix_bwd_runs, mix_fwd_runs
+from ..profiling import phase
 
 
 @dataclasses.dataclass
@@ -161,14 +162,24 @@ class FusedACAIStep:
         conv parameter's .grad (each objective's gradient into its own parameters) and returns
         ({loss_ae, loss_ae_disc, loss_disc, loss_disc_real}, z) with z the ((R,) N, latent, w, w)
         latent. The trainer then steps Adam."""
-        cfg, dt, dev, ops, R = self.config, self.dtype, self.device, self.op_backend, self.runs
         single = self.stacked is None
         if single:
             x = x.contiguous(memory_format=torch.channels_last).unsqueeze(0)  # fp32: the exact target
+        with phase("forward"):  # profiler marks (acai_fast.profiling); nearly free otherwise
+            f = self._forward_pass(x)
+        with phase("backward"):
+            self._backward_pass(f)
+        losses = dict(loss_ae=f.img.loss_ae, loss_ae_disc=f.crit.loss_ae_disc, loss_disc=f.crit.loss_disc,
+                      loss_disc_real=f.crit.loss_disc_real)
+        z = f.zz[:, :f.n]
+        if single:
+            return {k: v[0] for k, v in losses.items()}, z[0]
+        return losses, z
+
+    def _forward_pass(self, x) -> "_Forward":
+        cfg, dt, dev, ops, R = self.config, self.dtype, self.device, self.op_backend, self.runs
         n = x.shape[1]
         image = (cfg.colors, cfg.image_size, cfg.image_size)
-
-        # ---- forward
         zz = empty_activation((2 * n, *cfg.latent_shape), dt, dev, R)
         _, enc_saved = self._forward(self.nets["encoder"], x, out=zz[:, :n])
         _, alpha = mix_fwd_runs(_nhwc(zz[:, :n]), self.alpha_states, out=_nhwc(zz[:, n:]), backend=ops)
@@ -184,22 +195,33 @@ class FusedACAIStep:
                                     grads_out=(_nhwc(g_crit[:, 2 * n:]), _nhwc(g_crit[:, :n]),
                                                _nhwc(g_crit[:, n:2 * n])),
                                     counter=self._loss_counters[1], backend=ops)
+        return _Forward(n, zz, alpha, img, crit, g_dec, g_crit, enc_saved, dec_saved, crit_saved)
 
-        # ---- backward: critic (both objectives' input gradients, the critic's weight gradients),
-        # then the decoder on [ae; x_mix], the mix, the encoder
-        critic = self.nets["critic"]
-        g = g_crit
+    def _backward_pass(self, f: "_Forward") -> None:
+        """The critic (both objectives' input gradients, the critic's weight gradients), then the
+        decoder on [ae; x_mix], the mix, the encoder."""
+        n, critic = f.n, self.nets["critic"]
+        g = f.g_crit
         for i in range(len(critic) - 1, 0, -1):
-            g = self._block_bwd(critic[i], crit_saved[i], g)
-        self._block_bwd(critic[0], crit_saved[0], g[:, :2 * n], need_dx=False)
-        self._block_bwd(critic[0], crit_saved[0].rows(n), g[:, 2 * n:], need_dw=False, dx_out=g_dec[:, n:])
-        g_z = self._backward(self.nets["decoder"], dec_saved, g_dec)
-        mix_bwd_runs(_nhwc(g_z[:, n:]), alpha, dz=_nhwc(g_z[:, :n]), backend=ops)
-        self._backward(self.nets["encoder"], enc_saved, g_z[:, :n], first_dx=False)
+            g = self._block_bwd(critic[i], f.crit_saved[i], g)
+        self._block_bwd(critic[0], f.crit_saved[0], g[:, :2 * n], need_dx=False)
+        self._block_bwd(critic[0], f.crit_saved[0].rows(n), g[:, 2 * n:], need_dw=False,
+                        dx_out=f.g_dec[:, n:])
+        g_z = self._backward(self.nets["decoder"], f.dec_saved, f.g_dec)
+        mix_bwd_runs(_nhwc(g_z[:, n:]), f.alpha, dz=_nhwc(g_z[:, :n]), backend=self.op_backend)
+        self._backward(self.nets["encoder"], f.enc_saved, g_z[:, :n], first_dx=False)
 
-        losses = dict(loss_ae=img.loss_ae, loss_ae_disc=crit.loss_ae_disc, loss_disc=crit.loss_disc,
-                      loss_disc_real=crit.loss_disc_real)
-        z = zz[:, :n]
-        if single:
-            return {k: v[0] for k, v in losses.items()}, z[0]
-        return losses, z
+
+@dataclasses.dataclass
+class _Forward:
+    """What the forward pass leaves for the backward pass and the step's outputs."""
+    n: int
+    zz: torch.Tensor
+    alpha: torch.Tensor
+    img: object
+    crit: object
+    g_dec: torch.Tensor
+    g_crit: torch.Tensor
+    enc_saved: list
+    dec_saved: list
+    crit_saved: list
