@@ -103,5 +103,3 @@ class VAE(Model):
     @property
     def pixels(self) -> int:
         return self.config.colors * self.config.image_size ** 2
-
-
