@@ -216,6 +216,10 @@ def _mib(n: int) -> str:
 
 
 def package_version() -> str:
-    """acai_fast.__version__ (read at call time: this module is imported by the package itself)."""
-    from . import __version__
-    return __version__
+    """The installed acai_fast's version (its package metadata: no import from the package root,
+    which sits above this module), or "unknown" when running from an uninstalled source tree."""
+    from importlib.metadata import PackageNotFoundError, version
+    try:
+        return version("acai_fast")
+    except PackageNotFoundError:
+        return "unknown"
