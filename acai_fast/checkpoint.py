@@ -54,13 +54,18 @@ def save_checkpoint(state: dict, path: str | os.PathLike) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except OSError as exc:
+    except (OSError, RuntimeError) as exc:  # RuntimeError: how torch's zip writer reports a failed write
         try:
             tmp.unlink(missing_ok=True)
         except OSError:  # (the folder itself may be what failed)
             pass
         kept = f"; the previous checkpoint {path} is intact" if path.is_file() else ""
-        reason = "the disk is full" if exc.errno == errno.ENOSPC else (exc.strerror or str(exc))
+        if getattr(exc, "errno", None) == errno.ENOSPC or "No space left" in str(exc):
+            reason = "the disk is full"
+        elif isinstance(exc, RuntimeError):  # torch's writer does not say why: usually a full disk
+            reason = f"the write failed, is the disk full? ({_first_line(exc)})"
+        else:
+            reason = exc.strerror or _first_line(exc)
         raise CheckpointError(f"could not write checkpoint {path}: {reason}{kept}") from None
     _fsync_folder(path.parent)
 
@@ -153,24 +158,6 @@ def check_output_folder(folder: str | os.PathLike, need_bytes: int = 0) -> None:
         raise CheckpointError(f"output folder {folder}: {_mib(free)} free on its disk, the run's checkpoints "
                               f"need about {_mib(need_bytes)} (the old one is kept until the new one is "
                               f"written); free some space or choose another --out")
-
-
-def checkpoint_bytes(state: dict) -> int:
-    """An estimate of the file size of `state`: the bytes of its tensors plus 64 KiB of structure."""
-    total = 64 * 1024
-
-    def walk(v):
-        nonlocal total
-        if torch.is_tensor(v):
-            total += v.numel() * v.element_size()
-        elif isinstance(v, dict):
-            for x in v.values():
-                walk(x)
-        elif isinstance(v, (list, tuple)):
-            for x in v:
-                walk(x)
-    walk(state)
-    return total
 
 
 # ------------------------------------------------------------------------------------------------

@@ -154,6 +154,13 @@ def test_a_failed_write_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
         trainer.save(path)
     monkeypatch.undo()
     assert path.read_bytes() == before and not temporary_path(path).exists()
+    if os.path.exists("/dev/full"):  # Linux: torch's own writer hitting a full device midway
+        real_save = torch.save
+        monkeypatch.setattr(torch, "save", lambda obj, f: real_save(obj, open("/dev/full", "wb")))
+        with pytest.raises(CheckpointError, match=r"the write failed, is the disk full\?.* is intact"):
+            trainer.save(path)
+        monkeypatch.undo()
+        assert path.read_bytes() == before and not temporary_path(path).exists()
     assert ACAITrainer.load(path, device="cpu").steps == 0
     (tmp_path / "a_file").write_text("x")  # a folder that cannot be made
     with pytest.raises(CheckpointError, match="could not write checkpoint"):
