@@ -144,7 +144,7 @@ class RunArray:
         self.graphs = None
         if self.cuda_graph:
             from .engine.graphs import StepGraphs
-            self.graphs = StepGraphs(self.device)
+            self.graphs = StepGraphs(self.device, generators=self.generators)
         log.info("RunArray: %d runs of %s, backend=%s, %s on %s", self.runs, model, self.backend,
                  str(self.dtype).replace("torch.", ""), self.device)
 

@@ -188,7 +188,7 @@ class ACAITrainer:
         self.graphs = None
         if self.cuda_graph:
             from .engine.graphs import StepGraphs
-            self.graphs = StepGraphs(self.device)
+            self.graphs = StepGraphs(self.device, generators=[self.generator])
         self._gradient_average = None  # torchrun: every .grad averaged over the ranks before Adam
         if distributed is not None:
             self._gradient_average = distributed.gradient_average(

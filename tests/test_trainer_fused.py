@@ -247,3 +247,20 @@ def test_cuda_graph_steps_equal_eager_steps():
     for (name, pe), pg in zip(eager.model.named_parameters(), graphed.model.parameters()):
         assert_close(pg, pe, atol=1e-6, rtol=1e-5, name=f"{name} after 7 steps")
     assert torch.equal(eager.alpha_state, graphed.alpha_state)
+
+
+@pytest.mark.gpu
+def test_cuda_graphs_replay_noise_drawing_models():
+    """The trainer's noise generator is registered with its graphs: a denoising model replayed as a
+    graph draws fresh noise every step and matches its eager twin step by step."""
+    config = {**LINES_LIKE, "batch": 8, "image_size": 32, "latent_width": 2}
+    eager = ACAITrainer(ACAIConfig(**config), backend="fused", device="cuda", seed=4, dtype="fp32",
+                        model="denoising", cuda_graph=False)
+    graphed = ACAITrainer(ACAIConfig(**config), backend="fused", device="cuda", seed=4, dtype="fp32",
+                          model="denoising", cuda_graph=True)
+    for s in range(6):
+        x, labels = batch(config, seed=20 + s)
+        le, lg = eager.step(x, labels), graphed.step(x, labels)
+        for k in le:
+            assert_close(lg[k], le[k], atol=1e-6, rtol=1e-5, name=f"step {s} {k}")
+    assert not graphed.graphs.failed, graphed.graphs.failed

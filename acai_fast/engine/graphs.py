@@ -4,7 +4,9 @@ The first `warmup` calls of each key run eagerly on a side stream (real steps: T
 picks its kernel configurations, the reducing ops create their counters, the optimisers create
 their state, all outside the capture); the next call captures the step on static input buffers,
 and every call from then on copies its inputs in and replays. Random draws must come from
-device-side state that the graph advances (the mix's Philox state; capturable Adam's step counts).
+device-side state that the graph advances (the mix's Philox state; capturable Adam's step counts;
+the torch.Generators passed as `generators`, registered with every graph so that their draws
+advance on each replay, as the default CUDA generator's do).
 Where capture fails, the key falls back to eager steps and the reason is logged once.
 """
 from __future__ import annotations
@@ -22,9 +24,10 @@ WARMUP_STEPS = 3
 class StepGraphs:
     """Runs `step(*inputs) -> dict of 0-d tensors` through per-key CUDA graphs on `device`."""
 
-    def __init__(self, device, warmup: int = WARMUP_STEPS):
+    def __init__(self, device, warmup: int = WARMUP_STEPS, generators=()):
         self.device = torch.device(device)
         self.warmup = int(warmup)
+        self.generators = [g for g in generators if g.device.type == "cuda"]
         self._graphs: dict = {}  # key -> (CUDAGraph, static inputs, static outputs)
         self._eager_calls: dict = {}
         self.failed: dict = {}  # key -> why capture failed (those keys run eagerly)
@@ -67,6 +70,8 @@ class StepGraphs:
             v.clone(memory_format=torch.channels_last) if torch.is_tensor(v) and v.dim() == 4
             else (v.clone() if torch.is_tensor(v) else None) for v in inputs)
         graph = torch.cuda.CUDAGraph()
+        for generator in self.generators:  # PyTorch >= 2.4; without it, capture of a draw fails (-> eager)
+            graph.register_generator_state(generator)
         with torch.cuda.graph(graph):
             static_outputs = step(*static_inputs)
         self._graphs[key] = (graph, static_inputs, static_outputs)
