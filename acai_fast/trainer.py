@@ -357,9 +357,10 @@ class ACAITrainer:
 
     def _check_training_images(self, x: torch.Tensor) -> None:
         """A training batch holds pairs to mix and values in [-1, 1] (no NaN). The range is checked
-        on every batch that is on the CPU (before it moves: ~20 us for 64 images) and on the first
-        batch that is already on a GPU (reading it back costs a sync; later NaNs there show up as
-        non-finite losses, which fit() reports)."""
+        on every batch that is on the CPU (before it moves; one aminmax: measured 37 us for 64
+        grey, 114 us for 64 RGB 32x32 images on a loaded 2-core CPU) and on the first batch that is
+        already on a GPU (reading it back costs a sync; later NaNs there show up as non-finite
+        losses, which fit() reports). The data loaders keep training sets on the device."""
         if x.shape[0] < 2:
             raise ValueError(f"a training batch needs at least 2 images (mixing pairs image i with "
                              f"image N-1-i), got {x.shape[0]}")
