@@ -180,8 +180,9 @@ class GradientAverage:
     channels_last), so both copies are plain memory copies; a parameter without a gradient (the
     probe on a step without labels) contributes zeros and keeps grad None. One extra slot carries a
     flag (e.g. "this rank's losses are not finite") summed with the gradients, so every rank learns
-    whether any rank raised it without a second collective. Four launches and one collective per
-    step, no allocation: capturable in a CUDA graph (unmeasured, see the module docstring)."""
+    whether any rank raised it without a second collective. A few multi-tensor launches and one
+    collective per step on a persistent buffer: capturable in a CUDA graph by design (not run on a
+    GPU here: unmeasured, see the module docstring)."""
 
     def __init__(self, params, distributed: Distributed):
         self.params = list(params)
