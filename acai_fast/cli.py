@@ -7,6 +7,7 @@
     acai-fast train --preset svhn32 --data DIR --out runs/svhn32       # or ACAI_FAST_DATA=DIR
     acai-fast evaluate --checkpoint runs/svhn32/checkpoint.pt --data DIR   # probe + clustering accuracy
     acai-fast reproduce probe|cluster --dataset mnist --latent 32 --data DIR --out OUT
+    acai-fast sweep --preset lines --seeds 0-3 --advweight 0,0.5,1 --kimg 4096 --out sweeps/lambda
 """
 from __future__ import annotations
 
@@ -101,8 +102,10 @@ def build_parser() -> argparse.ArgumentParser:
                           help="image presets: K-means initialisations of the clustering accuracy (the paper: 1000)")
     evaluate.add_argument("--no-progress", action="store_true", help="no progress bar")
     _add_model_arguments(train)
+    _add_tensorboard_argument(train)
     _add_profile_parser(sub)
     _add_reproduce_parsers(sub)
+    _add_sweep_parser(sub)
     return parser
 
 
@@ -284,6 +287,9 @@ def cmd_train(parser, args) -> int:
         print(f"acai-fast: training {trainer.model.name} on {args.preset} on {trainer.device} (backend "
               f"{trainer.backend}, {str(trainer.dtype).replace('torch.', '')}) "
               f"to {args.kimg:g} kimg; outputs in {out}", file=sys.stderr)
+    board = _tensorboard_log(parser, args, out, trainer)  # --tensorboard: events beside metrics.jsonl
+    if board is not None:
+        fit_args.update(tensorboard=board)
     if args.profile:
         from .profiling import GpuSampler
 
@@ -295,6 +301,8 @@ def cmd_train(parser, args) -> int:
             print(f"note: --profile recorded no GPU samples ({sampler.reason})", file=sys.stderr)
     else:
         history = trainer.fit(data, **fit_args)
+    if board is not None:
+        board.close()
     if history and (distributed is None or distributed.is_main):
         print(json_line(history[-1]))
     return 0
@@ -505,12 +513,118 @@ def cmd_reproduce(parser, args) -> int:
             "cluster": cmd_reproduce_downstream}[args.task](parser, args)
 
 
+# ------------------------------------------------------------------------------------------------
+# `acai-fast sweep` and `--tensorboard` (acai_fast.sweep, acai_fast.tensorboard_log)
+# ------------------------------------------------------------------------------------------------
+
+
+def _add_tensorboard_argument(p) -> None:
+    p.add_argument("--tensorboard", action="store_true",
+                   help="also write each evaluation's scalars and interpolation grid as TensorBoard events "
+                        "into OUT (tensorboard --logdir OUT; needs pip install 'acai_fast[tensorboard]')")
+
+
+def _tensorboard_log(parser, args, out: Path, trainer):
+    """train --tensorboard: the run's TensorBoardLog (rank 0 writes; None without the flag)."""
+    if not args.tensorboard or (args.distributed is not None and not args.distributed.is_main):
+        return None
+    from .tensorboard_log import TensorBoardLog
+    try:
+        return TensorBoardLog(out, resume_nimg=trainer.nimg)
+    except ImportError as exc:
+        parser.error(f"--tensorboard: {exc}")
+
+
+def _seed_list(text: str) -> list[int]:
+    """`0-3`, `0,2,5` or `0-3,8` -> the seeds."""
+    seeds = []
+    for part in text.split(","):
+        low, sep, high = part.strip().partition("-")
+        if not low.isdigit() or (sep and not high.isdigit()):
+            raise argparse.ArgumentTypeError(f"expected seeds like 0-3 or 0,2,5, got {text!r}")
+        low, high = int(low), int(high) if sep else int(low)
+        if high < low or high - low >= 100_000:
+            raise argparse.ArgumentTypeError(f"seed range {part.strip()!r}: write low-high with at most "
+                                             f"100000 seeds")
+        seeds.extend(range(low, high + 1))
+    return seeds
+
+
+def _number_list(text: str) -> list[float]:
+    """`0,0.5,1` -> [0.0, 0.5, 1.0]."""
+    try:
+        return [float(v) for v in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
+
+
+def _add_sweep_parser(sub) -> None:
+    sw = sub.add_parser("sweep", help="train seeds x hyper-parameters as arrays of runs; one folder per run, "
+                                      "summary.md/.csv and plots", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    sw.add_argument("--preset", default="lines", choices=PRESETS, help="the paper's configuration")
+    sw.add_argument("--seeds", type=_seed_list, required=True, help="seeds: a range 0-3, a list 0,2,5, or both")
+    for name, what in (("advweight", "lambda, the critic term's weight"), ("reg", "gamma, the critic's real-data mixing"),
+                       ("lr", "Adam learning rate")):
+        sw.add_argument(f"--{name}", type=_number_list, default=None,
+                        help=f"{what}: comma-separated values to sweep (default: the preset's)")
+    from .models import MODELS
+    sw.add_argument("--model", default="acai", choices=list(MODELS), help="what every run trains")
+    sw.add_argument("--kimg", type=_positive_float, default=16384.0,
+                    help="train each run on this many thousand (x1024) images (the paper: 16384)")
+    sw.add_argument("--eval-kimg", type=_positive_float, default=64.0,
+                    help="evaluate, checkpoint and draw every run every this many kimg")
+    sw.add_argument("--out", required=True, help="folder of the sweep: one folder per run, summary.md, summary.csv, PNGs")
+    sw.add_argument("--array", type=int, default=None,
+                    help="runs trained together as one array (default: as many as the GPU's free memory holds "
+                         "by a per-run estimate, at most 64; on the CPU 4)")
+    sw.add_argument("--backend", default="auto", help="auto, reference or fused")
+    sw.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    sw.add_argument("--resume", action="store_true",
+                    help="continue the sweep in OUT: finished runs are skipped, the others continue from "
+                         "their checkpoints")
+    _add_tensorboard_argument(sw)
+    sw.add_argument("--no-progress", action="store_true", help="no progress bar")
+    sw.add_argument("--data", default=None, help=DATA_HELP)
+    sw.add_argument("--batch", type=int, default=None, help="images per step of each run (default: the preset's, 64)")
+    sw.add_argument("--depth", type=int, default=None, help="width of the first encoder/decoder level")
+    sw.add_argument("--latent", type=int, default=None, help="latent channels")
+    sw.add_argument("--advdepth", type=int, default=None, help="critic width (0: the encoder's depth)")
+    sw.add_argument("--pairs", type=int, default=256, help="lines: test pairs per evaluation (the paper: 256)")
+
+
+def cmd_sweep(parser, args) -> int:
+    from .distributed import init_from_env
+    from .sweep import SweepArgumentError, sweep
+
+    device = _device_arg(parser, args)
+    try:  # torchrun: each rank trains its share of the runs (None when this process runs alone)
+        distributed = args.distributed = init_from_env(device)
+    except ValueError as exc:
+        parser.error(str(exc))
+    overrides = {k: getattr(args, k) for k in ("batch", "depth", "latent", "advdepth") if getattr(args, k) is not None}
+    main_rank = distributed is None or distributed.is_main
+    if main_rank:
+        ranks = f" over {distributed.world_size} processes" if distributed is not None else ""
+        print(f"acai-fast: sweep of {args.model} on {args.preset}{ranks}, {args.kimg:g} kimg per run; outputs in "
+              f"{args.out}", file=sys.stderr)
+    try:
+        sweep(args.preset, args.seeds, advweight=args.advweight, reg=args.reg, lr=args.lr, model=args.model,
+              kimg=args.kimg, eval_kimg=args.eval_kimg, out=args.out, array=args.array, backend=args.backend,
+              device=device, resume=args.resume, progress=not args.no_progress, tensorboard=args.tensorboard,
+              data=args.data, overrides=overrides, pairs=args.pairs, distributed=distributed)
+    except SweepArgumentError as exc:
+        parser.error(str(exc))
+    if main_rank:
+        print((Path(args.out) / "summary.md").read_text())
+    return 0
+
+
 def main(argv=None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     parser = build_parser()
     args = parser.parse_args(argv)
     command = {"train": cmd_train, "interpolate": cmd_interpolate, "evaluate": cmd_evaluate,
-               "profile": cmd_profile, "reproduce": cmd_reproduce}[args.command]
+               "profile": cmd_profile, "reproduce": cmd_reproduce, "sweep": cmd_sweep}[args.command]
     return _run(command, parser, args)
 
 
