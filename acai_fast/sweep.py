@@ -50,7 +50,7 @@ import torch
 
 from .checkpoint import check_output_folder, load_checkpoint
 from .config import ACAIConfig
-from .loop import CONTROL_EVERY_GPU, TrainingStopped, _StopSignals, json_line, run_settings, write_outputs
+from .loop import CONTROL_EVERY_GPU, TrainingStopped, _StopSignals, run_settings, write_outputs
 from .reproduce.common import format_mean_std, markdown_table, mean_std, run_statistic
 from .runs import RunArray
 from .trainer import ACAITrainer, resolve_backend
@@ -278,6 +278,9 @@ def sweep(preset: str, seeds, *, advweight=None, reg=None, lr=None, model: str =
         if rank == 0 and world > 1:
             bar.set_description("waiting for the other ranks' runs")
             while not all(_done(out / r.name, run_img) for r in runs):
+                if stop.signum:
+                    raise TrainingStopped("sweep stopped by a signal while waiting for the other ranks; "
+                                          "continue with --resume (resume=True)", 128 + int(stop.signum), 0)
                 time.sleep(POLL_SECONDS)
     finally:
         stop.restore()
@@ -674,9 +677,11 @@ def _summary_markdown(meta: dict, rows: list[dict], per_run: dict, metrics, wind
     swept = [k for k in SWEPT if len(meta[k]) > 1]
     title = (f"# Sweep: {meta['model']} on {meta['preset']}, {meta['kimg']:g} kimg per run, "
              f"seeds {_ranges(meta['seeds'])}\n\n")
-    text = title + (f"Per run the median of its last {window} evaluations (every {meta['eval_kimg']} kimg), "
-                    f"then mean ± std over the setting's finished runs. Swept: {', '.join(swept) or 'seeds only'}.\n\n")
-    header = list(SWEPT) + ["runs"] + [title for _, title, _ in metrics] + ["stopped (non-finite)"]
+    every = f"every {meta['eval_kimg']:g} kimg" if meta["eval_kimg"] is not None else "at the end"
+    text = title + (f"Per run the median of its last {window} evaluations ({every}), "
+                    f"then mean ± std over the setting's finished runs. "
+                    f"Swept: {', '.join(swept) or 'seeds only'}.\n\n")
+    header = list(SWEPT) + ["runs"] + [column for _, column, _ in metrics] + ["stopped (non-finite)"]
     body = []
     for row in rows:
         stopped = [str(r["seed"]) for r in per_run.values() if r["state"] == "nonfinite"

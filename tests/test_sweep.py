@@ -110,7 +110,8 @@ def test_sweep_stops_resumes_exactly_and_skips_finished_runs(tmp_path):
 
     # The summary: one row per setting over its 2 seeds, and the plots against advweight.
     rows = list(csv.DictReader(open(out / "summary.csv")))
-    assert [(float(r["advweight"]), int(r["finished"]), int(r["nonfinite"])) for r in rows] == [(0.5, 2, 0), (1.0, 2, 0)]
+    assert [(float(r["advweight"]), int(r["finished"]), int(r["nonfinite"])) for r in rows] == [(0.5, 2, 0),
+                                                                                                (1.0, 2, 0)]
     per_run = result["runs"]
     seeds_of = [per_run[n]["mean_distance"] for n in names[2:]]
     assert float(rows[1]["mean_distance_mean"]) == pytest.approx(sum(seeds_of) / 2)
