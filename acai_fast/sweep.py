@@ -238,7 +238,9 @@ def sweep(preset: str, seeds, *, advweight=None, reg=None, lr=None, model: str =
                            device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
         if dev.type == "cuda" and not torch.cuda.is_available():
             raise ValueError("device 'cuda' was asked for but no CUDA GPU is available")
-        resolve_backend(backend, dev)
+        if resolve_backend(backend, dev) == "fused" and model != "acai":
+            raise ValueError(f"arrays of runs on the fused backend train the acai model only; model {model!r} "
+                             f"sweeps on backend='reference'")
         out = Path(out)
         _check_folder(out, runs, config, model, resume)
         if tensorboard:
