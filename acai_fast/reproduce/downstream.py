@@ -190,7 +190,7 @@ def reproduce_downstream(task: str, dataset: str, latent: int, data: str | os.Pa
                 if task == "cluster":
                     bar.set_description(f"{task} {preset}: {name} run {r + 1}/{runs} (k-means)")
                     details.update(_clustering(run_dir, trainer, x_train, y_train, x_test, y_test,
-                                               restarts, seed + r))
+                                               restarts, seed + r, progress))
                 value = details["probe"] if task == "probe" else details["accuracy"]
                 run = DownstreamRun(name, seed + r, round(trainer.nimg / 1024, 3), value,
                                     time.perf_counter() - t0, trainer.backend, details)
@@ -291,7 +291,8 @@ def _counted(trainer, x_train, y_train, bar):
         yield x, labels
 
 
-def _clustering(run_dir: Path, trainer, x_train, y_train, x_test, y_test, restarts, seed) -> dict:
+def _clustering(run_dir: Path, trainer, x_train, y_train, x_test, y_test, restarts, seed,
+                progress: bool = False) -> dict:
     """The run's clustering result, cached in run_dir/clustering.json for its (kimg, restarts, seed)."""
     from ..eval.cluster import evaluate_clustering
 
@@ -303,7 +304,7 @@ def _clustering(run_dir: Path, trainer, x_train, y_train, x_test, y_test, restar
             return saved
     t0 = time.perf_counter()
     result = evaluate_clustering(trainer, x_train, y_train, x_test, y_test, restarts=restarts, seed=seed,
-                                 max_train=MAX_TRAIN_LATENTS)
+                                 max_train=MAX_TRAIN_LATENTS, progress=progress)
     result.update(key, seconds=round(time.perf_counter() - t0, 1))
     cache.write_text(json.dumps(result, indent=1))
     return result
