@@ -91,14 +91,17 @@ class FusedACAIStep:
         self.on_layout_change = on_layout_change
         # The mix/loss ops: CUDA or Triton on a GPU (their own choice); Triton (interpreted) on the CPU.
         self.op_backend = "auto" if self.device.type == "cuda" else "triton"
-        self.nets = {name: list(getattr(model, name).blocks) for name in ("encoder", "decoder", "critic")}
-        self.names = {id(b): f"{net}.blocks.{i}" for net, blocks in self.nets.items() for i, b in enumerate(blocks)}
+        # net -> its blocks as (parameter-name prefix, ConvBlock), in order
+        self.nets = {net: [(f"{net}.blocks.{i}", b) for i, b in enumerate(getattr(model, net).blocks)]
+                     for net in ("encoder", "decoder", "critic")}
         if stacked is None:
             self.reload_parameters()
-        self._counters = {id(b): torch.zeros(dw_counter_size(*b.weight.shape[2:0:-1], b.weight.shape[0],
-                                                             runs=self.runs), dtype=torch.int32,
-                                             device=self.device)
-                          for blocks in self.nets.values() for b in blocks}
+        self._counters = {}  # block name -> the int32 tile counters of its dW reduction
+        for blocks in self.nets.values():
+            for name, b in blocks:
+                cout, cin, k, _ = b.weight.shape
+                self._counters[name] = torch.zeros(dw_counter_size(k, cin, cout, runs=self.runs),
+                                                   dtype=torch.int32, device=self.device)
         self._loss_counters = torch.zeros(2, self.runs, dtype=torch.int32, device=self.device)
 
     def reload_parameters(self) -> None:
@@ -109,7 +112,7 @@ class FusedACAIStep:
             return
         with torch.no_grad():
             for blocks in self.nets.values():
-                for block in blocks:
+                for _, block in blocks:
                     w = block.weight
                     if not w.is_contiguous(memory_format=torch.channels_last):
                         w.data = channels_last_like(w.data)
@@ -119,20 +122,20 @@ class FusedACAIStep:
         if self.on_layout_change is not None:
             self.on_layout_change()
 
-    def _param(self, block, which: str):
+    def _param(self, name: str, block, which: str):
         """(value, grad) of a block's weight or bias with a leading run axis."""
         if self.stacked is None:
             p = getattr(block, which)
             return p.unsqueeze(0), p.grad.unsqueeze(0)
-        p = self.stacked[f"{self.names[id(block)]}.{which}"]
+        p = self.stacked[f"{name}.{which}"]
         return p, p.grad
 
     # ------------------------------------------------------------------ building blocks
     def _forward(self, blocks, h, out=None) -> tuple[torch.Tensor, list[_Saved]]:
         """Run a chain of blocks on h; the last block writes into `out` when given."""
         saved = []
-        for i, b in enumerate(blocks):
-            (w, _), (bias, _) = self._param(b, "weight"), self._param(b, "bias")
+        for i, (name, b) in enumerate(blocks):
+            (w, _), (bias, _) = self._param(name, b, "weight"), self._param(name, b, "bias")
             y, sign = conv_fwd(h, w, bias, upsample_input=b.upsample_input, leaky_slope=b.leaky_slope,
                                pool_output=b.pool_output, out=out if i == len(blocks) - 1 else None,
                                out_dtype=self.dtype)
@@ -140,13 +143,15 @@ class FusedACAIStep:
             h = y
         return h, saved
 
-    def _block_bwd(self, b, s: _Saved, g, *, need_dx=True, need_dw=True, dx_out=None):
-        (w, dw), (bias, db) = self._param(b, "weight"), self._param(b, "bias")
+    def _block_bwd(self, entry, s: _Saved, g, *, need_dx=True, need_dw=True, dx_out=None):
+        """One block's backward; entry: (name, ConvBlock) as in self.nets."""
+        name, b = entry
+        (w, dw), (bias, db) = self._param(name, b, "weight"), self._param(name, b, "bias")
         dx, _, _ = conv_bwd(g, s.x, w, s.y, s.sign, weight_dtype=w.dtype, bias_dtype=bias.dtype,
                             upsample_input=b.upsample_input, leaky_slope=b.leaky_slope,
                             pool_output=b.pool_output, need_dx=need_dx, need_dw=need_dw,
                             need_db=need_dw, dx_out=dx_out, dw_out=dw, db_out=db,
-                            dw_counter=self._counters[id(b)])
+                            dw_counter=self._counters[name])
         return dx
 
     def _backward(self, blocks, saved, g, *, first_dx=True):
