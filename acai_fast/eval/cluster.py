@@ -79,7 +79,7 @@ def kmeans(x: torch.Tensor, k: int, restarts: int = 1000, seed: int = 0, *, max_
     budget = 1 << (27 if x.device.type == "cuda" else 24)
     chunk = chunk or max(1, min(restarts, budget // (n * k)))
     tol_abs = tol * float(x.double().var(0, unbiased=False).mean())
-    x_sq = (x.double() * x.double()).sum(1)
+    x64 = x.double()
     from tqdm.auto import tqdm
 
     best = None
@@ -93,9 +93,7 @@ def kmeans(x: torch.Tensor, k: int, restarts: int = 1000, seed: int = 0, *, max_
             # Final assignment with the final centres, inertia in float64, per restart.
             for i, r in enumerate(block):
                 labels = nearest_center(x, centers[i])
-                d = (x_sq - 2 * (x.double() * centers[i].double()[labels]).sum(1)
-                     + (centers[i].double()[labels] ** 2).sum(1))
-                inertias[r] = float(d.clamp_min(0).sum())
+                inertias[r] = float(((x64 - centers[i].double()[labels]) ** 2).sum())
                 if best is None or inertias[r] < best[2]:
                     best = (centers[i].clone(), labels, float(inertias[r]), int(iters[i]))
             bar.update(len(block))
