@@ -6,7 +6,7 @@
 Every number in the paper is a mean over re-runs, and choosing lambda (advweight) or gamma (reg)
 means sweeping them. A sweep is the cross product of the swept hyper-parameters (advweight, reg,
 lr: none of them changes a tensor's shape) and the seeds. Its runs are trained `array` at a time as
-one acai_fast.runs.RunArray (on the fused backend one launch per layer serves every run of an
+one acai_fast.trainer.RunArray (on the fused backend one launch per layer serves every run of an
 array); the rest wait their turn. Run k of an array is the run `acai-fast train --seed S
 --advweight A --reg R --lr L` would train: the same weights, alphas and batches (lines: its own
 lines_batches stream of its seed; image presets: its own DeviceBatches order of its seed).
@@ -52,8 +52,7 @@ from .checkpoint import check_output_folder, load_checkpoint
 from .config import ACAIConfig
 from .loop import CONTROL_EVERY_GPU, TrainingStopped, _StopSignals, run_settings, write_outputs
 from .reproduce.common import format_mean_std, markdown_table, mean_std, run_statistic
-from .runs import RunArray
-from .trainer import ACAITrainer, resolve_backend
+from .trainer import ACAITrainer, RunArray, resolve_backend
 
 SWEPT = ("advweight", "reg", "lr")  # hyper-parameters a sweep may vary within one array
 WINDOW = 20  # the paper's per-run statistic: median of the last 20 evaluations

@@ -1,4 +1,4 @@
-"""Arrays of runs (acai_fast.runs.RunArray, `ACAITrainer(config, runs=...)`): run k of an array
+"""Arrays of runs (acai_fast.trainer.RunArray, `ACAITrainer(config, runs=...)`): run k of an array
 equals the single run with the same seed and settings (initial weights, alphas, updates, losses),
 on the reference backend (a loop over runs: the oracle) and on the fused one (one launch per layer
 for all runs; the Triton interpreter on the CPU); `run(k)` hands out that single trainer; an array
@@ -8,7 +8,7 @@ import torch
 
 from acai_fast import ACAIConfig, ACAITrainer
 from acai_fast.engine import count_launches
-from acai_fast.runs import RunArray, run_settings
+from acai_fast.trainer import RunArray, run_settings
 from helpers import assert_close
 
 HAS_GPU = torch.cuda.is_available()

@@ -55,7 +55,7 @@ class Model(nn.Module):
 
     def forward(self, x: torch.Tensor, rand: Randomness) -> StepOutput:
         """`objectives`: so that torch.func.functional_call can run a model on other parameters
-        (one run of an array, acai_fast.runs)."""
+        (one run of an array, acai_fast.trainer.RunArray)."""
         return self.objectives(x, rand)
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
