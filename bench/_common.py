@@ -88,13 +88,15 @@ def step_times(fn, *, steps: int, device) -> list[float]:
     return times
 
 
-def cuda_graph(fn, *, setup=None, warmup: int = 3):
+def cuda_graph(fn, *, setup=None, warmup: int = 3, pool=None):
     """Capture fn() into a CUDA graph and return its replay function.
 
     setup() (optional) runs first, on the capture stream and outside the capture: e.g. the forward
     pass whose backward fn() is (autograd runs each backward op on its forward op's stream, so the
     forward must be on the capturing stream). fn() is run `warmup` times before the capture so that
-    lazy initialisation, Triton compilation and autotuning stay out of the graph.
+    lazy initialisation, Triton compilation and autotuning stay out of the graph. pool (from
+    torch.cuda.graph_pool_handle()): share one memory pool between graphs that are always replayed
+    in the order they were captured, never concurrently (K sequential runs' steps).
     """
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
@@ -105,7 +107,7 @@ def cuda_graph(fn, *, setup=None, warmup: int = 3):
             fn()
     torch.cuda.current_stream().wait_stream(stream)
     graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph, stream=stream):
+    with torch.cuda.graph(graph, pool=pool, stream=stream):
         fn()
     torch.cuda.synchronize()
     return graph.replay

@@ -37,16 +37,39 @@ says so: CPU numbers say nothing about GPU speed. The fused kernels run on a CPU
 Triton interpreter (very slow), so fused is skipped there unless --fused-cpu; every skipped variant
 is recorded with its reason.
 
+Arrays of runs (--array K1,K2,...; issue 14's benchmark): K same-shaped runs (seeds seed .. seed+K-1),
+each on its own batch of --batches images (default 64, the paper's), one step of all K runs timed as one
+step. images/s counts every run (K x batch / step time); TFLOP/s is K x the FLOPs above; launches are
+those of one eager step of all K runs (sequential variants: K x one run's); peak memory holds all K.
+  fused_array       ACAITrainer(config, backend="fused", runs=K): acai_fast.runs.RunArray with the
+                    default fused settings (CUDA graphs on a GPU), one launch per layer for all runs
+  fused_sequential  K single fused trainers (fused_graph above), stepped one after another
+  vmap              VmapACAIStep: torch.func.stack_module_state + vmap over the plain networks
+                    (PyTorch's own way), bf16, in one hand-captured CUDA graph (eager where the
+                    capture fails; the row's note says so)
+  grouped           GroupedACAIStep: HFTA's way, each conv of the K runs one grouped conv (groups=K),
+                    bf16 channels_last, in one hand-captured CUDA graph
+  plain_sequential  K graph_bf16 steps (a graph each, one shared memory pool), one after another
+Both K-run plain steps compute each run's SPEC step (both objectives, Adam over the run's own
+parameters, its own alphas): tests/test_bench.py checks one step of each, run by run, against
+PlainACAIStep with the same weights and alphas. The table adds speed-ups against plain_sequential
+and fused_sequential at the same K; each timed window is cut to about --array-max-seconds. On the
+CPU the three plain variants run eagerly and the fused ones are skipped unless --fused-cpu.
+
     python bench/throughput.py                                   # GPU: lines, mnist256, cifar1024 at 64, 1024
     python bench/throughput.py --quick --json out.json --csv out.csv --plot out.png   # ~2 min on an H100
     python bench/throughput.py --device cpu --presets lines --batches 8 --steps 3 --json out.json
+    python bench/throughput.py --array 1,4,16,64 --json arrays.json --csv arrays.csv --plot arrays.png   # GPU
+    python bench/throughput.py --array 1,2 --device cpu --batches 2 --steps 2 --json arrays.json
 """
 from __future__ import annotations
 
 import argparse
+import collections
 import contextlib
 import copy
 import dataclasses
+import functools
 import gc
 import json
 import math
@@ -85,6 +108,10 @@ GPU_DEFAULTS = dict(presets="lines,mnist256,cifar1024", batches="64,1024", steps
                     min_seconds=1.0, first_step="first")
 QUICK = dict(presets="lines,cifar1024", batches="64,1024", steps=100, warmup=5, min_seconds=0.3)
 CPU_DEFAULTS = dict(presets="lines", batches="8", steps=5, warmup=1, min_seconds=0.0, first_step="none")
+ARRAY_VARIANTS = ("fused_array", "fused_sequential", "vmap", "grouped", "plain_sequential")
+ARRAY_GPU_DEFAULTS = dict(presets="lines", batches="64", steps=100, warmup=10, min_seconds=1.0, first_step="none",
+                          array_max_seconds=3.0)
+ARRAY_CPU_DEFAULTS = dict(CPU_DEFAULTS, array_max_seconds=0.0)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -563,6 +590,7 @@ class Built:
     fn: object
     count: object = None
     keep: tuple = ()  # objects that must outlive the timing (trainer, graph, step)
+    note: str | None = None  # how it ran, where that differs from the variant's description
 
 
 def why_not(variant: str, device: torch.device, args) -> str | None:
@@ -625,6 +653,37 @@ def batch_data(config: ACAIConfig, batch: int, device: torch.device, seed: int):
     return x.to(device), labels.to(device)
 
 
+def measure(make, device: torch.device, args, sampler: GpuSampler | None, max_seconds: float = 0.0) -> dict:
+    """Time one variant: build it (make() -> Built) and run its first step (first_step_s), args.warmup
+    untimed steps, then the timed window: >= args.steps back-to-back steps, stretched to
+    args.min_seconds (at most args.max_steps) and, with max_seconds > 0, cut to about max_seconds
+    (never under min(args.steps, 5) steps); then the peak memory and the launches of one eager step."""
+    on_gpu = device.type == "cuda"
+    sync(device)
+    t0 = time.perf_counter()
+    built = make()
+    built.fn()
+    sync(device)
+    first = time.perf_counter() - t0
+    t1 = time.perf_counter()
+    for _ in range(args.warmup):
+        built.fn()
+    sync(device)
+    per_step = (time.perf_counter() - t1) / max(args.warmup, 1)
+    steps = args.steps
+    if args.min_seconds > 0 and per_step > 0:
+        steps = max(steps, min(math.ceil(args.min_seconds / per_step), args.max_steps))
+    if max_seconds > 0 and per_step > 0:
+        steps = min(steps, max(math.floor(max_seconds / per_step), min(args.steps, 5)))
+    start = sampler.clock() if sampler is not None else None
+    times = step_times(built.fn, steps=steps, device=device)
+    gpu = sampler.summary(start) if sampler is not None else {}
+    peak = torch.cuda.max_memory_allocated(device) / 2 ** 20 if on_gpu else None
+    launches = built.count() if built.count is not None else None  # after timing: it trains a step
+    sync(device)
+    return dict(times=times, first=first, gpu=gpu, peak=peak, launches=launches, note=built.note)
+
+
 def run_case(case: Case, device: torch.device, args, sampler: GpuSampler | None) -> Result:
     config = ACAIConfig.preset(case.preset, batch=case.batch)
     flops = step_flops(config, case.batch)
@@ -641,41 +700,21 @@ def run_case(case: Case, device: torch.device, args, sampler: GpuSampler | None)
         gc.collect()
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
-    built = None
     try:
-        sync(device)
-        t0 = time.perf_counter()
-        built = build(case, device, x, labels, args)
-        built.fn()
-        sync(device)
-        first = time.perf_counter() - t0
-        t1 = time.perf_counter()
-        for _ in range(args.warmup):
-            built.fn()
-        sync(device)
-        per_step = (time.perf_counter() - t1) / max(args.warmup, 1)
-        steps = args.steps
-        if args.min_seconds > 0 and per_step > 0:
-            steps = max(steps, min(math.ceil(args.min_seconds / per_step), args.max_steps))
-        start = sampler.clock() if sampler is not None else None
-        times = step_times(built.fn, steps=steps, device=device)
-        gpu = sampler.summary(start) if sampler is not None else {}
-        peak = torch.cuda.max_memory_allocated(device) / 2 ** 20 if on_gpu else None
-        launches = built.count() if built.count is not None else None  # after timing: it trains a step
-        sync(device)
+        m = measure(lambda: build(case, device, x, labels, args), device, args, sampler)
     except Exception as exc:  # a failing variant is reported; the others still run
         return Result(case, status="failed", reason=f"{type(exc).__name__}: {str(exc)[:500]}", **common)
     finally:
-        del built
         if on_gpu:
             gc.collect()
             torch.cuda.empty_cache()
-    med, p20, p80 = summarize(times)
-    return Result(case, ms_median=med, ms_p20=p20, ms_p80=p80, steps_timed=len(times),
+    med, p20, p80 = summarize(m["times"])
+    launches = m["launches"]
+    return Result(case, ms_median=med, ms_p20=p20, ms_p80=p80, steps_timed=len(m["times"]),
                   images_per_s=case.batch / med * 1e3, tflops=flops["total"] / (med * 1e-3) / 1e12,
                   gbps=nbytes / (med * 1e-3) / 1e9, launches=launches.total if launches else None,
-                  launches_detail=launches.summary() if launches else None, peak_mem_mib=peak,
-                  first_step_s=first, gpu=gpu, **common)
+                  launches_detail=launches.summary() if launches else None, peak_mem_mib=m["peak"],
+                  first_step_s=m["first"], gpu=m["gpu"], **common)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -814,6 +853,292 @@ def plot(rows: list[dict], path, title: str) -> None:
 
 
 # ------------------------------------------------------------------------------------------------
+# Arrays of runs (--array): K same-shaped runs per step, five ways
+# ------------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class ArrayCase:
+    preset: str
+    batch: int  # images per run
+    runs: int  # K
+    variant: str
+
+
+@dataclasses.dataclass(frozen=True)
+class ArrayResult:
+    case: ArrayCase
+    status: str = "ok"  # ok | skipped | failed
+    reason: str | None = None
+    note: str | None = None  # how it ran where that differs from the variant's description
+    ms_median: float | None = None  # one step of all K runs
+    ms_p20: float | None = None
+    ms_p80: float | None = None
+    steps_timed: int | None = None
+    images_per_s: float | None = None  # of all runs together: K * batch / step time
+    gflop_per_step: float | None = None  # K x step_flops
+    tflops: float | None = None
+    launches: int | None = None  # of one step of all K runs
+    launches_detail: str | None = None
+    peak_mem_mib: float | None = None
+    first_step_s: float | None = None  # construction (graph captures included) and the first step
+    gpu: dict = dataclasses.field(default_factory=dict)
+
+    def row(self) -> dict:
+        d = dict(dataclasses.asdict(self.case))
+        d.update({k: v for k, v in dataclasses.asdict(self).items() if k not in ("case", "gpu")})
+        d.update(self.gpu)
+        return d
+
+
+def array_data(config: ACAIConfig, runs: int, batch: int, device: torch.device, seed: int):
+    """x (K, N, C, H, W) in [-1, 1] and labels (K, N): each run its own batch."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.rand(runs, batch, config.colors, config.image_size, config.image_size, generator=g) * 2 - 1
+    labels = torch.randint(0, config.nclass, (runs, batch), generator=g)
+    return x.to(device), labels.to(device)
+
+
+def times_runs(count, runs: int):
+    """A LaunchCount of one run's step, times K (K identical runs one after another)."""
+    scale = lambda c: collections.Counter({k: v * runs for k, v in c.items()})  # noqa: E731
+    return type(count)(scale(count.triton), scale(count.cuda_extension), scale(count.torch_ops))
+
+
+def why_not_array(variant: str, device: torch.device, args) -> str | None:
+    """The reason an array variant cannot (or will not) run here, or None."""
+    if variant.startswith("fused"):
+        return why_not("fused_graph" if device.type == "cuda" else "fused", device, args)
+    return None
+
+
+def graph_or_eager(make, device: torch.device) -> Built:
+    """make() -> (step, eager): eager() runs one step of all runs. On a GPU the step is captured in
+    one CUDA graph by hand; where the capture fails, a fresh step runs eagerly and the note says why."""
+    step, eager = make()
+
+    def count(eager=eager):
+        with counting_launches() as c:
+            eager()
+        return c
+    if device.type != "cuda":
+        return Built(eager, count, (step,), "eager: CUDA graphs need a CUDA GPU")
+    try:
+        replay = cuda_graph(eager)
+        return Built(replay, count, (step, replay))
+    except Exception as exc:
+        torch.cuda.synchronize(device)
+        reason = f"{type(exc).__name__}: {str(exc)[:200]}"
+        step, eager = make()  # a failed capture may leave the first step half-updated
+        return Built(eager, lambda: count(eager), (step,), f"eager: CUDA-graph capture failed ({reason})")
+
+
+def build_array(case: ArrayCase, device: torch.device, x: torch.Tensor, labels: torch.Tensor, args) -> Built:
+    """Construct an array variant (captures included) on run k = seed args.seed + k, x (K, N, ...)."""
+    config = ACAIConfig.preset(case.preset, batch=case.batch)
+    runs, v, on_gpu = case.runs, case.variant, device.type == "cuda"
+    seeds = [args.seed + k for k in range(runs)]
+    if v in ("fused_array", "fused_sequential"):
+        from acai_fast.engine.graphs import WARMUP_STEPS
+        if v == "fused_array":
+            trainers = [ACAITrainer(config, backend="fused", device=device, seed=args.seed, runs=runs)]
+            inputs = [(x, labels)]
+            count = lambda: count_launches(trainers[0], x, labels)  # noqa: E731
+        else:
+            trainers = [ACAITrainer(config, backend="fused", device=device, seed=s) for s in seeds]
+            inputs = list(zip(x.unbind(), labels.unbind()))
+            count = lambda: times_runs(count_launches(trainers[0], *inputs[0]), runs)  # noqa: E731
+
+        def fn():
+            for t, (xk, yk) in zip(trainers, inputs):
+                t.step(xk, yk)
+        if trainers[0].graphs is None:
+            return Built(fn, count, tuple(trainers), "eager launches: CUDA graphs need a CUDA GPU")
+        for _ in range(WARMUP_STEPS + 1):  # the trainers' eager warm-up steps and their captures
+            fn()
+        failed = {f for t in trainers for f in t.graphs.failed.values()}
+        return Built(fn, count, tuple(trainers), f"eager: CUDA-graph capture failed ({failed.pop()[:200]})"
+                     if failed else None)
+    if v == "plain_sequential":  # the single-run graph_bf16 variant, K of them one after another
+        steps = [PlainACAIStep(config, device, seed=s, bf16=True, channels_last=True, capturable=on_gpu)
+                 for s in seeds]
+        xs = [xk.contiguous(memory_format=torch.channels_last) for xk in x.unbind()]
+        eagers = [functools.partial(st.step, xk, yk) for st, xk, yk in zip(steps, xs, labels.unbind())]
+
+        def count():
+            with counting_launches() as c:
+                eagers[0]()
+            return times_runs(c, runs)
+        if not on_gpu:
+            return Built(lambda: [e() for e in eagers], count, tuple(steps), "eager: CUDA graphs need a CUDA GPU")
+        pool = torch.cuda.graph_pool_handle()  # replayed in capture order: one pool for all K graphs
+        replays = [cuda_graph(e, pool=pool) for e in eagers]
+        return Built(lambda: [r() for r in replays], count, (steps, replays))
+    cls = dict(vmap=VmapACAIStep, grouped=GroupedACAIStep)[v]
+
+    def make():
+        step = cls(config, device, seeds, bf16=True, channels_last=True, capturable=on_gpu)
+        xs = step.prepare(x)
+        return step, lambda: step.step(xs, labels)
+    return graph_or_eager(make, device)
+
+
+def run_array_case(case: ArrayCase, device: torch.device, args, sampler: GpuSampler | None) -> ArrayResult:
+    config = ACAIConfig.preset(case.preset, batch=case.batch)
+    flops = case.runs * step_flops(config, case.batch)["total"]
+    common = dict(gflop_per_step=flops / 1e9)
+    reason = why_not_array(case.variant, device, args)
+    if reason is not None:
+        return ArrayResult(case, status="skipped", reason=reason, **common)
+    x, labels = array_data(config, case.runs, case.batch, device, args.seed)
+    on_gpu = device.type == "cuda"
+    if on_gpu:
+        gc.collect()
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+    try:
+        m = measure(lambda: build_array(case, device, x, labels, args), device, args, sampler,
+                    max_seconds=args.array_max_seconds)
+    except Exception as exc:  # a failing variant (e.g. out of memory at a large K) is reported
+        return ArrayResult(case, status="failed", reason=f"{type(exc).__name__}: {str(exc)[:500]}", **common)
+    finally:
+        if on_gpu:
+            gc.collect()
+            torch.cuda.empty_cache()
+    med, p20, p80 = summarize(m["times"])
+    launches = m["launches"]
+    return ArrayResult(case, note=m["note"], ms_median=med, ms_p20=p20, ms_p80=p80, steps_timed=len(m["times"]),
+                       images_per_s=case.runs * case.batch / med * 1e3, tflops=flops / (med * 1e-3) / 1e12,
+                       launches=launches.total if launches else None,
+                       launches_detail=launches.summary() if launches else None, peak_mem_mib=m["peak"],
+                       first_step_s=m["first"], gpu=m["gpu"], **common)
+
+
+def array_speedups(results: list[ArrayResult]) -> list[dict]:
+    """Flat rows with speedup_vs_plain_sequential and speedup_vs_fused_sequential (images/s ratios
+    within the same preset, batch and K)."""
+    rows = []
+    for r in results:
+        row = r.row()
+        key = (r.case.preset, r.case.batch, r.case.runs)
+        for base in ("plain_sequential", "fused_sequential"):
+            b = next((o for o in results if (o.case.preset, o.case.batch, o.case.runs) == key
+                      and o.case.variant == base and o.images_per_s), None)
+            row[f"speedup_vs_{base}"] = r.images_per_s / b.images_per_s if b and r.images_per_s else None
+        rows.append(row)
+    return rows
+
+
+def format_array_table(rows: list[dict], device: torch.device) -> str:
+    head = (f"{'preset':<10} {'batch':>5} {'K':>3} {'variant':<16} {'ms/step':>9} {'p20':>8} {'p80':>8} "
+            f"{'img/s':>9} {'TFLOP/s':>8} {'launch':>7} {'peak MiB':>8} {'1st s':>6} {'util%':>5} {'W':>5} "
+            f"{'x plain':>7} {'x fused':>7}")
+    lines, notes = [head, "-" * len(head)], []
+    for r in rows:
+        name = f"{r['preset']:<10} {r['batch']:>5} {r['runs']:>3} {r['variant']:<16}"
+        if r["status"] != "ok":
+            lines.append(f"{name} {r['status']}: {r['reason']}")
+            continue
+        mark = ""
+        if r["note"]:
+            if r["note"] not in notes:
+                notes.append(r["note"])
+            mark = f" [{notes.index(r['note']) + 1}]"
+        lines.append(
+            f"{name} {r['ms_median']:>9.3f} {r['ms_p20']:>8.3f} {r['ms_p80']:>8.3f} {r['images_per_s']:>9.0f} "
+            f"{_f(r['tflops'], '.3f' if r['tflops'] < 1 else '.1f', 8)} {_f(r['launches'], 'd', 7)} "
+            f"{_f(r['peak_mem_mib'], '.0f', 8)} {_f(r['first_step_s'], '.2f', 6)} "
+            f"{_f(r.get('gpu_util_mean'), '.0f', 5)} {_f(r.get('gpu_power_w_mean'), '.0f', 5)} "
+            f"{_x(r['speedup_vs_plain_sequential'])} {_x(r['speedup_vs_fused_sequential'])}{mark}")
+    lines.append("K runs of `batch` images each per step; ms/step: median time of one step of all K runs; img/s: "
+                 "K x batch / ms; TFLOP/s: K x step_flops / ms; launch: launches of one eager step of all K runs; "
+                 "x plain / x fused: images/s against plain_sequential / fused_sequential at the same K.")
+    lines += [f"[{i + 1}] {note}" for i, note in enumerate(notes)]
+    if device.type != "cuda":
+        lines.append(f"*** {CPU_NOTE} ***")
+    return "\n".join(lines)
+
+
+def plot_arrays(rows: list[dict], path, title: str) -> None:
+    """Grouped bars: images/s of every array variant that ran, per preset, batch and K."""
+    import matplotlib
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    ok = [r for r in rows if r["status"] == "ok"]
+    groups = list(dict.fromkeys((r["preset"], r["batch"], r["runs"]) for r in rows))
+    variants = [v for v in ARRAY_VARIANTS if any(r["variant"] == v for r in ok)]
+    fig, ax = plt.subplots(figsize=(max(6, 1.4 * len(groups) * max(len(variants), 1) / 3), 4.5))
+    width = 0.8 / max(len(variants), 1)
+    for i, v in enumerate(variants):
+        xs, ys = [], []
+        for g, group in enumerate(groups):
+            r = next((r for r in ok if (r["preset"], r["batch"], r["runs"], r["variant"]) == (*group, v)), None)
+            if r is not None:
+                xs.append(g + (i - (len(variants) - 1) / 2) * width)
+                ys.append(r["images_per_s"])
+        bars = ax.bar(xs, ys, width, label=v)
+        ax.bar_label(bars, labels=[f"{y:.3g}" for y in ys], fontsize=6, rotation=90, padding=2)
+    ax.set_xticks(range(len(groups)), [f"{p}, K={k}\n{b} img/run" for p, b, k in groups])
+    rates = [r["images_per_s"] for r in ok]
+    log_scale = bool(rates) and max(rates) / min(rates) > 20
+    if log_scale:
+        ax.set_yscale("log")
+    ax.margins(y=0.15)  # room for the bar labels under the legend
+    ax.set_ylabel("images/s, all runs together" + (" (log scale)" if log_scale else ""))
+    ax.set_title(title, fontsize=8, wrap=True)
+    ax.legend(fontsize=7, ncol=min(len(variants), 3))
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main_arrays(args, device: torch.device, env: dict, where: str) -> int:
+    """--array: every preset x batch x K x array variant; the table, JSON, CSV and plot."""
+    on_gpu = device.type == "cuda"
+    cases = [ArrayCase(p, b, k, v) for p in args.presets for b in args.batches for k in args.array
+             for v in args.variants]
+    sampler = GpuSampler(args.nvml_interval, device=device) if on_gpu else None
+    results: list[ArrayResult] = []
+    t_start = time.perf_counter()
+    with sampler if sampler is not None else contextlib.nullcontext():
+        for i, case in enumerate(cases):
+            print(f"[{i + 1}/{len(cases)} {time.perf_counter() - t_start:6.0f} s] {case.preset} batch {case.batch} "
+                  f"K={case.runs} {case.variant} ...", file=sys.stderr, flush=True)
+            r = run_array_case(case, device, args, sampler)
+            results.append(r)
+            if r.status == "ok":
+                print(f"    {r.ms_median:.3f} ms/step [{r.ms_p20:.3f}, {r.ms_p80:.3f}] over {r.steps_timed} steps, "
+                      f"{r.images_per_s:.0f} img/s" + (f" ({r.note})" if r.note else ""), file=sys.stderr, flush=True)
+            else:
+                print(f"    {r.status}: {r.reason}", file=sys.stderr, flush=True)
+    rows = array_speedups(results)
+    print(format_array_table(rows, device), flush=True)
+    if sampler is not None and not sampler.available:
+        print(f"NVML: {sampler.reason}", flush=True)
+    payload = dict(device=device.type, note=CPU_NOTE if not on_gpu else None, environment=env,
+                   nvml=dict(available=bool(sampler and sampler.available), source=sampler and sampler.source,
+                             reason=sampler.reason if sampler else "CPU run"),
+                   arguments={k: v for k, v in vars(args).items() if k != "child"},
+                   flop_model=__doc__.split("FLOPs per step")[1].split("On a machine")[0].strip(),
+                   array_model=__doc__.split("Arrays of runs")[1].split("    python bench")[0].strip(),
+                   arrays=rows)
+    if args.json:
+        write_json(args.json, payload)
+        print(f"wrote {args.json}", file=sys.stderr)
+    if args.csv:
+        keep = ("gpu", "torch", "triton", "cuda", "commit", "dirty", "timestamp", "cpu")
+        write_csv(args.csv, [dict(row, device=device.type, **{k: env[k] for k in keep}) for row in rows])
+        print(f"wrote {args.csv}", file=sys.stderr)
+    if args.plot:
+        title = (f"acai_fast arrays of runs: images/s, {where}\ntorch {env['torch']}, {env['timestamp'][:10]}"
+                 + ("\nCPU NUMBERS (not a GPU)" if not on_gpu else ""))
+        plot_arrays(rows, args.plot, title)
+        print(f"wrote {args.plot}", file=sys.stderr)
+    return 0
+
+
+# ------------------------------------------------------------------------------------------------
 # main
 # ------------------------------------------------------------------------------------------------
 
@@ -824,7 +1149,13 @@ def parse_args(argv=None):
     p.add_argument("--presets", default=None, help=f"comma-separated, of {','.join(PRESETS)} "
                    f"(default GPU: {GPU_DEFAULTS['presets']}; CPU: {CPU_DEFAULTS['presets']})")
     p.add_argument("--batches", default=None, help=f"default GPU: {GPU_DEFAULTS['batches']}; CPU: {CPU_DEFAULTS['batches']}")
-    p.add_argument("--variants", default=",".join(DEFAULT_VARIANTS), help=f"subset of {','.join(VARIANTS)}")
+    p.add_argument("--variants", default=None, help=f"subset of {','.join(VARIANTS)} (default "
+                   f"{','.join(DEFAULT_VARIANTS)}); with --array, of {','.join(ARRAY_VARIANTS)} (default: all)")
+    p.add_argument("--array", default=None, help="comma-separated array sizes K (e.g. 1,4,16,64): time arrays of K "
+                   "runs (see 'Arrays of runs' above; default presets lines, batch 64 per run on a GPU) instead of "
+                   "the single-run comparison")
+    p.add_argument("--array-max-seconds", type=float, default=None,
+                   help="with --array: cut each timed window to about this long (default GPU 3, CPU no cut)")
     p.add_argument("--steps", type=int, default=None, help="timed steps at least (default GPU 100, CPU 5)")
     p.add_argument("--min-seconds", type=float, default=None,
                    help="stretch the timed window to this long (NVML samples; default GPU 1.0, CPU 0)")
@@ -848,18 +1179,31 @@ def parse_args(argv=None):
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type == "cuda" and not torch.cuda.is_available():
         p.error("--device cuda: no CUDA GPU on this machine (use --device cpu)")
-    defaults = dict(GPU_DEFAULTS if device.type == "cuda" else CPU_DEFAULTS)
+    if args.array is not None:
+        if args.quick or args.compile:
+            p.error("--quick and --compile belong to the single-run benchmark, not to --array")
+        try:
+            args.array = [int(k) for k in args.array.split(",") if k]
+        except ValueError:
+            p.error(f"--array: comma-separated integers, got {args.array!r}")
+        if not args.array or min(args.array) < 1:
+            p.error("--array: array sizes must be >= 1")
+        defaults = dict(ARRAY_GPU_DEFAULTS if device.type == "cuda" else ARRAY_CPU_DEFAULTS)
+        valid, default_variants = ARRAY_VARIANTS, ARRAY_VARIANTS
+    else:
+        defaults = dict(GPU_DEFAULTS if device.type == "cuda" else CPU_DEFAULTS)
+        valid, default_variants = VARIANTS, DEFAULT_VARIANTS
     if args.quick and device.type == "cuda":
         defaults.update(QUICK)
     for key, value in defaults.items():
         if getattr(args, key) is None:
             setattr(args, key, value)
-    args.variants = [v for v in args.variants.split(",") if v]
+    args.variants = [v for v in (args.variants or ",".join(default_variants)).split(",") if v]
     if args.compile and "compile" not in args.variants:
         args.variants.append("compile")
-    bad = set(args.variants) - set(VARIANTS)
+    bad = set(args.variants) - set(valid)
     if bad:
-        p.error(f"unknown variants {sorted(bad)}; valid: {', '.join(VARIANTS)}")
+        p.error(f"unknown variants {sorted(bad)}; valid{' with --array' if args.array else ''}: {', '.join(valid)}")
     args.presets = [s for s in args.presets.split(",") if s]
     bad = set(args.presets) - set(PRESETS)
     if bad:
@@ -888,6 +1232,8 @@ def main(argv=None) -> int:
           f"commit {(env['commit'] or '?')[:10]}{' (dirty)' if env['dirty'] else ''}", flush=True)
     if not on_gpu:
         print(f"*** {CPU_NOTE} ***", flush=True)
+    if args.array:
+        return main_arrays(args, device, env, where)
     fast = "fused_graph" if "fused_graph" in args.variants else ("fused" if "fused" in args.variants else None)
     cold_cases = set()
     if args.first_step == "all":
@@ -921,7 +1267,7 @@ def main(argv=None) -> int:
     payload = dict(device=device.type, note=CPU_NOTE if not on_gpu else None, environment=env,
                    nvml=dict(available=bool(sampler and sampler.available), source=sampler and sampler.source,
                              reason=sampler.reason if sampler else "CPU run"),
-                   arguments={k: v for k, v in vars(args).items() if k != "child"},
+                   arguments={k: v for k, v in vars(args).items() if k not in ("child", "array", "array_max_seconds")},
                    flop_model=__doc__.split("FLOPs per step")[1].split("On a machine")[0].strip(),
                    results=rows)
     if args.json:
