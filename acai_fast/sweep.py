@@ -51,7 +51,7 @@ import torch
 from .checkpoint import check_output_folder, load_checkpoint
 from .config import ACAIConfig
 from .loop import CONTROL_EVERY_GPU, TrainingStopped, _StopSignals, run_settings, write_outputs
-from .reproduce.common import format_mean_std, markdown_table, mean_std, run_statistic
+from .eval.stats import format_mean_std, markdown_table, mean_std, run_statistic
 from .trainer import ACAITrainer, RunArray, resolve_backend
 
 SWEPT = ("advweight", "reg", "lr")  # hyper-parameters a sweep may vary within one array

@@ -5,7 +5,7 @@ does (SPEC.md section 5).
 Every model trains on the dataset's training split (GPU-resident batches, acai_fast.data.batches)
 with the linear probe on its detached latent; then
 - probe: each run's number is the median of the probe's test accuracy over its last 20 evaluations
-  (acai_fast.reproduce.common.run_statistic; evaluations before those are skipped: they would cost
+  (acai_fast.eval.stats.run_statistic; evaluations before those are skipped: they would cost
   time and change nothing);
 - cluster: each run's number is the clustering accuracy of its final latents: the first 60,000
   training images fitted, the test set scored (acai_fast.eval.cluster, `restarts` K-means
@@ -31,7 +31,7 @@ from typing import NamedTuple
 import torch
 
 from ..config import PRESETS, ACAIConfig
-from .common import format_mean_std, markdown_table, mean_std, run_statistic
+from ..eval.stats import format_mean_std, markdown_table, mean_std, run_statistic
 
 TASKS = ("probe", "cluster")
 DATASET_FAMILY = {"mnist": "mnist", "svhn": "svhn", "cifar10": "cifar"}  # dataset -> preset family

@@ -3,7 +3,7 @@ its six baselines and the ACAI regulariser on a VAE, trained and scored as the p
 
 Every model trains on the lines stream (SPEC.md section 4) on the same networks; each run is scored
 by the median of its last 20 evaluations (Mean Distance, Mean Smoothness), then mean +- std over
-runs (acai_fast.reproduce.common). Evaluations that cannot enter that median (before the last 20)
+runs (acai_fast.eval.stats). Evaluations that cannot enter that median (before the last 20)
 are skipped: they would cost time and change nothing in the table. Outputs in OUT:
     lines_table.md            the paper's table shape, our numbers beside the paper's
     lines_results.json        every number, per run and per model
@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from ..config import ACAIConfig
-from .common import format_mean_std, markdown_table, mean_std, run_statistic
+from ..eval.stats import format_mean_std, markdown_table, mean_std, run_statistic
 
 # The paper's Table 1 column order, then the model beyond the paper.
 PAPER_ORDER = ("baseline", "dropout", "denoising", "vae", "aae", "vqvae", "acai")

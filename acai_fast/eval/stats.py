@@ -1,4 +1,5 @@
-"""Bookkeeping shared by the reproductions: the paper's statistic and Markdown tables."""
+"""The paper's statistic over runs (SPEC.md section 4: per run the median of its last 20
+evaluations, then mean +- std over re-runs) and Markdown tables: shared by sweeps and reproductions."""
 from __future__ import annotations
 
 import math
