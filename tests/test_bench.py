@@ -1,8 +1,11 @@
 """bench/: the analytic FLOP count against torch's FLOP counter, the plain-PyTorch baseline step
 against the trainer's reference step, the throughput benchmark's CPU mode end to end (JSON, CSV, PNG,
 every variant run or skipped with a reason), the cold/warm first-step runner, the speed-up columns,
-and bench_fused_ops' callables against the current op signatures (CPU, Triton interpreter)."""
+the K-run baselines of --array (vmap, grouped convs) against the single-run plain step run by run,
+the --array CPU mode end to end, and bench_fused_ops' callables against the current op signatures
+(CPU, Triton interpreter)."""
 import csv
+import dataclasses
 import json
 import pathlib
 import sys
@@ -127,6 +130,7 @@ def test_cpu_mode_writes_every_variant(tmp_path, capsys):
     assert [r["variant"] for r in table] == list(rows) and table[0]["device"] == "cpu"
     assert table[0]["commit"] == (env["commit"] or "")
     assert (tmp_path / "out.png").read_bytes()[:4] == b"\x89PNG"
+    assert "arrays" not in payload and "array" not in payload["arguments"]  # the single-run output as before
 
 
 def test_first_step_child(capsys):
@@ -180,6 +184,106 @@ def test_bad_arguments():
         assert exc.value.code == 2
 
 
+# A tiny ACAI (3 colours, so that the grouped layout's channel blocks are tested) and 3 runs that
+# differ in seed, advweight and reg.
+TINY = ACAIConfig(colors=3, image_size=8, latent_width=2, depth=3, latent=2, advdepth=4, batch=4)
+SEEDS, ADVWEIGHT, REG = [0, 7, 3], [0.5, 1.0, 0.0], [0.2, 0.5, 0.1]
+
+
+@pytest.mark.parametrize("baseline", ["vmap", "grouped"])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_array_baselines_are_the_plain_step(baseline, channels_last):
+    """Each run of the K-run baselines takes the SPEC step: two steps from the same weights and alphas
+    give every run the losses and parameters of PlainACAIStep run alone (fp32)."""
+    cls = dict(vmap=tp.VmapACAIStep, grouped=tp.GroupedACAIStep)[baseline]
+    array = cls(TINY, CPU, SEEDS, advweight=ADVWEIGHT, reg=REG, channels_last=channels_last)
+    singles = [tp.PlainACAIStep(dataclasses.replace(TINY, advweight=a, reg=r), CPU, seed=s)
+               for s, a, r in zip(SEEDS, ADVWEIGHT, REG)]
+    g = torch.Generator().manual_seed(1)
+    for step in range(2):
+        x = torch.rand(3, 4, 3, 8, 8, generator=g) * 2 - 1
+        labels = torch.randint(0, 10, (3, 4), generator=g)
+        alpha = torch.rand(3, 4, generator=g) * 0.5
+        losses = array.step(array.prepare(x), labels, alpha=alpha)
+        for k, single in enumerate(singles):
+            for name, value in single.step(x[k], labels[k], alpha=alpha[k]).items():
+                assert losses[name].shape == (3,)
+                torch.testing.assert_close(losses[name][k], value, rtol=1e-5, atol=1e-7,
+                                           msg=f"step {step} run {k} {name}")
+    for k, single in enumerate(singles):
+        mine = array.run_parameters(k)
+        theirs = single.ae_params + single.critic_params + single.probe_params
+        for i, (p, q) in enumerate(zip(mine, theirs, strict=True)):
+            torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-7, msg=f"run {k} parameter {i}")
+
+
+def test_array_cpu_mode(tmp_path, capsys):
+    """--array 1,2 on the CPU: the plain K-run variants run eagerly, the fused ones are skipped with the
+    reason; images/s, FLOPs and launches count every run; JSON (arrays), CSV and PNG."""
+    out = tmp_path / "arrays.json"
+    code = tp.main(["--device", "cpu", "--array", "1,2", "--batches", "2", "--steps", "1", "--warmup", "0",
+                    "--json", str(out), "--csv", str(tmp_path / "arrays.csv"), "--plot", str(tmp_path / "arrays.png")])
+    captured = capsys.readouterr()
+    assert code == 0
+    assert "CPU numbers" in captured.out and "x plain" in captured.out and "x fused" in captured.out
+    payload = _strict_json(out.read_text())
+    assert payload["device"] == "cpu" and "CPU" in payload["note"] and "results" not in payload
+    assert payload["arguments"]["array"] == [1, 2] and "vmap" in payload["array_model"]
+    rows = {(r["runs"], r["variant"]): r for r in payload["arrays"]}
+    assert list(rows) == [(k, v) for k in (1, 2) for v in tp.ARRAY_VARIANTS]
+    lines2 = tp.step_flops(ACAIConfig.preset("lines"), 2)["total"] / 1e9
+    for (k, v), r in rows.items():
+        assert r["preset"] == "lines" and r["batch"] == 2
+        assert r["gflop_per_step"] == pytest.approx(k * lines2)
+        if v.startswith("fused"):
+            assert r["status"] == "skipped" and "--fused-cpu" in r["reason"] and r["images_per_s"] is None
+            continue
+        assert r["status"] == "ok" and r["note"] == "eager: CUDA graphs need a CUDA GPU", r
+        assert r["steps_timed"] == 1 and 0 < r["ms_p20"] <= r["ms_median"] <= r["ms_p80"]
+        assert r["images_per_s"] == pytest.approx(k * 2 / r["ms_median"] * 1e3)
+        assert r["tflops"] == pytest.approx(r["gflop_per_step"] / r["ms_median"])
+        assert r["launches"] > 100 and r["first_step_s"] > 0 and r["peak_mem_mib"] is None
+        assert r["speedup_vs_fused_sequential"] is None  # skipped here
+        assert r["speedup_vs_plain_sequential"] == pytest.approx(
+            r["images_per_s"] / rows[k, "plain_sequential"]["images_per_s"])
+    # Launches of the whole array: K one-run steps one after another; the grouped convs stay one
+    # launch per layer for all runs (53 convs: 11 encoder + 2x10 decoder + 2x11 critic).
+    assert rows[2, "plain_sequential"]["launches"] == 2 * rows[1, "plain_sequential"]["launches"]
+    assert "convolution x53" in rows[2, "grouped"]["launches_detail"]
+    assert rows[2, "grouped"]["launches"] < 1.1 * rows[1, "grouped"]["launches"]
+    table = list(csv.DictReader((tmp_path / "arrays.csv").open()))
+    assert [(int(r["runs"]), r["variant"]) for r in table] == list(rows) and table[0]["device"] == "cpu"
+    assert (tmp_path / "arrays.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_array_speedup_columns():
+    def r(variant, ips, runs=4):
+        ms = runs * 64 / ips * 1e3
+        return tp.ArrayResult(tp.ArrayCase("lines", 64, runs, variant), images_per_s=ips, ms_median=ms,
+                              ms_p20=ms, ms_p80=ms, tflops=1.0)
+    rows = tp.array_speedups([r("fused_array", 6000.0), r("fused_sequential", 1000.0), r("plain_sequential", 200.0),
+                              tp.ArrayResult(tp.ArrayCase("lines", 64, 4, "vmap"), status="failed", reason="oom"),
+                              r("fused_array", 900.0, runs=1)])
+    by = {(x["runs"], x["variant"]): x for x in rows}
+    assert by[4, "fused_array"]["speedup_vs_fused_sequential"] == pytest.approx(6.0)
+    assert by[4, "fused_array"]["speedup_vs_plain_sequential"] == pytest.approx(30.0)
+    assert by[4, "plain_sequential"]["speedup_vs_plain_sequential"] == pytest.approx(1.0)
+    assert by[4, "vmap"]["speedup_vs_plain_sequential"] is None
+    assert by[1, "fused_array"]["speedup_vs_fused_sequential"] is None  # no baseline at K=1
+    table = tp.format_array_table(rows, torch.device("cuda"))
+    assert "30.00x" in table and "failed: oom" in table and "CPU numbers" not in table
+
+
+def test_array_bad_arguments():
+    for argv in (["--array", "x"], ["--array", "0"], ["--array", "2", "--compile"], ["--array", "2", "--quick"],
+                 ["--array", "2", "--variants", "eager_fp32"], ["--variants", "vmap"]):
+        with pytest.raises(SystemExit) as exc:
+            tp.parse_args(["--device", "cpu", *argv])
+        assert exc.value.code == 2, argv
+    args = tp.parse_args(["--device", "cpu", "--array", "1,4"])[0]
+    assert args.array == [1, 4] and args.variants == list(tp.ARRAY_VARIANTS) and args.presets == ["lines"]
+
+
 def test_bench_fused_ops_callables_run_on_cpu():
     """Each op's eager and Triton callables run (one forward+backward) with today's signatures."""
     cases = bench_fused_ops.cases([2], "fp32")
@@ -206,3 +310,18 @@ def test_gpu_mode_small(tmp_path):
         assert r["launches"] > 0
         if payload["nvml"]["available"]:
             assert r["gpu_samples"] >= 1
+
+
+@pytest.mark.gpu
+def test_gpu_array_small(tmp_path):
+    """On a GPU (scripts/gpu_check.sh tests): every array variant at a small size, in CUDA graphs."""
+    out = tmp_path / "arrays.json"
+    code = tp.main(["--device", "cuda", "--array", "1,2", "--batches", "8", "--steps", "5", "--warmup", "3",
+                    "--min-seconds", "0.1", "--json", str(out)])
+    assert code == 0
+    payload = _strict_json(out.read_text())
+    for r in payload["arrays"]:
+        assert r["status"] == "ok", r
+        assert r["steps_timed"] >= 5 and r["ms_median"] > 0 and r["peak_mem_mib"] > 0 and r["launches"] > 0
+        if r["variant"] in ("fused_array", "fused_sequential", "grouped", "plain_sequential"):
+            assert r["note"] is None, r  # captured in CUDA graphs (vmap may fall back: its note says so)
