@@ -3,7 +3,7 @@
 # a short fused training run, writing every log and JSON under $OUT (default ./out).
 #
 #   bash scripts/gpu_check.sh [STAGE ...]
-#   STAGE: tests, ops, throughput, quality, tune, train, all (default: all but tune)
+#   STAGE: tests, ops, throughput, arrays, quality, tune, train, all (default: all but tune)
 #
 # Every stage builds first (incremental after the first call, ~30 s cold). One device call is limited
 # to 10 minutes and a session's device time to ~15: the first call should be `tests throughput`
@@ -36,6 +36,13 @@ if want throughput; then
   # ~1 min: where the fused lines step's time goes (eager launches, so the phases are visible).
   timeout 150 acai-fast profile --preset lines --batch 64 --backend fused --no-cuda-graph --steps 5 \
     --out "$OUT/profile_lines" 2>&1 | tee "$OUT/profile_lines.log"
+fi
+if want arrays; then
+  # ~2 min: lines at 64 images per run, arrays of 1, 4 and 16 runs: fused array, K fused runs one after
+  # another, torch.func vmap, HFTA's grouped convs, K plain bf16 CUDA-graph steps (bench/throughput.py --array).
+  timeout 300 python bench/throughput.py --array 1,4,16 --presets lines --batches 64 --warmup 3 --steps 20 \
+    --min-seconds 0.2 --array-max-seconds 1 --json "$OUT/arrays.json" --csv "$OUT/arrays.csv" \
+    --plot "$OUT/arrays.png" 2>&1 | tee "$OUT/arrays.log"
 fi
 if want quality; then
   # Fused vs reference training quality on lines (2 seeds x 256 kimg each): the gate for backend auto.
