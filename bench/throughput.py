@@ -901,7 +901,8 @@ def array_data(config: ACAIConfig, runs: int, batch: int, device: torch.device, 
 
 def times_runs(count, runs: int):
     """A LaunchCount of one run's step, times K (K identical runs one after another)."""
-    scale = lambda c: collections.Counter({k: v * runs for k, v in c.items()})  # noqa: E731
+    def scale(counts):
+        return collections.Counter({name: n * runs for name, n in counts.items()})
     return type(count)(scale(count.triton), scale(count.cuda_extension), scale(count.torch_ops))
 
 
@@ -953,7 +954,7 @@ def build_array(case: ArrayCase, device: torch.device, x: torch.Tensor, labels: 
             for t, (xk, yk) in zip(trainers, inputs):
                 t.step(xk, yk)
         if trainers[0].graphs is None:
-            return Built(fn, count, tuple(trainers), "eager launches: CUDA graphs need a CUDA GPU")
+            return Built(fn, count, tuple(trainers), "eager: CUDA graphs need a CUDA GPU")
         for _ in range(WARMUP_STEPS + 1):  # the trainers' eager warm-up steps and their captures
             fn()
         failed = {f for t in trainers for f in t.graphs.failed.values()}
@@ -1148,7 +1149,8 @@ def parse_args(argv=None):
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
     p.add_argument("--presets", default=None, help=f"comma-separated, of {','.join(PRESETS)} "
                    f"(default GPU: {GPU_DEFAULTS['presets']}; CPU: {CPU_DEFAULTS['presets']})")
-    p.add_argument("--batches", default=None, help=f"default GPU: {GPU_DEFAULTS['batches']}; CPU: {CPU_DEFAULTS['batches']}")
+    p.add_argument("--batches", default=None, help=f"default GPU: {GPU_DEFAULTS['batches']} (with --array: "
+                   f"{ARRAY_GPU_DEFAULTS['batches']} per run); CPU: {CPU_DEFAULTS['batches']}")
     p.add_argument("--variants", default=None, help=f"subset of {','.join(VARIANTS)} (default "
                    f"{','.join(DEFAULT_VARIANTS)}); with --array, of {','.join(ARRAY_VARIANTS)} (default: all)")
     p.add_argument("--array", default=None, help="comma-separated array sizes K (e.g. 1,4,16,64): time arrays of K "
