@@ -41,7 +41,7 @@ Arrays of runs (--array K1,K2,...; issue 14's benchmark): K same-shaped runs (se
 each on its own batch of --batches images (default 64, the paper's), one step of all K runs timed as one
 step. images/s counts every run (K x batch / step time); TFLOP/s is K x the FLOPs above; launches are
 those of one eager step of all K runs (sequential variants: K x one run's); peak memory holds all K.
-  fused_array       ACAITrainer(config, backend="fused", runs=K): acai_fast.runs.RunArray with the
+  fused_array       ACAITrainer(config, backend="fused", runs=K): acai_fast.trainer.RunArray with the
                     default fused settings (CUDA graphs on a GPU), one launch per layer for all runs
   fused_sequential  K single fused trainers (fused_graph above), stepped one after another
   vmap              VmapACAIStep: torch.func.stack_module_state + vmap over the plain networks
