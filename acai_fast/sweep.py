@@ -30,6 +30,10 @@ array), a run never checkpointed starts over. Under torchrun (distributed=) rank
 runs[r::world_size] on its own GPU; rank 0 writes the summary once every run folder says its run
 is done (reading the folders: ranks' shares can differ by a whole array, hours, longer than any
 collective's timeout).
+
+The machinery under sweep() serves `acai-fast reproduce` too (each model's re-runs are its seeds):
+a Job (model, data as a RunData, run length, each run's folder), plan_arrays (what the folders
+still need, as arrays, checked before anything trains) and train_arrays (the one array loop).
 """
 from __future__ import annotations
 
@@ -40,6 +44,7 @@ import itertools
 import json
 import math
 import numbers
+import operator
 import os
 import sys
 import time
@@ -248,14 +253,15 @@ def sweep(preset: str, seeds, *, advweight=None, reg=None, lr=None, model: str =
             except ImportError:
                 raise ValueError("tensorboard=True needs the tensorboard package: pip install "
                                  "'acai_fast[tensorboard]'") from None
-        source = _SweepData(config, data, dev, pairs, evaluate)
+        source = RunData(config, data, dev, pairs, evaluate)
         size = array if array is not None else default_array_size(config, dev, model, resolve_backend(backend, dev))
         run_img = -(-total // config.batch) * config.batch  # whole batches: what each run trains
+        job = Job(config, model, source, run_img, eval_every, backend, dev, out,
+                  folder_of=lambda r: out / r.name, tensorboard=tensorboard)
         mine = rank_share(runs, rank, world)
         todo = [r for r in mine if not _done(out / r.name, run_img)]
-        params = parameter_count(config, model)  # each checkpoint: fp32 weights + Adam's two moments
-        check_output_folder(out, (len(todo) + 1) * (12 * params + 2 ** 20))  # one per run, +1 being written
-        groups = _plan_arrays(out, todo, size)
+        check_output_folder(out, checkpoint_room(config, model, len(todo)))
+        groups = plan_arrays(job, mine, size)
     except (ValueError, FileNotFoundError) as exc:
         raise SweepArgumentError(str(exc)) from None
     if distributed is not None:
@@ -266,16 +272,12 @@ def sweep(preset: str, seeds, *, advweight=None, reg=None, lr=None, model: str =
                     total_img=run_img, pairs=pairs, window=window, runs=[r.as_dict() for r in runs])
         _write_json(out / "sweep.json", meta)
 
-    remaining = sum(len(g) * (run_img - steps * config.batch) for steps, g in groups)
-    bar = tqdm(total=remaining, disable=not (progress and rank == 0), dynamic_ncols=True, unit="img",
+    bar = tqdm(total=images_left(job, groups), disable=not (progress and rank == 0), dynamic_ncols=True, unit="img",
                unit_scale=True, bar_format="{desc} {percentage:3.0f}%|{bar}| [{elapsed} elapsed, {remaining} left]")
     stop = _StopSignals(handle_signals, announce=rank == 0)
     stop.install()
     try:
-        for i, (steps, group) in enumerate(groups):
-            bar.set_description(f"array {i + 1}/{len(groups)}: {len(group)} run(s) {describe(group)}")
-            runs_array = _build_array(out, group, steps, config, model, backend, dev)
-            _train_array(runs_array, group, out, source, run_img, eval_every, tensorboard, bar, stop)
+        train_arrays(job, groups, bar, stop)
         if rank == 0 and world > 1:
             bar.set_description("waiting for the other ranks' runs")
             while not all(_done(out / r.name, run_img) for r in runs):
@@ -287,7 +289,7 @@ def sweep(preset: str, seeds, *, advweight=None, reg=None, lr=None, model: str =
         stop.restore()
         bar.close()
     if rank != 0:
-        return dict(runs={r.name: _read_status(out / r.name) for r in mine})
+        return dict(runs={r.name: read_status(out / r.name) for r in mine})
     return summarize(out, window)
 
 
@@ -307,11 +309,15 @@ def _ranges(values: list[int]) -> str:
     return ",".join(spans)
 
 
-class _SweepData:
+class RunData:
     """What the runs train and are evaluated on: each run's batches (its own seeded stream, from a
-    given step), the preview pairs of interpolations.png and the evaluation."""
+    given step), the preview pairs of interpolations.png and the evaluation (trainer -> dict).
 
-    def __init__(self, config: ACAIConfig, data, device: torch.device, pairs: int, evaluate):
+    data: see sweep(); pairs: test pairs of the lines evaluation; evaluate: instead of the preset's
+    evaluation; preview: (x_a, x_b) instead of the first 16 test pairs."""
+
+    def __init__(self, config: ACAIConfig, data, device: torch.device, pairs: int = 256, evaluate=None,
+                 preview: tuple[torch.Tensor, torch.Tensor] | None = None):
         self.config, self.device = config, device
         self.lines = config.dataset == "lines"
         if self.lines:
@@ -321,16 +327,19 @@ class _SweepData:
             if data is not None and data != "lines":
                 raise ValueError("data: the lines preset generates its data; pass none")
             a, b = eval_pairs(PREVIEW_PAIRS)
-            self.preview = (draw_lines(a, device=device), draw_lines(b, device=device))
+            self.preview = preview or (draw_lines(a, device=device), draw_lines(b, device=device))
             self.evaluate = evaluate or (lambda t: _lines_evaluation(t, pairs))
             return
         x, y, x_test, y_test = self._load(data)
         self.images = x.to(device)  # once: every run's DeviceBatches gathers from this one copy
         self.labels = y.to(device) if y is not None else None
         half = min(PREVIEW_PAIRS, x_test.shape[0] // 2)
-        if half < 1:
+        if preview is not None:
+            self.preview = tuple(p.to(device) for p in preview)
+        elif half < 1:
             raise ValueError("data: the test split needs at least 2 images (the preview pairs)")
-        self.preview = (x_test[:half].to(device), x_test[half:2 * half].to(device))
+        else:
+            self.preview = (x_test[:half].to(device), x_test[half:2 * half].to(device))
         if evaluate is not None:
             self.evaluate = evaluate
         elif y_test is not None:
@@ -368,11 +377,127 @@ def _lines_evaluation(trainer, pairs: int) -> dict:
 
 
 # ------------------------------------------------------------------------------------------------
+# Jobs: arrays planned from the run folders, built, trained (shared with acai_fast.reproduce)
+# ------------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class Job:
+    """What every array of one sweep shares (and of one model of a reproduction, acai_fast.reproduce,
+    whose seeds are its re-runs): the model and its shapes, the data, how long each run trains,
+    where each run's folder is, and how progress and stops are worded.
+
+    run_img: images each run trains (whole batches); eval_every: images between evaluations (None:
+    at the end only); backend: as asked ("auto" resolves on `device`); out: named in messages;
+    folder_of: a run's folder; cuda_graph: the trainers' (None: the backend's default); label,
+    describe_runs, name_of: the progress bar's "{label}array i/n: K run(s) {describe_runs(runs)}"
+    and a run's name in messages; what, resume_hint: "{what} stopped by a signal ...; {resume_hint}"."""
+    config: ACAIConfig
+    model: str
+    source: RunData
+    run_img: int
+    eval_every: int | None
+    backend: str
+    device: torch.device
+    out: Path
+    folder_of: Callable[[Run], Path]
+    tensorboard: bool = False
+    cuda_graph: bool | None = None
+    label: str = ""
+    describe_runs: Callable[[Sequence[Run]], str] = describe
+    name_of: Callable[[Run], str] = operator.attrgetter("name")
+    what: str = "sweep"
+    resume_hint: str = "continue with --resume (resume=True)"
+
+    @property
+    def arrays(self) -> bool:
+        """Whether the model trains as arrays on this backend (the fused backend has the acai
+        model's array schedule only; the other models run there one run at a time, as `train`)."""
+        return resolve_backend(self.backend, self.device) != "fused" or self.model == "acai"
+
+
+def checkpoint_room(config: ACAIConfig, model: str, runs: int) -> int:
+    """Bytes of disk `runs` runs' checkpoints take (fp32 weights + Adam's two moments each), plus
+    one being written."""
+    return (runs + 1) * (12 * parameter_count(config, model) + 2 ** 20)
+
+
+def plan_arrays(job: Job, runs: Sequence[Run], size: int) -> list[tuple[int, list[Run]]]:
+    """The arrays that train what `runs` still need, at most `size` runs each (1 where the model has
+    no array on its backend), as (start step, runs): runs continuing from a checkpoint are grouped
+    by its step (an array's runs move in step), then the fresh ones (step 0). Done runs (finished,
+    or stopped by a non-finite loss) are left out. Every run folder holding a checkpoint must hold
+    that run (model, seed, config), else ValueError: checked here, before anything trains."""
+    size = size if job.arrays else 1
+    by_step: dict[int, list[Run]] = {}
+    for run in runs:
+        folder = job.folder_of(run)
+        path = folder / "checkpoint.pt"
+        steps = _checkpoint_steps(path, job, run) if path.is_file() else 0
+        if not _done(folder, job.run_img):
+            by_step.setdefault(steps, []).append(run)
+    return [(steps, group[i:i + size]) for steps, group in sorted(by_step.items(), reverse=True)
+            for i in range(0, len(group), size)]
+
+
+def _checkpoint_steps(path: Path, job: Job, run: Run) -> int:
+    state = load_checkpoint(path)
+    try:
+        theirs = ACAIConfig.from_dict(state["config"])
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"{path}: its config is not valid ({str(exc).splitlines()[0]})") from None
+    expected = dataclasses.replace(job.config, advweight=run.advweight, reg=run.reg, lr=run.lr)
+    if theirs != expected or state["seed"] != run.seed or state["model_name"] != job.model:
+        raise ValueError(f"{path} holds another run (model {state['model_name']}, seed {state['seed']}, "
+                         f"{theirs}); expected {job.model}, seed {run.seed}, {expected}: move it away "
+                         f"or choose another out")
+    return int(state["steps"])
+
+
+def images_left(job: Job, groups: list[tuple[int, list[Run]]]) -> int:
+    """Images the planned arrays still train, over all their runs (a progress bar's total)."""
+    return sum(len(g) * max(0, job.run_img - steps * job.config.batch) for steps, g in groups)
+
+
+def train_arrays(job: Job, groups: list[tuple[int, list[Run]]], bar, stop=None) -> dict[Run, dict]:
+    """Train plan_arrays' arrays one after another, each to job.run_img images per run: every
+    evaluation appends a record to each live run's metrics.jsonl and writes its checkpoint,
+    interpolations.png and status.json (see the module docstring). bar: a tqdm bar, advanced by
+    each step's images of all runs; stop: acai_fast.loop._StopSignals installed by the caller, or
+    None: SIGINT/SIGTERM are handled here (each running run checkpointed, then TrainingStopped).
+    Returns, for each run trained, its array's dict(seconds (its wall time), runs, backend)."""
+    own = stop is None
+    if own:
+        stop = _StopSignals(True)
+        stop.install()
+    trained: dict[Run, dict] = {}
+    try:
+        for i, (steps, group) in enumerate(groups):
+            if steps * job.config.batch >= job.run_img:  # checkpointed at the end, no status saying so
+                for run in group:
+                    _write_status(job.folder_of(run), "finished", steps, job.config.batch)
+                continue
+            bar.set_description(f"{job.label}array {i + 1}/{len(groups)}: {len(group)} run(s) "
+                                f"{job.describe_runs(group)}")
+            t0 = time.perf_counter()
+            array = _build_array(job, group, steps)
+            _train_array(job, array, group, bar, stop)
+            info = dict(seconds=time.perf_counter() - t0, runs=array.runs, backend=array.backend)
+            trained.update((run, info) for run in group)
+    finally:
+        if own:
+            stop.restore()
+    return trained
+
+
+# ------------------------------------------------------------------------------------------------
 # Run folders: what is done, what continues, what starts over
 # ------------------------------------------------------------------------------------------------
 
 
-def _read_status(folder: Path) -> dict:
+def read_status(folder: Path) -> dict:
+    """A run folder's status.json ({} when it has none): state (training | finished | nonfinite),
+    nimg, kimg, step, message."""
     try:
         return json.loads((folder / "status.json").read_text())
     except (FileNotFoundError, ValueError):
@@ -387,7 +512,7 @@ def _write_json(path: Path, obj) -> None:
 
 def _done(folder: Path, run_img: int) -> bool:
     """Finished (its images trained) or stopped for good (a non-finite loss)."""
-    status = _read_status(folder)
+    status = read_status(folder)
     return status.get("state") == "nonfinite" or (status.get("state") == "finished"
                                                    and status.get("nimg", 0) >= run_img)
 
@@ -414,43 +539,52 @@ def _check_folder(out: Path, runs: list[Run], config: ACAIConfig, model: str, re
                          f"{model!r} with {ours}: choose another out")
 
 
-def _plan_arrays(out: Path, runs: list[Run], size: int) -> list[tuple[int, list[Run]]]:
-    """Arrays of at most `size` runs, as (start step, runs): runs continuing from a checkpoint are
-    grouped by its step (an array's runs move in step), then the fresh ones (step 0)."""
-    by_step: dict[int, list[Run]] = {}
-    for run in runs:
-        path = out / run.name / "checkpoint.pt"
-        steps = int(load_checkpoint(path)["steps"]) if path.is_file() else 0
-        by_step.setdefault(steps, []).append(run)
-    return [(steps, group[i:i + size]) for steps, group in sorted(by_step.items(), reverse=True)
-            for i in range(0, len(group), size)]
-
-
-def _build_array(out: Path, runs: list[Run], steps: int, config: ACAIConfig, model: str, backend: str,
-                 device) -> RunArray:
+def _build_array(job: Job, runs: list[Run], steps: int):
     """The array of `runs`: fresh (steps 0), or continuing their checkpoints at `steps`
-    (RunArray.from_runs). A resumed run's metrics.jsonl keeps only the records up to its checkpoint
-    (a line written just before an interruption would be repeated); a run starting over loses its
-    stale files."""
-    settings = [r.as_dict() for r in runs]
-    folders = [out / r.name for r in runs]
+    (RunArray.from_runs); a model without arrays on its backend: its one run as an _OneRun. A
+    resumed run's metrics.jsonl keeps only the records up to its checkpoint (a line written just
+    before an interruption would be repeated); a run starting over loses its stale files."""
+    folders = [job.folder_of(r) for r in runs]
+    options = dict(backend=job.backend, device=job.device, cuda_graph=job.cuda_graph)
     if steps == 0:
         for folder in folders:
             for stale in [folder / "metrics.jsonl", folder / "status.json", folder / "checkpoint.pt",
                           *folder.glob("events.out.tfevents.*")]:
                 stale.unlink(missing_ok=True)
-        return ACAITrainer(config, backend=backend, device=device, model=model, runs=settings)
-    trainers = []
-    for run, folder in zip(runs, folders):
-        path = folder / "checkpoint.pt"
-        t = ACAITrainer.load(path, device=device, backend="reference")
-        expected = dataclasses.replace(config, advweight=run.advweight, reg=run.reg, lr=run.lr)
-        if t.config != expected or t.seed != run.seed or t.model.name != model:
-            raise ValueError(f"{path} holds another run (model {t.model.name}, seed {t.seed}, {t.config}); "
-                             f"expected {model}, seed {run.seed}, {expected}")
-        _keep_records_until(folder / "metrics.jsonl", t.steps)
-        trainers.append(t)
-    return RunArray.from_runs(trainers, backend=backend, device=device, dtype=None, cuda_graph=None)
+        if not job.arrays:
+            (run,) = runs
+            config = dataclasses.replace(job.config, advweight=run.advweight, reg=run.reg, lr=run.lr)
+            return _OneRun(ACAITrainer(config, seed=run.seed, model=job.model, **options))
+        return ACAITrainer(job.config, model=job.model, runs=[r.as_dict() for r in runs], **options)
+    for folder in folders:
+        _keep_records_until(folder / "metrics.jsonl", steps)
+    if not job.arrays:
+        return _OneRun(ACAITrainer.load(folders[0] / "checkpoint.pt", **options))
+    trainers = [ACAITrainer.load(f / "checkpoint.pt", device=job.device, backend="reference") for f in folders]
+    return RunArray.from_runs(trainers, dtype=None, **options)
+
+
+class _OneRun:
+    """One ACAITrainer driven as an array of one run (x (1, N, ...), losses (1,)), for a model that
+    has no array on its backend: the same loop, folders and records as the arrays'."""
+
+    runs = 1
+
+    def __init__(self, trainer: ACAITrainer):
+        self.trainer = trainer
+        self.config, self.device, self.backend = trainer.config, trainer.device, trainer.backend
+
+    nimg = property(lambda self: self.trainer.nimg)
+    steps = property(lambda self: self.trainer.steps)
+
+    def step(self, x: torch.Tensor, labels: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        losses = self.trainer.step(x[0], labels[0] if labels is not None else None)
+        return {name: value.reshape(1) for name, value in losses.items()}
+
+    def run(self, k: int) -> ACAITrainer:
+        if k != 0:
+            raise ValueError(f"run index must be 0 (an array of one run), got {k!r}")
+        return self.trainer
 
 
 def _keep_records_until(path: Path, step: int) -> None:
@@ -469,19 +603,19 @@ def _keep_records_until(path: Path, step: int) -> None:
 # ------------------------------------------------------------------------------------------------
 
 
-def _train_array(array: RunArray, runs: list[Run], out: Path, source: _SweepData, run_img: int,
-                 eval_every: int | None, tensorboard: bool, bar, stop) -> None:
-    """Train `array` (its runs: `runs`) to run_img images per run, evaluating every `eval_every`
-    and at the end; each evaluation appends a record to each live run's metrics.jsonl and writes its
-    checkpoint, interpolations.png and status.json (and TensorBoard events)."""
+def _train_array(job: Job, array: RunArray, runs: list[Run], bar, stop) -> None:
+    """Train `array` (its runs: `runs`) to job.run_img images per run, evaluating every
+    job.eval_every and at the end; each evaluation appends a record to each live run's metrics.jsonl
+    and writes its checkpoint, interpolations.png and status.json (and TensorBoard events)."""
     from .tensorboard_log import TensorBoardLog
 
     k_runs, batch = array.runs, array.config.batch
-    folders = [out / r.name for r in runs]
+    run_img, eval_every = job.run_img, job.eval_every
+    folders = [job.folder_of(r) for r in runs]
     for folder in folders:
         folder.mkdir(parents=True, exist_ok=True)
-    streams = [source.batches(r, array.steps) for r in runs]
-    boards = [TensorBoardLog(f, resume_nimg=array.nimg) if tensorboard else None for f in folders]
+    streams = [job.source.batches(r, array.steps) for r in runs]
+    boards = [TensorBoardLog(f, resume_nimg=array.nimg) if job.tensorboard else None for f in folders]
     live = list(range(k_runs))
     saved = {k: array.steps if (folders[k] / "checkpoint.pt").is_file() else None for k in live}
     watch = _RunLosses(k_runs)
@@ -506,7 +640,7 @@ def _train_array(array: RunArray, runs: list[Run], out: Path, source: _SweepData
             if due or array.steps % control_every == 0:
                 for k, step, name, value in watch.flush(live):
                     live.remove(k)
-                    _stop_run(folders[k], runs[k], array, step, name, value, saved[k], bar)
+                    _stop_run(job, folders[k], runs[k], array, step, name, value, saved[k], bar)
             if due and live:
                 if on_gpu:
                     t0 = time.perf_counter()
@@ -514,7 +648,7 @@ def _train_array(array: RunArray, runs: list[Run], out: Path, source: _SweepData
                     interval_time += time.perf_counter() - t0
                 speed = interval_steps * batch / max(interval_time, 1e-9)
                 for k in live:
-                    _evaluate_run(array, k, runs[k], folders[k], watch.means(k), speed, source, boards[k], run_img)
+                    _evaluate_run(job, array, k, runs[k], folders[k], watch.means(k), speed, boards[k])
                     saved[k] = array.steps
                 interval_steps, interval_time = 0, 0.0
                 if next_eval is not None:
@@ -524,11 +658,11 @@ def _train_array(array: RunArray, runs: list[Run], out: Path, source: _SweepData
                 if not due:
                     for k in live:
                         array.run(k).save(folders[k] / "checkpoint.pt")
-                        _write_status(folders[k], "training", array)
-                names = ", ".join(runs[k].name for k in live)
-                raise TrainingStopped(f"sweep stopped by a signal after step {array.steps} of the array of "
-                                      f"{names or 'no running runs'}; checkpoints written in {out}; continue "
-                                      f"with --resume (resume=True)", 128 + int(stop.signum), array.steps)
+                        _write_status(folders[k], "training", array.steps, batch)
+                names = ", ".join(job.name_of(runs[k]) for k in live)
+                raise TrainingStopped(f"{job.what} stopped by a signal after step {array.steps} of the array of "
+                                      f"{names or 'no running runs'}; checkpoints written in {job.out}; "
+                                      f"{job.resume_hint}", 128 + int(stop.signum), array.steps)
         if not live:  # every run of the array stopped: what it had left is not trained
             bar.update(k_runs * max(0, run_img - array.nimg))
     finally:
@@ -537,8 +671,8 @@ def _train_array(array: RunArray, runs: list[Run], out: Path, source: _SweepData
                 board.close()
 
 
-def _evaluate_run(array: RunArray, k: int, run: Run, folder: Path, losses: dict, speed: float,
-                  source: _SweepData, board, run_img: int) -> None:
+def _evaluate_run(job: Job, array: RunArray, k: int, run: Run, folder: Path, losses: dict, speed: float,
+                  board) -> None:
     """Run k's evaluation record (fit()'s keys, + seed and the array's size and speed), appended to
     its metrics.jsonl with its checkpoint (loop.write_outputs), and its interpolations.png (and
     TensorBoard events) from one interpolation of the preview pairs."""
@@ -551,33 +685,33 @@ def _evaluate_run(array: RunArray, k: int, run: Run, folder: Path, losses: dict,
     record.update(losses)
     if "loss_ae" in record:
         record["rmse"] = math.sqrt(max(record["loss_ae"], 0.0)) * 127.5
-    record.update(source.evaluate(single))
+    record.update(job.source.evaluate(single))
     record.update(run_settings(single))
     record["seed"] = run.seed
     write_outputs(single, folder, record, None)  # the metrics line and the checkpoint
-    images = single.interpolate(*source.preview)
+    images = single.interpolate(*job.source.preview)
     save_interpolation_grid(images, folder / "interpolations.png")
     if board is not None:
         board.write(record, images)
-    _write_status(folder, "finished" if array.nimg >= run_img else "training", array)
+    _write_status(folder, "finished" if array.nimg >= job.run_img else "training", array.steps,
+                  array.config.batch)
 
 
-def _write_status(folder: Path, state: str, array: RunArray, message: str | None = None, **extra) -> None:
-    status = dict(state=state, nimg=array.nimg, kimg=round(array.nimg / 1024, 3), step=array.steps, **extra)
+def _write_status(folder: Path, state: str, step: int, batch: int, message: str | None = None, **extra) -> None:
+    status = dict(state=state, nimg=step * batch, kimg=round(step * batch / 1024, 3), step=step, **extra)
     if message is not None:
         status["message"] = message
     _write_json(folder / "status.json", status)
 
 
-def _stop_run(folder: Path, run: Run, array: RunArray, step: int, name: str, value: float, saved, bar) -> None:
+def _stop_run(job: Job, folder: Path, run: Run, array: RunArray, step: int, name: str, value: float, saved,
+              bar) -> None:
     kept = (f"its last good checkpoint (step {saved}) is kept" if saved is not None
             else "it had written no checkpoint")
     message = (f"non-finite {name} ({value}) at step {step}: the run stopped alone, the other runs of "
                f"its array went on; {kept}")
-    _write_json(folder / "status.json", dict(state="nonfinite", nimg=step * array.config.batch,
-                                              kimg=round(step * array.config.batch / 1024, 3), step=step,
-                                              message=message, loss=name, value=str(value)))
-    bar.write(f"acai-fast sweep: {run.name}: {message}", file=sys.stderr)
+    _write_status(folder, "nonfinite", step, array.config.batch, message, loss=name, value=str(value))
+    bar.write(f"acai-fast {job.what}: {job.name_of(run)}: {message}", file=sys.stderr)
 
 
 class _RunLosses:
@@ -628,7 +762,8 @@ class _RunLosses:
 # ------------------------------------------------------------------------------------------------
 
 
-def _read_records(path: Path) -> list[dict]:
+def read_records(path: Path) -> list[dict]:
+    """A metrics.jsonl's records ([] when there is none)."""
     if not path.is_file():
         return []
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
@@ -647,7 +782,7 @@ def summarize(out: str | os.PathLike, window: int | None = None) -> dict:
     per_run = {}
     for run in runs:
         folder = out / run.name
-        history, status = _read_records(folder / "metrics.jsonl"), _read_status(folder)
+        history, status = read_records(folder / "metrics.jsonl"), read_status(folder)
         state = status.get("state", "not started")
         if state == "finished" and status.get("nimg", 0) < meta["total_img"]:
             state = "training"
