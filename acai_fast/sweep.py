@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import functools
 import importlib
 import itertools
 import json
@@ -409,11 +410,18 @@ class Job:
     what: str = "sweep"
     resume_hint: str = "continue with --resume (resume=True)"
 
-    @property
+    @functools.cached_property
     def arrays(self) -> bool:
-        """Whether the model trains as arrays on this backend (the fused backend has the acai
-        model's array schedule only; the other models run there one run at a time, as `train`)."""
-        return resolve_backend(self.backend, self.device) != "fused" or self.model == "acai"
+        """Whether the model trains as arrays on this backend; else one run at a time, as `train`
+        trains it. The fused backend has the acai model's array schedule only. A model with buffers
+        (the VQ-VAE's EMA codebook) runs alone: a RunArray stacks parameters, not buffers (its runs'
+        buffers would not start from their seeds, and run(k) would not hand them out)."""
+        if resolve_backend(self.backend, self.device) == "fused" and self.model != "acai":
+            return False
+        from .models import build_model
+
+        with torch.random.fork_rng(devices=[]):
+            return not any(True for _ in build_model(self.model, self.config).buffers())
 
 
 def checkpoint_room(config: ACAIConfig, model: str, runs: int) -> int:

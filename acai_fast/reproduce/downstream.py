@@ -10,12 +10,15 @@ with the linear probe on its detached latent; then
 - cluster: each run's number is the clustering accuracy of its final latents: the first 60,000
   training images fitted, the test set scored (acai_fast.eval.cluster, `restarts` K-means
   initialisations, 1000 in the paper);
-then mean +- std over runs. Outputs in OUT (P = the preset, e.g. mnist32):
+then mean +- std over runs. Each model's runs (seeds) train together as arrays of runs
+(acai_fast.reproduce.arrays, on acai_fast.sweep's machinery): run k of an array is the single run
+with its seed; a run whose loss turns non-finite stops alone and is left out of the means (named
+under the table). Outputs in OUT (P = the preset, e.g. mnist32):
     TASK_P_table.md            our numbers beside the paper's (SPEC.md section 4; n/a where SPEC has none)
     TASK_P_results.json        every number, per run and per model, and the settings
     TASK_P_interpolations.png  a grid of test-pair interpolations per model (first run)
     runs/P/MODEL/seedS/        each run's metrics.jsonl, checkpoint.pt, interpolations.png,
-                               clustering.json; an existing run is continued, not retrained, so
+                               status.json, clustering.json; an existing run is continued, not retrained, so
                                `reproduce cluster` after `reproduce probe` with the same OUT reuses it.
 """
 from __future__ import annotations
@@ -138,73 +141,98 @@ def reproduce_downstream(task: str, dataset: str, latent: int, data: str | os.Pa
                          out: str | os.PathLike, *, models="all", kimg: float = 16384, runs: int = 1,
                          eval_kimg: float = 64, restarts: int = 1000, backend: str = "auto",
                          device=None, seed: int = 0, config_overrides: dict | None = None,
-                         progress: bool = True) -> dict:
+                         progress: bool = True, array: int | None = None) -> dict:
     """Train `runs` runs of each model on `dataset` at `latent` dims for `kimg` thousand (x1024)
     images, score them for `task` ("probe" or "cluster") as the paper does and write the table, the
     figure and per-run folders into `out` (see the module docstring). Run r has seed `seed + r`.
+    Each model's runs train together as arrays of `array` runs (default:
+    acai_fast.sweep.default_array_size; acai_fast.reproduce.arrays), run k of an array being the
+    single run with its seed.
 
     data: the dataset folder (acai_fast.data.load_dataset) or its load_data(); restarts: K-means initialisations
     (cluster); config_overrides: ACAIConfig fields to change (tests use tiny networks).
     Returns the dict written to TASK_P_results.json."""
     from tqdm.auto import tqdm
 
+    from ..checkpoint import check_output_folder
     from ..data.common import to_unit_range
+    from ..eval.probe import probe_accuracy
+    from ..sweep import RunData, checkpoint_room, images_left, train_arrays
+    from ..trainer import ACAITrainer, resolve_backend
+    from .arrays import check_array, model_job, outcome, plan, resolve_device, reruns
 
     config, names = check_arguments(task, dataset, latent, models, kimg, runs, eval_kimg, restarts,
                                     config_overrides)
+    check_array(array)
+    dev = resolve_device(device)
+    backend_name = resolve_backend(backend, dev)
     preset = preset_for(dataset, latent)
     x_train, y_train, x_test, y_test = data if isinstance(data, DownstreamData) else load_data(dataset, data)
     total_img, eval_img = int(round(kimg * 1024)), int(round(eval_kimg * 1024))
+    run_img = -(-total_img // config.batch) * config.batch  # whole batches: what each run trains
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     first_scored = evaluation_points(total_img, eval_img)[0]
     preview = (to_unit_range(x_test[:SHOW_PAIRS]), to_unit_range(x_test[SHOW_PAIRS:2 * SHOW_PAIRS]))
+    test_x = to_unit_range(x_test.to(dev))
 
-    run_img = -(-total_img // config.batch) * config.batch  # fit() trains whole batches
-    bar = tqdm(total=run_img * runs * len(names), disable=not progress, dynamic_ncols=True, unit="img",
-               unit_scale=True, bar_format="{desc} {percentage:3.0f}%|{bar}| [{elapsed} elapsed, {remaining} left]")
+    def evaluate(t):
+        if t.nimg < first_scored:
+            return {}
+        return dict(test_probe_accuracy=probe_accuracy(t, test_x, y_test))
+
+    source = RunData(config, (x_train, y_train, test_x, y_test), dev, evaluate=evaluate, preview=preview)
+    jobs, plans, reruns_of = {}, {}, {}
+    for name in names:  # every run folder checked before anything trains
+        jobs[name] = model_job(config, name, source, out,
+                               lambda r, name=name: out / "runs" / preset / name / f"seed{r.seed}",
+                               run_img=run_img, eval_every=eval_img, backend=backend, device=dev,
+                               what=f"reproduce {task}", label=f"{task} {preset}: {name} ")
+        reruns_of[name] = reruns(config, seed, runs)
+        plans[name] = plan(jobs[name], reruns_of[name], array)
+    check_output_folder(out, sum(checkpoint_room(config, m, sum(len(g) for _, g in plans[m])) for m in names))
+
+    bar = tqdm(total=sum(images_left(jobs[m], plans[m]) for m in names), disable=not progress,
+               dynamic_ncols=True, unit="img", unit_scale=True,
+               bar_format="{desc} {percentage:3.0f}%|{bar}| [{elapsed} elapsed, {remaining} left]")
     results: dict[str, list[DownstreamRun]] = {m: [] for m in names}
     shown: dict[str, torch.Tensor] = {}
-    device_name = None
     try:
         for name in names:
-            for r in range(runs):
-                bar.set_description(f"{task} {preset}: {name} run {r + 1}/{runs}")
-                run_dir = out / "runs" / preset / name / f"seed{seed + r}"
-                trainer = _trainer(run_dir, config, backend, device, seed + r, name)
-                device_name = str(trainer.device)
-                test_x = to_unit_range(x_test.to(trainer.device))
-
-                def evaluate(t):
-                    if t.nimg < first_scored:
-                        return {}
-                    from ..eval.probe import probe_accuracy
-                    return dict(test_probe_accuracy=probe_accuracy(t, test_x, y_test))
-
+            trained = train_arrays(jobs[name], plans[name], bar)
+            for r, rerun in enumerate(reruns_of[name]):
+                run_dir = jobs[name].folder_of(rerun)
+                history, stopped = outcome(run_dir)
+                info = trained.get(rerun)
                 t0 = time.perf_counter()
-                bar.update(min(trainer.nimg, run_img))  # a continued run's images count as done
-                trainer.fit(_counted(trainer, x_train, y_train, bar), kimg=kimg, eval_kimg=eval_kimg,
-                            out_dir=run_dir, evaluate=evaluate, progress=False, preview=preview)
-                history = _read_history(run_dir)
                 details = dict(probe=run_statistic(history, "test_probe_accuracy", WINDOW))
-                if task == "cluster":
-                    bar.set_description(f"{task} {preset}: {name} run {r + 1}/{runs} (k-means)")
-                    details.update(_clustering(run_dir, trainer, x_train, y_train, x_test, y_test,
-                                               restarts, seed + r, progress))
-                value = details["probe"] if task == "probe" else details["accuracy"]
-                run = DownstreamRun(name, seed + r, round(trainer.nimg / 1024, 3), value,
-                                    time.perf_counter() - t0, trainer.backend, details)
+                trainer = None
+                if stopped:
+                    details.update(probe=float("nan"), stopped=stopped)
+                else:
+                    trainer = ACAITrainer.load(run_dir / "checkpoint.pt", device=dev, backend=backend)
+                    if task == "cluster":
+                        bar.set_description(f"{task} {preset}: {name} run {r + 1}/{runs} (k-means)")
+                        details.update(_clustering(run_dir, trainer, x_train, y_train, x_test, y_test,
+                                                   restarts, rerun.seed, progress))
+                value = details["probe"] if task == "probe" else details.get("accuracy", float("nan"))
+                kimg_done = round(trainer.nimg / 1024, 3) if trainer is not None else _read_kimg(history)
+                run = DownstreamRun(name, rerun.seed, kimg_done, value,
+                                    (info["seconds"] if info else 0.0) + time.perf_counter() - t0,
+                                    info["backend"] if info else backend_name, details)
                 results[name].append(run)
-                if r == 0:
+                if r == 0 and trainer is not None:
                     shown[name] = trainer.interpolate(*preview)
-                bar.write(f"{name} run {r + 1}/{runs} (seed {seed + r}, {trainer.backend}, "
-                          f"{run.kimg:g} kimg, {run.seconds:.0f} s): {task} accuracy {value:.4f}")
+                how = f"array of {info['runs']}" if info else "already trained"
+                bar.write(f"{name} run {r + 1}/{runs} (seed {rerun.seed}, {run.backend}, {how}, "
+                          f"{run.kimg:g} kimg, {run.seconds:.0f} s): "
+                          + (f"stopped: {stopped}" if stopped else f"{task} accuracy {value:.4f}"))
     finally:
         bar.close()
 
     settings = dict(task=task, dataset=dataset, latent=latent, preset=preset, kimg=kimg, runs=runs,
                     eval_kimg=eval_kimg, window=WINDOW, restarts=restarts if task == "cluster" else None,
-                    seed=seed, device=device_name, config=config.to_dict(),
+                    seed=seed, device=str(dev), config=config.to_dict(),
                     train_images=int(x_train.shape[0]), test_images=int(x_test.shape[0]))
     summary = {m: dict(zip(("mean", "std"), mean_std(r.value for r in rs))) for m, rs in results.items()}
     record = dict(settings=settings, summary=summary,
@@ -212,13 +240,19 @@ def reproduce_downstream(task: str, dataset: str, latent: int, data: str | os.Pa
     stem = f"{task}_{preset}"
     with open(out / f"{stem}_results.json", "w") as f:
         json.dump(_strict_json(record), f, indent=1)
-    (out / f"{stem}_table.md").write_text(downstream_table(summary, settings))
+    (out / f"{stem}_table.md").write_text(downstream_table(summary, settings, record["runs"]))
     save_interpolation_figure(shown, out / f"{stem}_interpolations.png", title=f"{preset} test pairs")
     return record
 
 
-def downstream_table(summary: dict, settings: dict) -> str:
-    """The Markdown table: one row per model, our mean +- std (%) beside the paper's number."""
+def _read_kimg(history: list[dict]) -> float:
+    """The kimg of a run's last evaluation record (0 without one)."""
+    return history[-1]["kimg"] if history else 0.0
+
+
+def downstream_table(summary: dict, settings: dict, runs: list[dict] | None = None) -> str:
+    """The Markdown table: one row per model, our mean +- std (%) beside the paper's number; runs
+    (DownstreamRun dicts): those a non-finite loss stopped are named below it."""
     task, dataset, latent = settings["task"], settings["dataset"], settings["latent"]
     what = "linear probe test accuracy" if task == "probe" else "clustering test accuracy"
     header = ["model", "dataset", "latent dims", f"{what} (%), ours", "paper (%)"]
@@ -234,6 +268,10 @@ def downstream_table(summary: dict, settings: dict) -> str:
     note = (f"\n{settings['runs']} run(s) per model, {settings['kimg']:g} kimg each (the paper: 16384), "
             f"on {settings['device']}; {how}; mean ± std over runs. Paper numbers: SPEC.md section 4"
             f"{'' if task == 'probe' else ' (which gives none for clustering)'}.\n")
+    stopped = [f"{r['model']} seed {r['seed']}" for r in runs or [] if r["details"].get("stopped")]
+    if stopped:
+        note += (f"Stopped by a non-finite loss, left out of the means: {', '.join(stopped)} (their "
+                 f"runs/{settings['preset']}/MODEL/seedS/status.json says why).\n")
     return f"### {task} accuracy, {settings['preset']}\n\n" + markdown_table(header, rows) + note
 
 
@@ -265,32 +303,6 @@ def save_interpolation_figure(images: dict[str, torch.Tensor], path, title: str 
     os.replace(tmp, path)
 
 
-def _trainer(run_dir: Path, config, backend, device, seed, name):
-    """The run's trainer: continued from run_dir/checkpoint.pt when there is one (same model and
-    configuration, else ValueError), else new."""
-    from ..trainer import ACAITrainer
-
-    checkpoint = run_dir / "checkpoint.pt"
-    if checkpoint.exists():
-        trainer = ACAITrainer.load(checkpoint, device=device, backend=backend)
-        if trainer.model.name != name or trainer.config != config or trainer.seed != seed:
-            raise ValueError(f"{checkpoint} holds another run ({trainer.model.name}, seed {trainer.seed}, "
-                             f"{trainer.config}); move it away or choose another --out")
-        return trainer
-    return ACAITrainer(config, backend=backend, device=device, seed=seed, model=name)
-
-
-def _counted(trainer, x_train, y_train, bar):
-    """Device-resident training batches from the trainer's own position, advancing `bar` by each
-    batch (fit() pulls one batch per step)."""
-    from ..data import DeviceBatches
-
-    for x, labels in DeviceBatches(x_train, y_train, batch=trainer.config.batch, seed=trainer.seed,
-                                   device=trainer.device, start_step=trainer.steps):
-        bar.update(x.shape[0])
-        yield x, labels
-
-
 def _clustering(run_dir: Path, trainer, x_train, y_train, x_test, y_test, restarts, seed,
                 progress: bool = False) -> dict:
     """The run's clustering result, cached in run_dir/clustering.json for its (kimg, restarts, seed)."""
@@ -308,11 +320,6 @@ def _clustering(run_dir: Path, trainer, x_train, y_train, x_test, y_test, restar
     result.update(key, seconds=round(time.perf_counter() - t0, 1))
     cache.write_text(json.dumps(result, indent=1))
     return result
-
-
-def _read_history(run_dir: Path) -> list[dict]:
-    path = run_dir / "metrics.jsonl"
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
 
 
 def _strict_json(obj):

@@ -4,12 +4,18 @@ its six baselines and the ACAI regulariser on a VAE, trained and scored as the p
 Every model trains on the lines stream (SPEC.md section 4) on the same networks; each run is scored
 by the median of its last 20 evaluations (Mean Distance, Mean Smoothness), then mean +- std over
 runs (acai_fast.eval.stats). Evaluations that cannot enter that median (before the last 20)
-are skipped: they would cost time and change nothing in the table. Outputs in OUT:
+are skipped: they would cost time and change nothing in the table. Each model's runs (seeds) train
+together as arrays of runs (acai_fast.reproduce.arrays, on acai_fast.sweep's machinery): run k of
+an array is the single run with its seed. Outputs in OUT:
     lines_table.md            the paper's table shape, our numbers beside the paper's
     lines_results.json        every number, per run and per model
     lines_interpolations.png  one interpolation grid per model, side by side
     lines_angles.png          the decoded (nearest reference) angle against interpolation step
-    runs/MODEL/seedS/         each run's metrics.jsonl, checkpoint.pt and interpolations.png
+    runs/MODEL/seedS/         each run's metrics.jsonl, checkpoint.pt, interpolations.png and
+                              status.json; an existing run is continued, not retrained (a stopped
+                              reproduction continues where it stopped)
+A run whose loss turns non-finite stops alone (the other runs go on); the table leaves it out of
+its mean and names it.
 """
 from __future__ import annotations
 
@@ -18,7 +24,6 @@ import json
 import math
 import os
 import sys
-import time
 from pathlib import Path
 import numpy as np
 import torch
@@ -58,7 +63,8 @@ class LinesRun:
     mean_distance: float
     mean_smoothness: float
     probe_accuracy: float
-    seconds: float
+    seconds: float  # wall time of the array that trained it (0: trained before, not trained again)
+    stopped: str | None = None  # why a non-finite loss stopped it (its numbers are then NaN)
 
 
 def resolve_models(models) -> list[str]:
@@ -108,69 +114,87 @@ def evaluation_points(total_img: int, eval_img: int, window: int = WINDOW) -> li
 def reproduce_lines(out: str | os.PathLike, models="all", kimg: float = 16384, runs: int = 3,
                     eval_kimg: float = 64, backend: str = "auto", device=None, seed: int = 0,
                     config: ACAIConfig | None = None, pairs: int = 256, window: int = WINDOW,
-                    progress: bool = True) -> dict:
+                    progress: bool = True, array: int | None = None) -> dict:
     """Train `runs` runs of each model on lines for `kimg` thousand (x1024) images, score them as
     the paper does and write the table, the figures and per-run folders into `out` (see the
-    module docstring). Run r of every model has seed `seed + r`.
+    module docstring). Run r of every model has seed `seed + r`. Each model's runs train together
+    as arrays of `array` runs (default: acai_fast.sweep.default_array_size; acai_fast.reproduce.arrays),
+    run k of an array being the single run with its seed; a run already in out/runs is continued,
+    not retrained.
 
     config: the networks and step (default: the lines preset); pairs: test pairs per evaluation
     (the paper: 256; fewer only to make tests quick); window: evaluations per run median (20).
     Returns the dict written to lines_results.json."""
     from tqdm.auto import tqdm
 
-    from ..trainer import ACAITrainer
+    from ..checkpoint import check_output_folder
+    from ..eval.lines import evaluate_lines
+    from ..sweep import RunData, checkpoint_room, images_left, train_arrays
+    from ..trainer import resolve_backend
+    from .arrays import WeightedBar, check_array, model_job, outcome, plan, resolve_device, reruns
 
     config = config if config is not None else ACAIConfig.preset("lines")
     names = check_arguments(models, kimg, runs, eval_kimg, config, pairs, window)
+    check_array(array)
+    dev = resolve_device(device)
+    backend_name = resolve_backend(backend, dev)
     total_img, eval_img = int(round(kimg * 1024)), int(round(eval_kimg * 1024))
+    run_img = -(-total_img // config.batch) * config.batch  # whole batches: what each run trains
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     first_scored = evaluation_points(total_img, eval_img, window)[0]
+    shown: dict[str, torch.Tensor] = {}  # model -> the last evaluation's images of its first run
 
-    run_img = -(-total_img // config.batch) * config.batch  # fit() trains whole batches
-    work = {m: STEP_COST.get(m, DEFAULT_COST) * run_img for m in names}
-    bar = tqdm(total=sum(work.values()) * runs, disable=not progress, dynamic_ncols=True,
+    def evaluate(t):
+        if t.nimg < first_scored:
+            return {}
+        metrics, images = evaluate_lines(t, pairs=pairs, return_images=True)
+        if t.seed == seed and t.nimg >= run_img:
+            shown[t.model.name] = images
+        return metrics
+
+    source = RunData(config, None, dev, pairs, evaluate)
+    jobs, plans, reruns_of = {}, {}, {}
+    for name in names:  # every run folder checked before anything trains
+        jobs[name] = model_job(config, name, source, out, lambda r, name=name: out / "runs" / name / f"seed{r.seed}",
+                               run_img=run_img, eval_every=eval_img, backend=backend, device=dev,
+                               what="reproduce lines", label=f"{name} ",
+                               cuda_graph=False if name in NOISE_MODELS else None)
+        reruns_of[name] = reruns(config, seed, runs)
+        plans[name] = plan(jobs[name], reruns_of[name], array)
+    check_output_folder(out, sum(checkpoint_room(config, m, sum(len(g) for _, g in plans[m])) for m in names))
+
+    work = sum(STEP_COST.get(m, DEFAULT_COST) * images_left(jobs[m], plans[m]) for m in names)
+    bar = tqdm(total=work, disable=not progress, dynamic_ncols=True,
                bar_format="{desc} {percentage:3.0f}%|{bar}| [{elapsed} elapsed, {remaining} left]")
     results: dict[str, list[LinesRun]] = {m: [] for m in names}
-    shown: dict[str, torch.Tensor] = {}  # model -> the last evaluation's images of its first run
-    backends: dict[str, str] = {}
     try:
         for name in names:
-            for r in range(runs):
-                bar.set_description(f"{name} run {r + 1}/{runs}")
-                trainer = ACAITrainer(config, backend=backend, device=device, seed=seed + r, model=name,
-                                      cuda_graph=False if name in NOISE_MODELS else None)
-                backends[name] = trainer.backend
-                last = {}
-
-                def evaluate(t, last=last):
-                    if t.nimg < first_scored:
-                        return {}
-                    from ..eval.lines import evaluate_lines
-                    metrics, images = evaluate_lines(t, pairs=pairs, return_images=True)
-                    last["images"] = images
-                    return metrics
-
-                t0 = time.perf_counter()
-                history = trainer.fit(_counted_lines(trainer, bar, STEP_COST.get(name, DEFAULT_COST)), kimg=kimg,
-                                      eval_kimg=eval_kimg, out_dir=out / "runs" / name / f"seed{seed + r}",
-                                      evaluate=evaluate, progress=False, preview=_preview_pairs())
-                seconds = time.perf_counter() - t0
-                run = LinesRun(name, seed + r, history, run_statistic(history, "mean_distance", window),
-                               run_statistic(history, "mean_smoothness", window),
-                               run_statistic(history, "probe_accuracy", window), seconds)
+            job = jobs[name]
+            trained = train_arrays(job, plans[name], WeightedBar(bar, STEP_COST.get(name, DEFAULT_COST)))
+            for r, rerun in enumerate(reruns_of[name]):
+                history, stopped = outcome(job.folder_of(rerun))
+                stats = {key: float("nan") if stopped else run_statistic(history, key, window)
+                         for key in ("mean_distance", "mean_smoothness", "probe_accuracy")}
+                info = trained.get(rerun)
+                run = LinesRun(name, rerun.seed, history, **stats, seconds=info["seconds"] if info else 0.0,
+                               stopped=stopped)
                 results[name].append(run)
-                if r == 0:
-                    shown[name] = last["images"]
-                bar.write(f"{name} run {r + 1}/{runs} (seed {seed + r}, {trainer.backend}, {seconds:.0f} s): "
-                          f"Mean Distance x10^3 {run.mean_distance * 1e3:.3f}, "
-                          f"Mean Smoothness {run.mean_smoothness:.3f}, probe accuracy {run.probe_accuracy:.3f}",
-                          file=sys.stderr)
+                how = (f"{backend_name}, array of {info['runs']}, {run.seconds:.0f} s" if info
+                       else "already trained")
+                bar.write(f"{name} run {r + 1}/{runs} (seed {rerun.seed}, {how}): " + (
+                          f"stopped: {stopped}" if stopped else
+                          f"Mean Distance x10^3 {run.mean_distance * 1e3:.3f}, Mean Smoothness "
+                          f"{run.mean_smoothness:.3f}, probe accuracy {run.probe_accuracy:.3f}"), file=sys.stderr)
+            if name not in shown:  # its first run was trained before (or stopped): from its checkpoint
+                images = _final_images(job.folder_of(reruns_of[name][0]), dev, pairs)
+                if images is not None:
+                    shown[name] = images
     finally:
         bar.close()
 
     settings = dict(kimg=kimg, runs=runs, eval_kimg=eval_kimg, window=window, pairs=pairs, seed=seed,
-                    device=str(trainer.device), backends=backends, batch=config.batch,
+                    device=str(dev), backends={m: backend_name for m in names}, batch=config.batch,
                     config=config.to_dict())
     summary = _summary(results)
     record = dict(settings=settings, summary=summary,
@@ -178,28 +202,21 @@ def reproduce_lines(out: str | os.PathLike, models="all", kimg: float = 16384, r
     with open(out / "lines_results.json", "w") as f:
         json.dump(_strict_json(record), f, indent=1)
     (out / "lines_table.md").write_text(lines_table(summary, settings))
+    shown = {m: shown[m] for m in names if m in shown}  # the models' order
     save_interpolation_figure(shown, out / "lines_interpolations.png")
     save_angle_figure(shown, out / "lines_angles.png")
     return record
 
 
-def _counted_lines(trainer, bar, cost: int):
-    """The lines training stream from the trainer's own position, advancing `bar` by each batch's
-    weighted size (fit() pulls one batch per step)."""
-    from ..data.lines import lines_batches
+def _final_images(folder: Path, device, pairs: int):
+    """The decoded test interpolations of the run in `folder` at its checkpoint (None without one)."""
+    from ..eval.lines import evaluate_lines
+    from ..trainer import ACAITrainer
 
-    for x, labels in lines_batches(trainer.config.batch, seed=trainer.seed, device=trainer.device,
-                                   start_step=trainer.steps):
-        bar.update(x.shape[0] * cost)
-        yield x, labels
-
-
-def _preview_pairs():
-    from ..data.lines import draw_lines
-    from ..eval.lines import eval_pairs
-
-    a, b = eval_pairs(16)
-    return draw_lines(a), draw_lines(b)
+    if not (folder / "checkpoint.pt").is_file():
+        return None
+    trainer = ACAITrainer.load(folder / "checkpoint.pt", device=device, backend="reference")
+    return evaluate_lines(trainer, pairs=pairs, return_images=True)[1]
 
 
 def _summary(results: dict[str, list[LinesRun]]) -> dict:
@@ -209,6 +226,7 @@ def _summary(results: dict[str, list[LinesRun]]) -> dict:
         for key in ("mean_distance", "mean_smoothness", "probe_accuracy"):
             mean, std = mean_std(getattr(run, key) for run in rs)
             entry[key] = dict(mean=mean, std=std, runs=[getattr(run, key) for run in rs])
+        entry["stopped"] = [run.seed for run in rs if run.stopped]
         summary[name] = entry
     return summary
 
@@ -251,6 +269,10 @@ def lines_table(summary: dict, settings: dict) -> str:
         "the mean image; SPEC.md section 4). `VAE + ACAI critic` is not in the paper "
         "(models/vae_acai.py).\n",
     ]
+    stopped = [f"{LABELS.get(m, m)} seed {s}" for m in names for s in summary[m].get("stopped", [])]
+    if stopped:
+        text.append(f"Stopped by a non-finite loss, left out of the means: {', '.join(stopped)} "
+                    f"(their runs/MODEL/seedS/status.json says why).\n")
     return "\n".join(text)
 
 
