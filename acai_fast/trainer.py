@@ -54,6 +54,15 @@ CHECKPOINT_VERSION = FORMAT_VERSION  # the file format is acai_fast.checkpoint's
 INPUT_RANGE_SLACK = 1e-5  # training images must lie in [-1 - slack, 1 + slack] (float rounding)
 
 
+def _in_layout_of(p: torch.Tensor, g: torch.Tensor | None) -> torch.Tensor:
+    """g (zeros when None) with p's strides. PyTorch's fused Adam walks a parameter and its gradient
+    as flat memory in the parameter's order, so a gradient in another layout (a transposed matmul
+    gradient, a channels_last conv gradient of a contiguous weight) would update the wrong elements."""
+    if g is None:
+        return torch.zeros_like(p)
+    return g if g.stride() == p.stride() else torch.empty_like(p).copy_(g)
+
+
 def resolve_backend(backend: str, device: torch.device) -> str:
     """The backend that `backend` means on `device` ("auto" -> the fastest one verified there)."""
     if backend not in BACKENDS:
@@ -309,7 +318,7 @@ class ACAITrainer:
                 grads = torch.autograd.grad(objective, params, retain_graph=i < len(groups) - 1,
                                             allow_unused=True)
                 for p, g in zip(params, grads):
-                    p.grad = g if g is not None else torch.zeros_like(p)
+                    p.grad = _in_layout_of(p, g)
         return {k: v.detach() for k, v in out.logged.items()}, out.latent.detach()
 
     def _probe_gradients(self, z: torch.Tensor, labels: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -327,7 +336,7 @@ class ACAITrainer:
         loss = F.cross_entropy(logits, labels)
         grads = torch.autograd.grad(loss, list(self.probe.parameters()))
         for p, g in zip(self.probe.parameters(), grads):
-            p.grad = g
+            p.grad = _in_layout_of(p, g)
         accuracy = (logits.argmax(1) == labels).float().mean()
         return dict(probe_loss=loss.detach(), probe_accuracy=accuracy.detach())
 

@@ -226,3 +226,17 @@ def test_fit_resumes_where_it_stopped(tmp_path):
     assert resumed.steps == straight.steps == 6
     for pa, pb in zip(straight.encoder.parameters(), resumed.encoder.parameters()):
         assert torch.equal(pa, pb)
+
+
+def test_gradients_reach_adam_in_the_parameters_layout():
+    """Fused Adam reads a gradient in its parameter's memory order: a channels_last weight (as a
+    fused checkpoint leaves its moments, or a user's model) still gets exactly the reference update."""
+    a, b = tiny_trainer(seed=2), tiny_trainer(seed=2)
+    w = b.encoder.blocks[1].weight
+    w.data = w.data.contiguous(memory_format=torch.channels_last)
+    x, labels = batch()
+    a.step(x, labels)
+    b.step(x, labels)
+    assert b.encoder.blocks[1].weight.grad.stride() == w.stride()
+    for (name, pa), pb in zip(a.model.named_parameters(), b.model.parameters()):
+        assert_close(pb, pa, atol=1e-7, rtol=1e-6, name=name)
