@@ -106,6 +106,15 @@ def resolve_cuda_graph(cuda_graph, backend: str, device: torch.device) -> bool:
     return bool(cuda_graph)
 
 
+def resolve_setup(device, backend: str, dtype, cuda_graph):
+    """(device, backend, dtype, cuda_graph) of a trainer from what was asked (None: the defaults)."""
+    device = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device 'cuda' was asked for but no CUDA GPU is available")
+    backend = resolve_backend(backend, device)
+    return device, backend, resolve_dtype(dtype, backend, device), resolve_cuda_graph(cuda_graph, backend, device)
+
+
 def make_adam(params, lr: float, device: torch.device, capturable: bool = False) -> torch.optim.Adam:
     """The paper's Adam (betas 0.9/0.999, eps 1e-8): PyTorch's fused implementation (one launch per
     optimiser on a GPU; capturable: its step count on the device, for graphs).
@@ -156,13 +165,8 @@ class ACAITrainer:
                 raise ValueError(f"device {device!r} but this torchrun rank runs on {distributed.device}")
             device = distributed.device
             local_batch(self.config.batch, self.world_size)  # the global batch must split into pairs
-        self.device = torch.device(device if device is not None
-                                   else ("cuda" if torch.cuda.is_available() else "cpu"))
-        if self.device.type == "cuda" and not torch.cuda.is_available():
-            raise ValueError("device 'cuda' was asked for but no CUDA GPU is available")
-        self.backend = resolve_backend(backend, self.device)
-        self.dtype = resolve_dtype(dtype, self.backend, self.device)
-        self.cuda_graph = resolve_cuda_graph(cuda_graph, self.backend, self.device)
+        self.device, self.backend, self.dtype, self.cuda_graph = resolve_setup(device, backend, dtype,
+                                                                                cuda_graph)
         if not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed < 2 ** 63:
             raise ValueError(f"seed must be an int in [0, 2^63), got {seed!r}")
         self.seed = seed
@@ -599,13 +603,8 @@ class RunArray:
         self.runs = len(self.settings)
         self.configs = [dataclasses.replace(self.config, **{k: s[k] for k in ("advweight", "reg", "lr")})
                         for s in self.settings]
-        self.device = torch.device(device if device is not None
-                                   else ("cuda" if torch.cuda.is_available() else "cpu"))
-        if self.device.type == "cuda" and not torch.cuda.is_available():
-            raise ValueError("device 'cuda' was asked for but no CUDA GPU is available")
-        self.backend = resolve_backend(backend, self.device)
-        self.dtype = resolve_dtype(dtype, self.backend, self.device)
-        self.cuda_graph = resolve_cuda_graph(cuda_graph, self.backend, self.device)
+        self.device, self.backend, self.dtype, self.cuda_graph = resolve_setup(device, backend, dtype,
+                                                                                cuda_graph)
         self.model_name = model
 
         # Each run's initial weights are exactly those of the single run with its seed.
