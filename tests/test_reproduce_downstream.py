@@ -1,5 +1,5 @@
 """`reproduce probe|cluster` end to end on the CPU in a tiny setting (tables, JSON, figure, runs
-reused), `evaluate --data` writing probe and clustering accuracy beside the checkpoint, and
+reused, a model's runs trained as one array whose runs equal single-run training), `evaluate --data` writing probe and clustering accuracy beside the checkpoint, and
 `train` on SVHN, CIFAR-10 and CelebA files written here in their official formats."""
 import json
 import pickle
@@ -7,12 +7,26 @@ import re
 
 import numpy as np
 import pytest
+import torch
 
+from acai_fast import ACAIConfig, ACAITrainer
 from acai_fast.cli import main
-from acai_fast.reproduce.downstream import evaluation_points, preset_for, reproduce_downstream
+from acai_fast.data import DeviceBatches
+from acai_fast.data.common import to_unit_range
+from acai_fast.eval.probe import probe_accuracy
+from acai_fast.reproduce.downstream import evaluation_points, load_data, preset_for, reproduce_downstream
 from test_data import write_idx, write_jpegs, write_svhn
 
 TINY = dict(depth=4, advdepth=5, batch=16)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny tensors gain nothing from intra-op threads (and lose much to them on a shared 2-core box)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")
@@ -46,6 +60,22 @@ def test_probe_then_cluster_tables_figure_and_reused_runs(mnist_folder, tmp_path
     assert f"{100 * np.mean(values):.2f} ± {100 * np.std(values):.2f}" in table
     png = (out / "probe_mnist32_interpolations.png").read_bytes()
     assert png[:4] == b"\x89PNG"
+
+    # The 2 runs trained as one array; the second equals the single run with its seed (fit, its
+    # DeviceBatches order): every key of fit's records but the speed.
+    recorded = read_jsonl(out / "runs" / "mnist32" / "acai" / "seed1" / "metrics.jsonl")
+    assert [r["array_runs"] for r in recorded] == [2, 2]
+    data = load_data("mnist", mnist_folder)
+    test_x = to_unit_range(data.x_test)
+    single = ACAITrainer(ACAIConfig.preset("mnist32", **TINY), backend="reference", device="cpu", seed=1)
+    history = single.fit(DeviceBatches(data.x_train, data.y_train, batch=16, seed=1, device="cpu"), kimg=0.03125,
+                         eval_kimg=0.015625, progress=False,
+                         evaluate=lambda t: dict(test_probe_accuracy=probe_accuracy(t, test_x, data.y_test)))
+    assert len(recorded) == len(history) == 2
+    for a, b in zip(recorded, history):
+        for key, value in b.items():
+            if key != "images_per_s":
+                assert a[key] == (pytest.approx(value, rel=1e-5, abs=1e-7) if isinstance(value, float) else value), key
 
     cluster = reproduce_downstream("cluster", "mnist", 32, mnist_folder, out, **args)
     assert read_jsonl(run0 / "metrics.jsonl") == records  # the trained runs were reused, not retrained

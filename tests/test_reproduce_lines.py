@@ -1,14 +1,17 @@
 """`acai-fast reproduce lines` (acai_fast/reproduce/lines.py): every model trained and scored in a tiny
-setting, the table in the paper's shape with its numbers, the per-run statistic read from the
-evaluations, the figures, and the command line's argument checks."""
+setting, each model's runs as one array whose runs equal single-run training, the table in the
+paper's shape with its numbers, the per-run statistic read from the evaluations, the figures, runs
+continued and not retrained, and the command line's argument checks."""
 import json
+import math
 
 import numpy as np
 import pytest
 import torch
 
-from acai_fast import ACAIConfig
+from acai_fast import ACAIConfig, ACAITrainer
 from acai_fast.cli import main
+from acai_fast.eval.lines import evaluate_lines
 from acai_fast.reproduce.lines import (LABELS, MODEL_ORDER, check_arguments, evaluation_points,
                                        reproduce_lines, resolve_models)
 
@@ -27,6 +30,22 @@ def one_thread():
 
 def metrics(path):
     return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def assert_same_history(recorded, single):
+    """A reproduction's records of one run equal those of the run trained alone (fit): every key of
+    fit's records but the speed, to float tolerance (NaN is written as null)."""
+    assert [r["step"] for r in recorded] == [r["step"] for r in single]
+    for a, b in zip(recorded, single):
+        for key, value in b.items():
+            if key == "images_per_s":
+                continue
+            if isinstance(value, float) and math.isnan(value):
+                assert a[key] is None, key
+            elif isinstance(value, float):
+                assert a[key] == pytest.approx(value, rel=1e-5, abs=1e-7), (a["step"], key)
+            else:
+                assert a[key] == value, (a["step"], key)
 
 
 def test_reproduce_lines_end_to_end(tmp_path):
@@ -60,10 +79,21 @@ def test_reproduce_lines_end_to_end(tmp_path):
         data = (tmp_path / png).read_bytes()
         assert data[:4] == PNG and len(data) > 10_000, png
 
+    # Each model's 2 runs trained as one array (the VQ-VAE, whose codebook is a buffer, one run at a
+    # time); the second run of an array equals the single run with its seed.
+    for name in ("acai", "vae", "vqvae"):
+        recorded = metrics(tmp_path / "runs" / name / "seed1" / "metrics.jsonl")
+        assert recorded[-1]["array_runs"] == (1 if name == "vqvae" else 2) and recorded[-1]["seed"] == 1
+        single = ACAITrainer(ACAIConfig(**TINY), backend="reference", device="cpu", seed=1, model=name)
+        history = single.fit("lines", kimg=4 * 6 / 1024, eval_kimg=2 * 6 / 1024, progress=False,
+                             evaluate=lambda t: evaluate_lines(t, pairs=4))
+        assert_same_history(recorded, history)
 
-def test_only_the_last_evaluations_are_run_and_scored(tmp_path):
+
+def test_only_the_last_evaluations_are_run_and_scored_and_runs_continue(tmp_path):
     """Window 2, an evaluation point every step: the first two points are skipped (no metrics), and
-    the run's number is the median of the last two."""
+    the run's number is the median of the last two. Called again, the run is not retrained; called
+    for more kimg, it continues."""
     assert evaluation_points(24, 6, window=2) == [18, 24]
     assert evaluation_points(30, 12, window=20) == [12, 24, 30]
     record = reproduce_lines(tmp_path, "baseline", kimg=4 * 6 / 1024, runs=1, eval_kimg=6 / 1024, window=2,
@@ -74,6 +104,20 @@ def test_only_the_last_evaluations_are_run_and_scored(tmp_path):
     assert ["mean_distance" in r for r in history] == [False, False, True, True]
     expected = np.median([history[2]["mean_smoothness"], history[3]["mean_smoothness"]])
     assert record["summary"]["baseline"]["mean_smoothness"]["mean"] == pytest.approx(expected)
+
+    # Runs are continued, not retrained: the same call again trains nothing and writes the same
+    # table; a longer one continues the run from its checkpoint.
+    args = dict(kimg=4 * 6 / 1024, runs=1, eval_kimg=6 / 1024, window=2, backend="reference", device="cpu",
+                config=ACAIConfig(**TINY), pairs=4, progress=False)
+    checkpoint, table = tmp_path / "runs" / "baseline" / "seed0" / "checkpoint.pt", (tmp_path / "lines_table.md").read_text()
+    stamp = checkpoint.stat().st_mtime_ns
+    again = reproduce_lines(tmp_path, "baseline", **args)
+    assert checkpoint.stat().st_mtime_ns == stamp and again["runs"][0]["seconds"] == 0.0
+    assert again["summary"]["baseline"]["mean_distance"] == record["summary"]["baseline"]["mean_distance"]
+    assert (tmp_path / "lines_table.md").read_text() == table
+    longer = reproduce_lines(tmp_path, "baseline", **{**args, "kimg": 5 * 6 / 1024})
+    assert metrics(tmp_path / "runs" / "baseline" / "seed0" / "metrics.jsonl")[:4] == history
+    assert [r["step"] for r in longer["runs"][0]["history"]] == [1, 2, 3, 4, 5]
 
 
 def test_argument_checks():
