@@ -1124,18 +1124,8 @@ def main_arrays(args, device: torch.device, env: dict, where: str) -> int:
                    flop_model=__doc__.split("FLOPs per step")[1].split("On a machine")[0].strip(),
                    array_model=__doc__.split("Arrays of runs")[1].split("    python bench")[0].strip(),
                    arrays=rows)
-    if args.json:
-        write_json(args.json, payload)
-        print(f"wrote {args.json}", file=sys.stderr)
-    if args.csv:
-        keep = ("gpu", "torch", "triton", "cuda", "commit", "dirty", "timestamp", "cpu")
-        write_csv(args.csv, [dict(row, device=device.type, **{k: env[k] for k in keep}) for row in rows])
-        print(f"wrote {args.csv}", file=sys.stderr)
-    if args.plot:
-        title = (f"acai_fast arrays of runs: images/s, {where}\ntorch {env['torch']}, {env['timestamp'][:10]}"
-                 + ("\nCPU NUMBERS (not a GPU)" if not on_gpu else ""))
-        plot_arrays(rows, args.plot, title)
-        print(f"wrote {args.plot}", file=sys.stderr)
+    _write_results(args, payload, rows, env, device, where, on_gpu, plot_arrays,
+                   "acai_fast arrays of runs: images/s")
     return 0
 
 
@@ -1272,6 +1262,12 @@ def main(argv=None) -> int:
                    arguments={k: v for k, v in vars(args).items() if k not in ("child", "array", "array_max_seconds")},
                    flop_model=__doc__.split("FLOPs per step")[1].split("On a machine")[0].strip(),
                    results=rows)
+    _write_results(args, payload, rows, env, device, where, on_gpu, plot, "acai_fast step time")
+    return 0
+
+
+def _write_results(args, payload, rows, env, device, where, on_gpu, plotter, title) -> None:
+    """--json (the payload), --csv (a row per result with the environment) and --plot."""
     if args.json:
         write_json(args.json, payload)
         print(f"wrote {args.json}", file=sys.stderr)
@@ -1280,11 +1276,10 @@ def main(argv=None) -> int:
         write_csv(args.csv, [dict(row, device=device.type, **{k: env[k] for k in keep}) for row in rows])
         print(f"wrote {args.csv}", file=sys.stderr)
     if args.plot:
-        title = (f"acai_fast step time, {where}\ntorch {env['torch']}, {env['timestamp'][:10]}"
+        title = (f"{title}, {where}\ntorch {env['torch']}, {env['timestamp'][:10]}"
                  + ("\nCPU NUMBERS (not a GPU)" if not on_gpu else ""))
-        plot(rows, args.plot, title)
+        plotter(rows, args.plot, title)
         print(f"wrote {args.plot}", file=sys.stderr)
-    return 0
 
 
 if __name__ == "__main__":
