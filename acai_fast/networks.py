@@ -123,15 +123,20 @@ class LinearProbe(nn.Module):
         return self.dense(z.flatten(1))
 
 
+def autoencoder(config: ACAIConfig) -> tuple[Encoder, Decoder]:
+    """The encoder and decoder of SPEC.md section 1 for `config`, built in that order (the order of
+    the random init draws)."""
+    scales = config.scales
+    return (Encoder(config.colors, config.depth, scales, config.latent),
+            Decoder(config.latent, config.depth, scales, config.colors))
+
+
 def build_networks(config: ACAIConfig) -> dict[str, nn.Module]:
     """The four networks of one ACAI model, freshly initialised (use torch.manual_seed first)."""
-    scales = config.scales
-    return dict(
-        encoder=Encoder(config.colors, config.depth, scales, config.latent),
-        decoder=Decoder(config.latent, config.depth, scales, config.colors),
-        critic=Critic(config.colors, config.critic_depth, scales, config.latent),
-        probe=LinearProbe(config.latent_dims, config.nclass),
-    )
+    encoder, decoder = autoencoder(config)
+    return dict(encoder=encoder, decoder=decoder,
+                critic=Critic(config.colors, config.critic_depth, config.scales, config.latent),
+                probe=LinearProbe(config.latent_dims, config.nclass))
 
 
 def count_parameters(module: nn.Module) -> int:

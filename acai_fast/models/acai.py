@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ..networks import Critic, Decoder, Encoder
+from ..networks import Critic, autoencoder
 from ..ops.mix import draw_alpha
 from .base import Model, Randomness, StepOutput
 
@@ -23,10 +23,8 @@ class ACAI(Model):
 
     def __init__(self, config):
         super().__init__(config)
-        scales = config.scales
-        self.encoder = Encoder(config.colors, config.depth, scales, config.latent)
-        self.decoder = Decoder(config.latent, config.depth, scales, config.colors)
-        self.critic = Critic(config.colors, config.critic_depth, scales, config.latent)
+        self.encoder, self.decoder = autoencoder(config)
+        self.critic = Critic(config.colors, config.critic_depth, config.scales, config.latent)
 
     def param_groups(self):
         return dict(ae=[*self.encoder.parameters(), *self.decoder.parameters()],

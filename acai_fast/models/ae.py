@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ..networks import Decoder, Encoder
+from ..networks import autoencoder
 from .base import Model, Randomness, StepOutput
 
 
@@ -21,9 +21,7 @@ class Autoencoder(Model):
 
     def __init__(self, config):
         super().__init__(config)
-        scales = config.scales
-        self.encoder = Encoder(config.colors, config.depth, scales, config.latent)
-        self.decoder = Decoder(config.latent, config.depth, scales, config.colors)
+        self.encoder, self.decoder = autoencoder(config)
 
     def param_groups(self):
         return dict(ae=[*self.encoder.parameters(), *self.decoder.parameters()])

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..networks import Decoder, Encoder
+from ..networks import autoencoder
 from .base import Model, Randomness, StepOutput
 
 BETA = 1.0  # weight of the KL term (the paper's --beta)
@@ -56,10 +56,8 @@ class VAE(Model):
 
     def __init__(self, config):
         super().__init__(config)
-        scales = config.scales
         dims = config.latent_dims
-        self.encoder = Encoder(config.colors, config.depth, scales, config.latent)
-        self.decoder = Decoder(config.latent, config.depth, scales, config.colors)
+        self.encoder, self.decoder = autoencoder(config)
         self.to_mu = dense(dims, dims)
         self.to_logvar = dense(dims, dims)
 

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..networks import Decoder, Encoder
+from ..networks import autoencoder
 from .base import Model, Randomness, StepOutput
 from .vae import dense
 
@@ -63,10 +63,8 @@ class VQVAE(Model):
 
     def __init__(self, config):
         super().__init__(config)
-        scales = config.scales
         dims = config.latent_dims
-        self.encoder = Encoder(config.colors, config.depth, scales, config.latent)
-        self.decoder = Decoder(config.latent, config.depth, scales, config.colors)
+        self.encoder, self.decoder = autoencoder(config)
         self.to_latents = dense(dims, dims * self.num_latents)
         self.from_codes = nn.Sequential(nn.ReLU(), dense(dims * self.num_latents, FILTER_SIZE),
                                         nn.ReLU(), dense(FILTER_SIZE, dims))
