@@ -7,9 +7,10 @@ Every number in the paper is a mean over re-runs, and choosing lambda (advweight
 means sweeping them. A sweep is the cross product of the swept hyper-parameters (advweight, reg,
 lr: none of them changes a tensor's shape) and the seeds. Its runs are trained `array` at a time as
 one acai_fast.trainer.RunArray (on the fused backend one launch per layer serves every run of an
-array); the rest wait their turn. Run k of an array is the run `acai-fast train --seed S
---advweight A --reg R --lr L` would train: the same weights, alphas and batches (lines: its own
-lines_batches stream of its seed; image presets: its own DeviceBatches order of its seed).
+array; a model with buffers, the VQ-VAE, one run at a time: see Job.arrays); the rest wait their
+turn. Run k of an array is the run `acai-fast train --seed S --advweight A --reg R --lr L` would
+train: the same weights, alphas and batches (lines: its own lines_batches stream of its seed; image
+presets: its own DeviceBatches order of its seed).
 
 What `out` holds:
     sweep.json                             the sweep's arguments and runs (resume checks them)

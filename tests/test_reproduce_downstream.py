@@ -1,6 +1,7 @@
 """`reproduce probe|cluster` end to end on the CPU in a tiny setting (tables, JSON, figure, runs
-reused, a model's runs trained as one array whose runs equal single-run training), `evaluate --data` writing probe and clustering accuracy beside the checkpoint, and
-`train` on SVHN, CIFAR-10 and CelebA files written here in their official formats."""
+reused, a model's runs trained as one array whose runs equal single-run training), `evaluate --data`
+writing probe and clustering accuracy beside the checkpoint, and `train` on SVHN, CIFAR-10 and
+CelebA files written here in their official formats."""
 import json
 import pickle
 import re

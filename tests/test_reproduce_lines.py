@@ -109,7 +109,8 @@ def test_only_the_last_evaluations_are_run_and_scored_and_runs_continue(tmp_path
     # table; a longer one continues the run from its checkpoint.
     args = dict(kimg=4 * 6 / 1024, runs=1, eval_kimg=6 / 1024, window=2, backend="reference", device="cpu",
                 config=ACAIConfig(**TINY), pairs=4, progress=False)
-    checkpoint, table = tmp_path / "runs" / "baseline" / "seed0" / "checkpoint.pt", (tmp_path / "lines_table.md").read_text()
+    checkpoint = tmp_path / "runs" / "baseline" / "seed0" / "checkpoint.pt"
+    table = (tmp_path / "lines_table.md").read_text()
     stamp = checkpoint.stat().st_mtime_ns
     again = reproduce_lines(tmp_path, "baseline", **args)
     assert checkpoint.stat().st_mtime_ns == stamp and again["runs"][0]["seconds"] == 0.0
