@@ -7,7 +7,7 @@ Every number in the paper is a mean over re-runs, and choosing lambda (advweight
 means sweeping them. A sweep is the cross product of the swept hyper-parameters (advweight, reg,
 lr: none of them changes a tensor's shape) and the seeds. Its runs are trained `array` at a time as
 one acai_fast.trainer.RunArray (on the fused backend one launch per layer serves every run of an
-array; a model with buffers, the VQ-VAE, one run at a time: see Job.arrays); the rest wait their
+array; a non-ACAI model on the fused backend one run at a time: see Job.arrays); the rest wait their
 turn. Run k of an array is the run `acai-fast train --seed S --advweight A --reg R --lr L` would
 train: the same weights, alphas and batches (lines: its own lines_batches stream of its seed; image
 presets: its own DeviceBatches order of its seed).
@@ -414,15 +414,8 @@ class Job:
     @functools.cached_property
     def arrays(self) -> bool:
         """Whether the model trains as arrays on this backend; else one run at a time, as `train`
-        trains it. The fused backend has the acai model's array schedule only. A model with buffers
-        (the VQ-VAE's EMA codebook) runs alone: a RunArray stacks parameters, not buffers (its runs'
-        buffers would not start from their seeds, and run(k) would not hand them out)."""
-        if resolve_backend(self.backend, self.device) == "fused" and self.model != "acai":
-            return False
-        from .models import build_model
-
-        with torch.random.fork_rng(devices=[]):
-            return not any(True for _ in build_model(self.model, self.config).buffers())
+        trains it. The fused backend has the acai model's array schedule only."""
+        return not (resolve_backend(self.backend, self.device) == "fused" and self.model != "acai")
 
 
 def checkpoint_room(config: ACAIConfig, model: str, runs: int) -> int:

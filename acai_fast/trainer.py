@@ -608,17 +608,18 @@ class RunArray:
         self.model_name = model
 
         # Each run's initial weights are exactly those of the single run with its seed.
-        inits = []
+        # Each run's model, built under its seed: its parameters are the run's initial weights (they
+        # move into the stacked tensors below); its buffers (a VQ-VAE's codebook) stay the run's
+        # own, and the oracle calls the model on the run's slice of the stacked parameters.
+        inits, self.models = [], []
         for s, cfg in zip(self.settings, self.configs):
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(s["seed"])
                 m, p = build_model(model, cfg), LinearProbe(cfg.latent_dims, cfg.nclass)
             inits.append({**dict(m.named_parameters()),
                           **{f"probe.{k}": v for k, v in p.named_parameters()}})
-        # The structure: one model per run (its config; the oracle calls it on the run's slice of
-        # the stacked parameters), the first one also the fused engine's template.
-        self.models = [build_model(model, cfg).to(self.device) for cfg in self.configs]
-        self.model = self.models[0]
+            self.models.append(m.to(self.device))
+        self.model = self.models[0]  # the structure (and the fused engine's template)
         self.probe = LinearProbe(self.config.latent_dims, self.config.nclass).to(self.device)
         fused_acai = self.backend == "fused" and self.model.name == "acai"
         self.stacked: dict[str, torch.nn.Parameter] = {}
@@ -825,6 +826,8 @@ class RunArray:
                     dst = array._adam_state(k, name, src)
                     for key, v in src.items():
                         dst[key].copy_(v)
+                for (_, b), (_, src) in zip(array.models[k].named_buffers(), t.model.named_buffers()):
+                    b.copy_(src)
                 array.alpha_states[k].copy_(t.alpha_state.to(array.device))
                 if t.device.type == array.device.type:
                     array.generators[k].set_state(t.generator.get_state())
@@ -854,7 +857,9 @@ class RunArray:
                              dtype=self.dtype, cuda_graph=self.cuda_graph, model=self.model_name)
         state = single.state_dict()
         with torch.no_grad():
-            state["model"] = {n: p[k].detach().clone() for n, p in self.stacked.items() if not n.startswith("probe.")}
+            state["model"] = {**{n: b.detach().clone() for n, b in self.models[k].named_buffers()},
+                              **{n: p[k].detach().clone() for n, p in self.stacked.items()
+                                 if not n.startswith("probe.")}}
             state["probe"] = {n[len("probe."):]: p[k].detach().clone() for n, p in self.stacked.items()
                               if n.startswith("probe.")}
             state["optimizer"] = self._run_optimizer_state(k, single)

@@ -79,11 +79,11 @@ def test_reproduce_lines_end_to_end(tmp_path):
         data = (tmp_path / png).read_bytes()
         assert data[:4] == PNG and len(data) > 10_000, png
 
-    # Each model's 2 runs trained as one array (the VQ-VAE, whose codebook is a buffer, one run at a
-    # time); the second run of an array equals the single run with its seed.
+    # Each model's 2 runs trained as one array (the VQ-VAE's codebook buffer too); the second run of
+    # an array equals the single run with its seed.
     for name in ("acai", "vae", "vqvae"):
         recorded = metrics(tmp_path / "runs" / name / "seed1" / "metrics.jsonl")
-        assert recorded[-1]["array_runs"] == (1 if name == "vqvae" else 2) and recorded[-1]["seed"] == 1
+        assert recorded[-1]["array_runs"] == 2 and recorded[-1]["seed"] == 1
         single = ACAITrainer(ACAIConfig(**TINY), backend="reference", device="cpu", seed=1, model=name)
         history = single.fit("lines", kimg=4 * 6 / 1024, eval_kimg=2 * 6 / 1024, progress=False,
                              evaluate=lambda t: evaluate_lines(t, pairs=4))

@@ -152,3 +152,29 @@ def test_from_runs_continues_single_trainers():
             assert_close(la[name][k], ls[name], atol=1e-7, rtol=1e-5, name=f"run {k} {name}")
         for name, p in s.model.named_parameters():
             assert_close(array.stacked[name][k], p, atol=1e-7, rtol=1e-5, name=f"run {k} {name}")
+
+
+def test_models_with_buffers_array_like_single_runs():
+    """A VQ-VAE (its EMA codebook is a buffer, drawn at init): each run's buffers start from its own
+    seed, move with its own EMA updates, and travel with run(k) and from_runs."""
+    runs = [{"seed": 0}, {"seed": 5}]
+    array = ACAITrainer(ACAIConfig(**TINY), backend="reference", device=DEVICE, model="vqvae", runs=runs)
+    singles = [ACAITrainer(ACAIConfig(**TINY), backend="reference", device=DEVICE, model="vqvae", seed=s)
+               for s in (0, 5)]
+    for step in range(2):
+        x, labels = batches(TINY, 2, step)
+        la = array.step(x, labels)
+        for k, s in enumerate(singles):
+            ls = s.step(x[k], labels[k])
+            for name in ls:
+                assert_close(la[name][k], ls[name], atol=1e-7, rtol=1e-5, name=f"run {k} {name}")
+    for k, s in enumerate(singles):
+        for (name, b), b1 in zip(array.models[k].named_buffers(), s.model.buffers()):
+            assert_close(b, b1, atol=1e-7, rtol=1e-5, name=f"run {k} buffer {name}")
+    one = array.run(1)
+    for (name, b), b1 in zip(one.model.named_buffers(), singles[1].model.buffers()):
+        assert torch.equal(b, b1), name
+    again = RunArray.from_runs(singles)
+    for k, s in enumerate(singles):
+        for b, b1 in zip(again.models[k].buffers(), s.model.buffers()):
+            assert torch.equal(b, b1)

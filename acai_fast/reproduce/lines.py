@@ -44,11 +44,6 @@ PAPER_LINES = dict(acai=(0.24, 0.10), baseline=(6.88, 0.44))
 # holds across models. Integers, so the bar's count is exact.
 STEP_COST = dict(acai=40, vae_acai=27, vqvae=18)
 DEFAULT_COST = 10
-# Models whose step draws noise from the trainer's torch.Generator. engine/graphs.py does not
-# register that generator with the CUDA graph it captures, so their replays are unverified (the
-# noise could be frozen into the graph); they run eagerly here. ACAI's alphas come from the
-# graph-safe Philox state, the baseline and the VQ-VAE draw nothing.
-NOISE_MODELS = ("dropout", "denoising", "vae", "aae", "vae_acai")
 WINDOW = 20  # the paper's per-run statistic: median of the last 20 evaluations
 SHOW_PAIRS = 8  # rows of each model's interpolation grid in lines_interpolations.png
 ANGLE_PAIRS = 4  # interpolations per model in lines_angles.png
@@ -158,8 +153,7 @@ def reproduce_lines(out: str | os.PathLike, models="all", kimg: float = 16384, r
     for name in names:  # every run folder checked before anything trains
         jobs[name] = model_job(config, name, source, out, lambda r, name=name: out / "runs" / name / f"seed{r.seed}",
                                run_img=run_img, eval_every=eval_img, backend=backend, device=dev,
-                               what="reproduce lines", label=f"{name} ",
-                               cuda_graph=False if name in NOISE_MODELS else None)
+                               what="reproduce lines", label=f"{name} ")
         reruns_of[name] = reruns(config, seed, runs)
         plans[name] = plan(jobs[name], reruns_of[name], array)
     check_output_folder(out, sum(checkpoint_room(config, m, sum(len(g) for _, g in plans[m])) for m in names))
