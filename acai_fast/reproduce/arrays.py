@@ -20,6 +20,24 @@ from ..trainer import resolve_backend
 RESUME_HINT = "run the same command again to continue (runs are continued, not retrained)"
 
 
+def resolve_models(models, order: Sequence[str]) -> list[str]:
+    """"all" (every model, in `order`), a comma-separated string or a list of names -> the list of
+    names, validated against acai_fast.models.MODELS (ValueError naming the unknown or repeated)."""
+    from ..models import MODELS
+
+    if isinstance(models, str):
+        names = list(order) if models == "all" else [m.strip() for m in models.split(",") if m.strip()]
+    else:
+        names = list(models)
+    unknown = [m for m in names if m not in MODELS]
+    if not names or unknown:
+        raise ValueError(f"unknown model(s) {', '.join(map(repr, unknown)) or '(none given)'}; "
+                         f"valid: all or a comma-separated list of {', '.join(order)}")
+    if len(set(names)) != len(names):
+        raise ValueError(f"models listed twice: {names}")
+    return names
+
+
 def resolve_device(device) -> torch.device:
     """`device`, or cuda when a GPU is available, else cpu (ValueError for cuda without a GPU)."""
     dev = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))

@@ -95,19 +95,9 @@ def resolve_models(models) -> list[str]:
     """"all" (every model of acai_fast.models.MODELS, ACAI first), a comma-separated string or a
     list of names -> the validated list of names."""
     from ..models import MODELS
+    from .arrays import resolve_models as resolve_in_order
 
-    if isinstance(models, str):
-        names = (["acai"] + [m for m in MODELS if m != "acai"] if models == "all"
-                 else [m.strip() for m in models.split(",") if m.strip()])
-    else:
-        names = list(models)
-    unknown = [m for m in names if m not in MODELS]
-    if not names or unknown:
-        raise ValueError(f"unknown model(s) {', '.join(map(repr, unknown)) or '(none given)'}; "
-                         f"valid: all or a comma-separated list of {', '.join(MODELS)}")
-    if len(set(names)) != len(names):
-        raise ValueError(f"models listed twice: {names}")
-    return names
+    return resolve_in_order(models, ["acai"] + [m for m in MODELS if m != "acai"])
 
 
 def check_arguments(task: str, dataset: str, latent: int, models="all", kimg: float = 16384,

@@ -65,19 +65,9 @@ class LinesRun:
 def resolve_models(models) -> list[str]:
     """"all" (every model, in the paper's order, vae_acai last), a comma-separated string or a list
     of names -> the list of names, validated against acai_fast.models.MODELS."""
-    from ..models import MODELS
+    from .arrays import resolve_models as resolve_in_order
 
-    if isinstance(models, str):
-        names = list(MODEL_ORDER) if models == "all" else [m.strip() for m in models.split(",") if m.strip()]
-    else:
-        names = list(models)
-    unknown = [m for m in names if m not in MODELS]
-    if not names or unknown:
-        raise ValueError(f"unknown model(s) {', '.join(map(repr, unknown)) or '(none given)'}; "
-                         f"valid: all or a comma-separated list of {', '.join(MODEL_ORDER)}")
-    if len(set(names)) != len(names):
-        raise ValueError(f"models listed twice: {names}")
-    return names
+    return resolve_in_order(models, MODEL_ORDER)
 
 
 def check_arguments(models, kimg, runs, eval_kimg, config: ACAIConfig | None = None, pairs: int = 256,
