@@ -38,3 +38,14 @@ def markdown_table(header: Sequence[str], rows: Iterable[Sequence]) -> str:
 
 def _isnan(x) -> bool:
     return x is None or (isinstance(x, float) and math.isnan(x))
+
+
+def strict_json(obj):
+    """obj with every float NaN replaced by None, recursively (strict JSON: an undefined metric is null)."""
+    if isinstance(obj, float) and math.isnan(obj):
+        return None
+    if isinstance(obj, dict):
+        return {k: strict_json(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [strict_json(v) for v in obj]
+    return obj

@@ -34,7 +34,7 @@ from typing import NamedTuple
 import torch
 
 from ..config import PRESETS, ACAIConfig
-from ..eval.stats import format_mean_std, markdown_table, mean_std, run_statistic
+from ..eval.stats import format_mean_std, markdown_table, mean_std, run_statistic, strict_json
 
 TASKS = ("probe", "cluster")
 DATASET_FAMILY = {"mnist": "mnist", "svhn": "svhn", "cifar10": "cifar"}  # dataset -> preset family
@@ -229,7 +229,7 @@ def reproduce_downstream(task: str, dataset: str, latent: int, data: str | os.Pa
                   runs=[dataclasses.asdict(r) for rs in results.values() for r in rs])
     stem = f"{task}_{preset}"
     with open(out / f"{stem}_results.json", "w") as f:
-        json.dump(_strict_json(record), f, indent=1)
+        json.dump(strict_json(record), f, indent=1)
     (out / f"{stem}_table.md").write_text(downstream_table(summary, settings, record["runs"]))
     save_interpolation_figure(shown, out / f"{stem}_interpolations.png", title=f"{preset} test pairs")
     return record
@@ -311,13 +311,3 @@ def _clustering(run_dir: Path, trainer, x_train, y_train, x_test, y_test, restar
     cache.write_text(json.dumps(result, indent=1))
     return result
 
-
-def _strict_json(obj):
-    """NaN -> None, recursively (strict JSON)."""
-    if isinstance(obj, float) and math.isnan(obj):
-        return None
-    if isinstance(obj, dict):
-        return {k: _strict_json(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_strict_json(v) for v in obj]
-    return obj

@@ -29,7 +29,7 @@ import numpy as np
 import torch
 
 from ..config import ACAIConfig
-from ..eval.stats import format_mean_std, markdown_table, mean_std, run_statistic
+from ..eval.stats import format_mean_std, markdown_table, mean_std, run_statistic, strict_json
 
 # The paper's Table 1 column order, then the model beyond the paper.
 PAPER_ORDER = ("baseline", "dropout", "denoising", "vae", "aae", "vqvae", "acai")
@@ -184,7 +184,7 @@ def reproduce_lines(out: str | os.PathLike, models="all", kimg: float = 16384, r
     record = dict(settings=settings, summary=summary,
                   runs=[dataclasses.asdict(run) for rs in results.values() for run in rs])
     with open(out / "lines_results.json", "w") as f:
-        json.dump(_strict_json(record), f, indent=1)
+        json.dump(strict_json(record), f, indent=1)
     (out / "lines_table.md").write_text(lines_table(summary, settings))
     shown = {m: shown[m] for m in names if m in shown}  # the models' order
     save_interpolation_figure(shown, out / "lines_interpolations.png")
@@ -258,16 +258,6 @@ def lines_table(summary: dict, settings: dict) -> str:
         text.append(f"Stopped by a non-finite loss, left out of the means: {', '.join(stopped)} "
                     f"(their runs/MODEL/seedS/status.json says why).\n")
     return "\n".join(text)
-
-
-def _strict_json(obj):
-    if isinstance(obj, float) and math.isnan(obj):
-        return None
-    if isinstance(obj, dict):
-        return {k: _strict_json(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_strict_json(v) for v in obj]
-    return obj
 
 
 # ---------------------------------------------------------------------------------------- figures
