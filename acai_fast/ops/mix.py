@@ -280,6 +280,18 @@ def _overlap(a: torch.Tensor, b: torch.Tensor) -> bool:
     return a0 < b0 + b.numel() * b.element_size() and b0 < a0 + a.numel() * a.element_size()
 
 
+def _check_output(op, name, out, src_name, src):
+    """`out` (written by the kernel) matches `src` (read by it) and does not overlap it: each
+    program reads two rows of src and writes the same two rows of out."""
+    _check_z(op, name, out)
+    if out.shape != src.shape or out.dtype != src.dtype or out.device != src.device:
+        raise ValueError(f"{op}: {name} must match {src_name} (shape {tuple(src.shape)}, {src.dtype}, "
+                         f"{src.device}), got {tuple(out.shape)}, {out.dtype}, {out.device}")
+    if _overlap(out, src):
+        raise ValueError(f"{op}: {name} and {src_name} share memory; the kernel reads two rows of "
+                         f"{src_name} and writes the same two rows of {name}, so they must not overlap")
+
+
 def _check_inputs(op, z, alpha, state):
     _check_z(op, "z", z)
     if (alpha is None) == (state is None):
@@ -311,13 +323,7 @@ def mix_fwd(z: torch.Tensor, alpha: torch.Tensor | None = None, *, state: torch.
                  z.dtype, state is not None)
 
     if out is not None:
-        _check_z(op, "out", out)
-        if out.shape != z.shape or out.dtype != z.dtype or out.device != z.device:
-            raise ValueError(f"{op}: out must match z (shape {tuple(z.shape)}, {z.dtype}, {z.device}), "
-                             f"got {tuple(out.shape)}, {out.dtype}, {out.device}")
-        if _overlap(out, z):
-            raise ValueError(f"{op}: out and z overlap in memory; the kernel reads two rows of z "
-                             f"for every two rows it writes")
+        _check_output(op, "out", out, "z", z)
     if name == "reference":
         if state is not None:
             alpha = philox_alpha_ref(state, n)
@@ -353,13 +359,7 @@ def mix_bwd(g: torch.Tensor, alpha: torch.Tensor, *, dz: torch.Tensor | None = N
     n, d = g.shape[0], g.numel() // g.shape[0]
     _check_alpha(op, alpha, n, g.device)
     if dz is not None:
-        _check_z(op, "dz", dz)
-        if dz.shape != g.shape or dz.dtype != g.dtype or dz.device != g.device:
-            raise ValueError(f"{op}: dz must match g (shape {tuple(g.shape)}, {g.dtype}, {g.device}), "
-                             f"got {tuple(dz.shape)}, {dz.dtype}, {dz.device}")
-        if _overlap(dz, g):
-            raise ValueError(f"{op}: dz and g share memory; the kernel reads both rows of g and writes "
-                             f"both rows of dz, so they must not overlap")
+        _check_output(op, "dz", dz, "g", g)
     name = _ext.resolve_backend(op, g, backend)
     _ext.check_backend_runs(op, name, g.device)
     logger.debug("mix_bwd: backend=%s (asked %s) g %s %s accumulate=%s", name, backend,
