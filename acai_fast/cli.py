@@ -210,9 +210,21 @@ def _idx_evaluation(x_test, y_test):
     return evaluate
 
 
+def _checkpoint_file(parser, path) -> Path:
+    """--checkpoint: a checkpoint file, or a run folder holding checkpoint.pt (exit 2 when that
+    folder has none)."""
+    path = Path(path)
+    if path.is_dir():
+        if not (path / "checkpoint.pt").is_file():
+            parser.error(f"--checkpoint: {path} is a folder without a checkpoint.pt")
+        return path / "checkpoint.pt"
+    return path
+
+
 def _load_trainer(parser, path, device):
     from .trainer import ACAITrainer
 
+    path = _checkpoint_file(parser, path)
     try:
         return ACAITrainer.load(path, device=device)
     except (FileNotFoundError, ValueError) as exc:
@@ -370,7 +382,8 @@ def cmd_evaluate(parser, args) -> int:
     else:
         result.update(_image_evaluation(parser, args, trainer))
     line = json_line(result)
-    path = Path(args.checkpoint).with_name(Path(args.checkpoint).stem + "_evaluation.json")
+    checkpoint = _checkpoint_file(parser, args.checkpoint)
+    path = checkpoint.with_name(checkpoint.stem + "_evaluation.json")
     path.write_text(line + "\n")
     print(line)
     print(f"wrote {path}", file=sys.stderr)
