@@ -218,7 +218,7 @@ def sweep(preset: str, seeds, *, advweight=None, reg=None, lr=None, model: str =
         acai_fast.loop.TrainingStopped (continue with resume=True).
     SweepArgumentError (a ValueError, one line) for bad arguments, a folder that already holds runs
     (without resume) or another sweep, missing data: before anything trains."""
-    from tqdm.auto import tqdm
+    from .progress import progress as progress_report
 
     try:  # everything that can be wrong with the arguments, the folder or the data: before any step
         overrides = dict(overrides or {})
@@ -274,8 +274,8 @@ def sweep(preset: str, seeds, *, advweight=None, reg=None, lr=None, model: str =
                     total_img=run_img, pairs=pairs, window=window, runs=[r.as_dict() for r in runs])
         _write_json(out / "sweep.json", meta)
 
-    bar = tqdm(total=images_left(job, groups), disable=not (progress and rank == 0), dynamic_ncols=True, unit="img",
-               unit_scale=True, bar_format="{desc} {percentage:3.0f}%|{bar}| [{elapsed} elapsed, {remaining} left]")
+    bar = progress_report(images_left(job, groups), enabled=progress and rank == 0, unit="img", unit_scale=True,
+                          counts=False)
     stop = _StopSignals(handle_signals, announce=rank == 0)
     stop.install()
     try:
@@ -464,9 +464,9 @@ def images_left(job: Job, groups: list[tuple[int, list[Run]]]) -> int:
 def train_arrays(job: Job, groups: list[tuple[int, list[Run]]], bar, stop=None) -> dict[Run, dict]:
     """Train plan_arrays' arrays one after another, each to job.run_img images per run: every
     evaluation appends a record to each live run's metrics.jsonl and writes its checkpoint,
-    interpolations.png and status.json (see the module docstring). bar: a tqdm bar, advanced by
-    each step's images of all runs; stop: acai_fast.loop._StopSignals installed by the caller, or
-    None: SIGINT/SIGTERM are handled here (each running run checkpointed, then TrainingStopped).
+    interpolations.png and status.json (see the module docstring). bar: an acai_fast.progress
+    report, advanced by each step's images of all runs; stop: acai_fast.loop._StopSignals installed by
+    the caller, or None: SIGINT/SIGTERM are handled here (each running run checkpointed, then TrainingStopped).
     Returns, for each run trained, its array's dict(seconds (its wall time), runs, backend)."""
     own = stop is None
     if own:

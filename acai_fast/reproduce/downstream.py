@@ -142,11 +142,10 @@ def reproduce_downstream(task: str, dataset: str, latent: int, data: str | os.Pa
     data: the dataset folder (acai_fast.data.load_dataset) or its load_data(); restarts: K-means initialisations
     (cluster); config_overrides: ACAIConfig fields to change (tests use tiny networks).
     Returns the dict written to TASK_P_results.json."""
-    from tqdm.auto import tqdm
-
     from ..checkpoint import check_output_folder
     from ..data.common import to_unit_range
     from ..eval.probe import probe_accuracy
+    from ..progress import progress as progress_report
     from ..sweep import RunData, checkpoint_room, images_left, train_arrays
     from ..trainer import ACAITrainer, resolve_backend
     from .arrays import check_array, model_job, outcome, plan, resolve_device, reruns
@@ -182,9 +181,8 @@ def reproduce_downstream(task: str, dataset: str, latent: int, data: str | os.Pa
         plans[name] = plan(jobs[name], reruns_of[name], array)
     check_output_folder(out, sum(checkpoint_room(config, m, sum(len(g) for _, g in plans[m])) for m in names))
 
-    bar = tqdm(total=sum(images_left(jobs[m], plans[m]) for m in names), disable=not progress,
-               dynamic_ncols=True, unit="img", unit_scale=True,
-               bar_format="{desc} {percentage:3.0f}%|{bar}| [{elapsed} elapsed, {remaining} left]")
+    bar = progress_report(sum(images_left(jobs[m], plans[m]) for m in names), enabled=progress, unit="img",
+                          unit_scale=True, counts=False)
     results: dict[str, list[DownstreamRun]] = {m: [] for m in names}
     shown: dict[str, torch.Tensor] = {}
     try:
