@@ -207,11 +207,17 @@ class GpuSampler:
         `reason` says why (logged once, as a warning) and nothing is recorded.
     csv_path: every sample is also appended to this CSV (header CSV_COLUMNS when the file is new),
         flushed as it is written so that a killed run keeps its samples.
-    clock: the monotonic clock of the sample times (`time_s` in each sample; default time.monotonic).
+    clock: the monotonic clock of the sample times and of the schedule (`time_s` in each sample;
+        default time.monotonic); tests inject a fake one and drive the sampler by hand (below).
     A reader that raises stops the sampling (reason recorded, logged once), never the caller.
 
-    Use as a context manager, or start()/stop(). `begin_interval()` / `end_interval()` give the
-    summary of the samples between two calls: the hook `acai_fast.loop.fit(monitor=...)` calls."""
+    Use as a context manager, or start()/stop(). start() takes the first sample at once (in the
+    caller's thread: a run shorter than one interval still has one, a failing reader shows at once),
+    then a background thread calls take_sample() on the schedule it returns: readings at
+    t0 + k * interval_s, a late one followed by the next on time (no burst of catch-up readings).
+    start(background=False) opens the reader and the CSV without a thread: the caller calls
+    take_sample() itself. `begin_interval()` / `end_interval()` give the summary of the samples
+    between two calls: the hook `acai_fast.loop.fit(monitor=...)` calls."""
 
     def __init__(self, interval_s: float = 0.5, *, reader: Callable[[], dict] | None = None, device=None,
                  csv_path: str | os.PathLike | None = None, clock: Callable[[], float] = time.monotonic):
@@ -227,12 +233,14 @@ class GpuSampler:
         self.source: str | None = None
         self._reader = reader
         self._thread: threading.Thread | None = None
-        self._stop = threading.Event()
+        self._stop = threading.Event()  # set while not started, and by stop()
+        self._stop.set()
         self._lock = threading.Lock()
         self._file = None
         self._writer = None
         self._t0 = 0.0
         self._unix0 = 0.0
+        self._next_t = 0.0
         self._interval_start = 0
 
     @property
@@ -249,8 +257,10 @@ class GpuSampler:
     def __exit__(self, *exc) -> None:
         self.stop()
 
-    def start(self) -> "GpuSampler":
-        if self.running:
+    def start(self, background: bool = True) -> "GpuSampler":
+        """Open the reader (and the CSV), take the first sample, then (background) sample in a
+        thread until stop(). Started already: nothing more."""
+        if self.running or not self._stop.is_set():
             return self
         if self._reader is None:
             try:
@@ -270,8 +280,12 @@ class GpuSampler:
                 self._file.flush()
         self._stop.clear()
         self._t0, self._unix0 = self.clock(), time.time()
-        self._thread = threading.Thread(target=self._run, name="acai-gpu-sampler", daemon=True)
-        self._thread.start()
+        self._next_t = self._t0
+        delay = self.take_sample()
+        if background and delay is not None:
+            self._thread = threading.Thread(target=self._run, args=(delay,), name="acai-gpu-sampler",
+                                            daemon=True)
+            self._thread.start()
         return self
 
     def stop(self) -> None:
@@ -292,27 +306,37 @@ class GpuSampler:
             self.reason = reason
             log.warning("GPU sampling off: %s", reason)
 
-    def _run(self) -> None:
-        next_t = self.clock()
-        while not self._stop.is_set():
-            try:
-                values = self._reader()
-            except Exception as exc:  # a failing reader ends the sampling, never the run
-                self._off(f"the reader failed: {type(exc).__name__}: {exc}")
+    def take_sample(self) -> float | None:
+        """Read once and record the sample (and its CSV row); returns the seconds to wait until the
+        next reading on the schedule t0 + k * interval_s (0 when late: the schedule restarts from
+        now, no burst of catch-up readings), or None when the reader failed (sampling is over:
+        reason recorded and logged once) or the sampler is stopped."""
+        if not self.available or self._stop.is_set():
+            return None
+        try:
+            values = self._reader()
+        except Exception as exc:  # a failing reader ends the sampling, never the run
+            self._off(f"the reader failed: {type(exc).__name__}: {exc}")
+            return None
+        now = self.clock()
+        sample = dict(time_s=now, elapsed_s=now - self._t0, unix_time=self._unix0 + (now - self._t0))
+        sample.update({k: values.get(k) for k in FIELDS})
+        with self._lock:
+            self.samples.append(sample)
+            if self._writer is not None:
+                self._writer.writerow([_csv_value(sample[k]) for k in CSV_COLUMNS])
+                self._file.flush()
+        self._next_t += self.interval_s
+        delay = self._next_t - self.clock()
+        if delay < 0:  # fell behind (a slow reading): the schedule restarts from now
+            self._next_t, delay = self.clock(), 0.0
+        return delay
+
+    def _run(self, delay: float) -> None:
+        while not self._stop.wait(delay):
+            delay = self.take_sample()
+            if delay is None:
                 return
-            now = self.clock()
-            sample = dict(time_s=now, elapsed_s=now - self._t0, unix_time=self._unix0 + (now - self._t0))
-            sample.update({k: values.get(k) for k in FIELDS})
-            with self._lock:
-                self.samples.append(sample)
-                if self._writer is not None:
-                    self._writer.writerow([_csv_value(sample[k]) for k in CSV_COLUMNS])
-                    self._file.flush()
-            next_t += self.interval_s
-            delay = next_t - self.clock()
-            if delay < 0:  # fell behind (a slow reading): no burst of catch-up samples
-                next_t, delay = self.clock(), 0.0
-            self._stop.wait(delay)
 
     def window(self, start: float, end: float | None = None) -> list[dict]:
         """The samples taken between clock times start and end (default: now)."""
