@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import sys
 from pathlib import Path
@@ -20,7 +21,9 @@ from .config import PRESETS, ACAIConfig
 
 DATA_HELP = ("folder of the preset's dataset (default: $ACAI_FAST_DATA): the MNIST IDX files, SVHN .mat "
              "files, CIFAR-10 python batches or .tar.gz, or CelebA's img_align_celeba/ (or a subfolder "
-             "named after the dataset)")
+             "named after the dataset); or your own images: any other folder of PNG/JPEG files (labels "
+             "from its first-level subfolders, if any) or an .npy/.npz uint8 array (N, H, W[, C]) with "
+             "optional labels, centre-cropped and resized to 32x32 (README: 'Your own images')")
 
 
 def _positive_float(text: str) -> float:
@@ -47,14 +50,137 @@ def _device_arg(parser: argparse.ArgumentParser, args) -> str | None:
     return args.device
 
 
+# ------------------------------------------------------------------------------------------------
+# The parser's manners: a mistake is one line, help shows each default once and an example
+# ------------------------------------------------------------------------------------------------
+
+# CPU threads of a CPU run when neither --threads nor OMP_NUM_THREADS says otherwise. Measured on a
+# shared 2-core machine (README, "CPU threads"): with PyTorch's default of one thread per core the
+# quick start fell from ~260 to ~5 images/s when other jobs ran; one thread held up.
+CPU_THREADS = 1
+
+EXAMPLES = {  # each sub-command's --help ends with these
+    "train": "acai-fast train --preset lines --kimg 96 --eval-kimg 16 --out runs/lines --device cpu\n"
+             "acai-fast train --preset lines --kimg 192 --out runs/lines --resume       # continue it\n"
+             "acai-fast train --preset svhn32 --data ~/data/svhn --out runs/svhn32",
+    "interpolate": "acai-fast interpolate --checkpoint runs/lines --out grid.png --pairs 8 --steps 12",
+    "evaluate": "acai-fast evaluate --checkpoint runs/lines\n"
+                "acai-fast evaluate --checkpoint runs/svhn32 --data ~/data/svhn --restarts 100",
+    "profile": "acai-fast profile --preset lines --batch 64 --steps 5 --out prof",
+    "reproduce lines": "acai-fast reproduce lines --out results/lines --models acai,vae --kimg 1024 --runs 3",
+    "reproduce probe": "acai-fast reproduce probe --dataset mnist --latent 32 --data ~/data/mnist --out results",
+    "reproduce cluster": "acai-fast reproduce cluster --dataset mnist --latent 32 --data ~/data/mnist --out results",
+    "sweep": "acai-fast sweep --preset lines --seeds 0-3 --advweight 0,0.5,1 --kimg 4096 --out sweeps/lambda",
+    "encode": "acai-fast encode --checkpoint runs/svhn32 --data my_photos/ --out latents.npz",
+    "export": "acai-fast export --checkpoint runs/svhn32 --out exported/",
+}
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Each option's help followed by its default once: "(default: X)" is added unless the help
+    already speaks of its default or there is none to show (None, False, a required option)."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if ("default" in text or action.required or not action.option_strings
+                or action.default in (None, False, argparse.SUPPRESS)):
+            return text
+        return text + " (default: %(default)s)"
+
+
+class CommandParser(argparse.ArgumentParser):
+    """argparse with the project's manners: a mistake is one line, `PROG: error: MESSAGE (see PROG
+    --help)`, not ten lines of usage first; every (sub-)command gets HelpFormatter (also where the
+    caller asked for argparse's own formatters) and remembers its sub-commands (commands())."""
+
+    def __init__(self, *args, formatter_class=HelpFormatter, **kwargs):
+        if formatter_class in (argparse.HelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+            formatter_class = HelpFormatter
+        super().__init__(*args, formatter_class=formatter_class, **kwargs)
+        self.subcommands = None
+
+    def add_subparsers(self, **kwargs):
+        self.subcommands = super().add_subparsers(**kwargs)
+        return self.subcommands
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def commands(parser: CommandParser, prefix: str = "") -> dict[str, CommandParser]:
+    """Every sub-command's parser by name ("train", "reproduce lines", ...), the leaves only."""
+    found = {}
+    for name, sub in (parser.subcommands.choices if parser.subcommands is not None else {}).items():
+        found.update(commands(sub, f"{prefix}{name} ") if sub.subcommands is not None else {prefix + name: sub})
+    return found
+
+
+def _finish_parser(parser: CommandParser) -> CommandParser:
+    """What every sub-command shares, added after they are built: --threads, an example at the end
+    of its help, and itself as args.command_parser (its errors name it: `acai-fast train: error`)."""
+    for name, sub in commands(parser).items():
+        sub.set_defaults(command_parser=sub)
+        if sub.epilog is None and name in EXAMPLES:
+            sub.epilog = "example:\n" + "\n".join("  " + line for line in EXAMPLES[name].splitlines())
+        if not any("--threads" in action.option_strings for action in sub._actions):
+            sub.add_argument("--threads", type=_positive_int, default=None,
+                             help=f"CPU threads of PyTorch's kernels (default: {CPU_THREADS} on the CPU, "
+                                  f"which holds up on a busy machine, or $OMP_NUM_THREADS when set; on a "
+                                  f"GPU, PyTorch's default)")
+    return parser
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {text}")
+    return value
+
+
+def _set_threads(args) -> None:
+    """--threads N, else CPU_THREADS for a run on the CPU unless $OMP_NUM_THREADS is set (PyTorch
+    then follows it); a GPU run keeps PyTorch's default."""
+    import os
+
+    import torch
+
+    threads = getattr(args, "threads", None)
+    if threads is None:
+        device = getattr(args, "device", None)
+        on_cpu = str(device).startswith("cpu") if device is not None else not torch.cuda.is_available()
+        if not on_cpu or os.environ.get("OMP_NUM_THREADS"):
+            return
+        threads = CPU_THREADS
+    torch.set_num_threads(threads)
+
+
+def _version() -> str:
+    import platform
+
+    import torch
+
+    from . import __version__, cuda_extension_available
+    return (f"acai-fast {__version__} (PyTorch {torch.__version__}, Python {platform.python_version()}, "
+            f"CUDA extension {'built' if cuda_extension_available() else 'not built'})")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="acai-fast", description="Train and inspect ACAI autoencoders (Berthelot et al., ICLR 2019).")
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser = CommandParser(
+        prog="acai-fast", description="Train and inspect ACAI autoencoders (Berthelot et al., ICLR 2019).",
+        epilog="example:\n  acai-fast train --preset lines --kimg 96 --eval-kimg 16 --out runs/lines --device cpu\n"
+               "each command's options: acai-fast COMMAND --help")
+    parser.add_argument("--version", action="version", version=_version(),
+                        help="print the versions of acai_fast, PyTorch and Python, and exit")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     train = sub.add_parser("train", help="train a model; evaluations go to OUT/metrics.jsonl",
                            formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    train.add_argument("--preset", default="lines", choices=PRESETS, help="the paper's configuration")
+    train.add_argument("--preset", default=None, choices=PRESETS,
+                       help="the paper's configuration (default: lines; with --resume: the checkpoint's, and "
+                            "another one is an error)")
     train.add_argument("--kimg", type=_positive_float, default=16384.0,
                        help="train on this many thousand (x1024) images in total (the paper: 16384)")
     train.add_argument("--out", required=True, help="output folder (metrics.jsonl, checkpoint.pt, interpolations.png)")
@@ -77,26 +203,36 @@ def build_parser() -> argparse.ArgumentParser:
                        help="the GLOBAL batch: images per step over all processes (under torchrun split "
                             "evenly, >= 2 per process); default: the preset's, 64")
     train.add_argument("--data", default=None, help=DATA_HELP)
+    _add_test_fraction(train)
     train.add_argument("--no-progress", action="store_true", help="no progress bar")
     _add_fault_arguments(train)
     train.add_argument("--profile", action="store_true",
                        help="sample the GPU with NVML for the whole run (OUT/gpu_samples.csv) and add each "
                             "interval's mean utilisation and power to its metrics line")
 
-    interp = sub.add_parser("interpolate", help="draw a grid of interpolations from a checkpoint",
+    interp = sub.add_parser("interpolate", help="draw a grid of interpolations from a checkpoint, or between "
+                                                "two images of yours (--between), as a PNG and/or a GIF",
                             formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     interp.add_argument("--checkpoint", required=True)
-    interp.add_argument("--out", required=True, help="PNG file to write")
+    interp.add_argument("--out", default=None, help="PNG file to write: one row of interpolations per pair")
+    interp.add_argument("--between", nargs=2, default=None, metavar=("A", "B"),
+                        help="two image files of yours (PNG, JPEG, ...) to interpolate between, instead of "
+                             "test pairs (prepared as --data images: centre square, 32x32, the model's colours)")
+    interp.add_argument("--gif", default=None,
+                        help="GIF file to write: the interpolation animated back and forth (each frame one "
+                             "step of every pair, 4x enlarged)")
     interp.add_argument("--pairs", type=int, default=16, help="rows: pairs of test images")
     interp.add_argument("--steps", type=int, default=16, help="columns: interpolation steps, ends included")
     interp.add_argument("--seed", type=int, default=1234, help="which test pairs")
     interp.add_argument("--data", default=None, help=DATA_HELP + "; the test split is used")
+    _add_test_fraction(interp)
     interp.add_argument("--device", default=None)
 
     evaluate = sub.add_parser("evaluate", help="print the evaluation metrics of a checkpoint as JSON",
                               formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     evaluate.add_argument("--checkpoint", required=True)
     evaluate.add_argument("--data", default=None, help=DATA_HELP)
+    _add_test_fraction(evaluate)
     evaluate.add_argument("--device", default=None)
     evaluate.add_argument("--restarts", type=int, default=1000,
                           help="image presets: K-means initialisations of the clustering accuracy (the paper: 1000)")
@@ -106,7 +242,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_profile_parser(sub)
     _add_reproduce_parsers(sub)
     _add_sweep_parser(sub)
-    return parser
+    _add_encode_export_parsers(sub)
+    return _finish_parser(parser)  # (last: every sub-command is built)
 
 
 def _add_profile_parser(sub) -> None:
@@ -202,6 +339,64 @@ def _image_batches(trainer, x, y):
                          start_step=trainer.steps, rank=rank, world_size=world)
 
 
+# ------------------------------------------------------------------------------------------------
+# Your own images (--data FOLDER or FILE.npz; acai_fast.data.images)
+# ------------------------------------------------------------------------------------------------
+
+def _fraction(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not 0 <= value < 1:
+        raise argparse.ArgumentTypeError(f"must be in [0, 1), got {text}")
+    return value
+
+
+def _add_test_fraction(p) -> None:
+    p.add_argument("--test-fraction", type=_fraction, default=0.1,
+                   help="your own images (--data): the share held out as the test split (a fixed seeded "
+                        "draw; 0: test on the training images)")
+
+
+def _own_images(parser, args, config: ACAIConfig):
+    """--data (else $ACAI_FAST_DATA) as your own images, prepared in `config`'s colours (an
+    acai_fast.data.ImageSet), or None when it names the paper's dataset files or is not set. A
+    folder holding the paper's official file names is the paper's data; any other folder, or an
+    .npy/.npz file, is yours. Unreadable data, or a lines preset given images, exits 2."""
+    import os
+
+    from .data import is_own_data, load_images
+    from .data.datasets import DATA_ENV
+
+    path = args.data if args.data is not None else os.environ.get(DATA_ENV) or None
+    if path is None or not is_own_data(path):
+        return None
+    if config.dataset == "lines":
+        parser.error(f"--data {path}: the lines preset generates its data; your own images need an image "
+                     f"preset (mnist32, mnist256: grey; svhn32, celeba32, cifar256, ...: colour)")
+    try:
+        return load_images(path, config.colors, test_fraction=args.test_fraction,
+                           progress=not getattr(args, "no_progress", False))
+    except (FileNotFoundError, ValueError) as exc:
+        parser.error(f"--data: {exc}")
+
+
+def _own_splits(parser, own, config: ACAIConfig, *, train: bool = True):
+    """(x_train, y_train, x_test, y_test) of your images for a model of `config`: its probe must
+    hold their classes; training needs one batch of training images."""
+    x, y = own.split("train")
+    x_test, y_test = own.split("test")
+    if own.nclass is not None and own.nclass > config.nclass:
+        parser.error(f"--data: {own.nclass} classes ({', '.join(own.classes[:4])}{', ...' if own.nclass > 4 else ''}), "
+                     f"but the model's probe has {config.nclass} (config.nclass); train on these images "
+                     f"to get a probe for them")
+    if train and len(x) < config.batch:
+        parser.error(f"--data: the training split holds {len(x)} images, fewer than one batch of "
+                     f"{config.batch} (lower --batch or --test-fraction, or add images)")
+    return x, y, x_test, y_test
+
+
 def _idx_evaluation(x_test, y_test):
     from .eval.probe import probe_accuracy
 
@@ -221,6 +416,29 @@ def _checkpoint_file(parser, path) -> Path:
     return path
 
 
+def _output_file(parser, option: str, path) -> Path:
+    """A file a sub-command will write, checked before any work: it is not a folder and its folder
+    exists and takes a new file (acai_fast.checkpoint.check_output_file; one line, exit 2, otherwise)."""
+    from .checkpoint import CheckpointError, check_output_file
+
+    try:
+        return check_output_file(path)
+    except CheckpointError as exc:
+        parser.error(f"{option} {exc}")
+
+
+def _output_folder(parser, option: str, path) -> Path:
+    """A folder a sub-command will write into, created and checked before any work (one line, exit
+    2, when it cannot be created or written)."""
+    from .checkpoint import CheckpointError, check_output_folder
+
+    try:
+        check_output_folder(path)
+    except CheckpointError as exc:
+        parser.error(f"{option}: {exc}")
+    return Path(path)
+
+
 def _load_trainer(parser, path, device):
     from .trainer import ACAITrainer
 
@@ -229,6 +447,46 @@ def _load_trainer(parser, path, device):
         return ACAITrainer.load(path, device=device)
     except (FileNotFoundError, ValueError) as exc:
         parser.error(f"--checkpoint: {exc}")
+
+
+_PRESET_FIELDS = ("dataset", "colors", "latent_width", "image_size", "depth", "latent")  # what a preset sets
+
+
+def preset_name(config: ACAIConfig) -> str:
+    """The preset `config` was made from, where its preset fields are exactly one's (the probe's
+    classes aside: your own images set them), else e.g. "a mnist configuration"."""
+    for name in PRESETS:
+        wanted = ACAIConfig.preset(name)
+        if all(getattr(wanted, f) == getattr(config, f) for f in _PRESET_FIELDS):
+            return name
+    return f"a {config.dataset} configuration"
+
+
+def _check_resume(parser, args, trainer, checkpoint: Path) -> None:
+    """train --resume: the checkpoint decides what is trained. An option given on the command line
+    that contradicts it (the preset, the model, the seed, a hyper-parameter) is refused in one line
+    (exit 2) instead of being silently ignored; options left out take the checkpoint's values."""
+    cfg = trainer.config
+    keep = "leave it out to continue the run as it was trained"
+    if args.preset is not None:
+        explicit = {k: v for k, v in _model_overrides(args).items() if k in _PRESET_FIELDS}
+        wanted = ACAIConfig.preset(args.preset, **explicit)
+        differ = [f"{f} {getattr(wanted, f)} vs {getattr(cfg, f)}" for f in _PRESET_FIELDS
+                  if getattr(wanted, f) != getattr(cfg, f)]
+        if differ:
+            parser.error(f"--preset {args.preset} conflicts with --resume: {checkpoint} holds a "
+                         f"{trainer.model.name} run on {preset_name(cfg)} ({', '.join(differ)}); {keep}")
+    if args.model is not None and args.model != trainer.model.name:
+        parser.error(f"--model {args.model} conflicts with --resume: {checkpoint} holds a {trainer.model.name!r} "
+                     f"model; {keep}")
+    if args.seed is not None and args.seed != trainer.seed:
+        parser.error(f"--seed {args.seed} conflicts with --resume: {checkpoint} was trained "
+                     f"with seed {trainer.seed} (leave --seed out to continue it)")
+    given = dict(_model_overrides(args), **({} if args.batch is None else dict(batch=args.batch)))
+    for name, value in given.items():
+        if value != getattr(cfg, name):
+            parser.error(f"--{name} {value:g} conflicts with --resume: {checkpoint} was trained with {name} "
+                         f"{getattr(cfg, name):g}; {keep}")
 
 
 def cmd_train(parser, args) -> int:
@@ -244,24 +502,28 @@ def cmd_train(parser, args) -> int:
         parser.error(str(exc))
     out = Path(args.out)
     checkpoint = out / "checkpoint.pt"
+    if args.resume and not out.is_dir():  # a typo must not start a new run
+        parser.error(f"--resume: {out} {'is not a folder' if out.exists() else 'does not exist'}: nothing "
+                     f"to continue (leave --resume out to start a new run there)")
     if checkpoint.exists() and not args.resume:
         parser.error(f"{checkpoint} exists: pass --resume to continue it, or choose another --out")
+    _output_folder(parser, "--out", out)  # before any work (loading data, building the networks)
     overrides = {} if args.batch is None else dict(batch=args.batch)
     overrides.update(_model_overrides(args))
     try:
-        config = ACAIConfig.preset(args.preset, **overrides)
+        config = ACAIConfig.preset(args.preset or "lines", **overrides)
+        own = None  # your own images (--data FOLDER or .npz): their classes size a new run's probe
+        if not (args.resume and checkpoint.exists()):
+            own = _own_images(parser, args, config)
+            if own is not None and own.nclass is not None:
+                config = dataclasses.replace(config, nclass=own.nclass)
         if args.resume and checkpoint.exists():
             trainer = ACAITrainer.load(checkpoint, device=device, backend=args.backend, dtype=args.dtype,
                                        cuda_graph=args.cuda_graph, distributed=distributed,
                                        skip_nonfinite=args.nan_policy == "skip")
-            if args.seed is not None and args.seed != trainer.seed:
-                parser.error(f"--seed {args.seed} conflicts with --resume: {checkpoint} was trained "
-                             f"with seed {trainer.seed} (leave --seed out to continue it)")
-            if args.model is not None and args.model != trainer.model.name:
-                parser.error(f"--model {args.model}: {checkpoint} holds a {trainer.model.name!r} model")
-            if trainer.config != config:
-                print(f"note: resuming with the checkpoint's configuration {trainer.config}", file=sys.stderr)
-            print(f"resuming {checkpoint} at {trainer.nimg / 1024:.1f} kimg", file=sys.stderr)
+            _check_resume(parser, args, trainer, checkpoint)
+            print(f"resuming {checkpoint} ({trainer.model.name} on {preset_name(trainer.config)}, seed "
+                  f"{trainer.seed}) at {trainer.nimg / 1024:.1f} kimg", file=sys.stderr)
         else:
             if args.resume:
                 print(f"note: no checkpoint in {out}; starting a new run", file=sys.stderr)
@@ -280,8 +542,15 @@ def cmd_train(parser, args) -> int:
         if args.data is not None:
             parser.error("--data is not used by the lines preset (its data is generated)")
     else:  # an image dataset: uint8 on the device, the probe trained on its labels (as the paper)
-        x, y = _load_images(parser, trainer.config, args.data, "train", pixels=True)
-        x_test, y_test = _load_images(parser, trainer.config, args.data, "test")
+        own = own if own is not None else _own_images(parser, args, trainer.config)
+        if own is not None:  # your own images: float32 in [-1, 1] on the device
+            x, y, x_test, y_test = _own_splits(parser, own, trainer.config)
+            if own.nclass is not None and own.nclass != trainer.config.nclass:
+                parser.error(f"--data: {own.nclass} classes, but {checkpoint}'s probe has {trainer.config.nclass}: "
+                             f"these are not the images it was trained on")
+        else:
+            x, y = _load_images(parser, trainer.config, args.data, "train", pixels=True)
+            x_test, y_test = _load_images(parser, trainer.config, args.data, "test")
         data = _image_batches(trainer, x, y)
         if y_test is not None:  # CelebA has no labels: no probe to score
             fit_args.update(evaluate=_idx_evaluation(x_test, y_test))
@@ -296,7 +565,7 @@ def cmd_train(parser, args) -> int:
               f"global batch {trainer.config.batch}, {distributed.local_batch(trainer.config.batch)} per "
               f"process; rank 0 evaluates and writes", file=sys.stderr)
     if distributed is None or distributed.is_main:
-        print(f"acai-fast: training {trainer.model.name} on {args.preset} on {trainer.device} (backend "
+        print(f"acai-fast: training {trainer.model.name} on {args.preset or preset_name(trainer.config)} on {trainer.device} (backend "
               f"{trainer.backend}, {str(trainer.dtype).replace('torch.', '')}) "
               f"to {args.kimg:g} kimg; outputs in {out}", file=sys.stderr)
     board = _tensorboard_log(parser, args, out, trainer)  # --tensorboard: events beside metrics.jsonl
@@ -329,6 +598,7 @@ def cmd_profile(parser, args) -> int:
     device = _device_arg(parser, args)
     if args.steps < 1 or args.warmup < 0 or args.sample_seconds < 0 or args.top < 1:
         parser.error("--steps and --top must be >= 1, --warmup and --sample-seconds >= 0")
+    _output_folder(parser, "--out", args.out)  # before any work
     try:
         config = ACAIConfig.preset(args.preset, **({} if args.batch is None else dict(batch=args.batch)))
         trainer = ACAITrainer(config, backend=args.backend, device=device, seed=args.seed, dtype=args.dtype,
@@ -352,22 +622,39 @@ def cmd_profile(parser, args) -> int:
 def cmd_interpolate(parser, args) -> int:
     import torch
 
-    from .plotting import save_interpolation_grid
+    from .plotting import save_interpolation_gif, save_interpolation_grid
 
     if args.pairs < 1 or args.steps < 2:
         parser.error("--pairs must be >= 1 and --steps >= 2")
+    if args.out is None and args.gif is None:
+        parser.error("give --out PNG (a picture) and/or --gif GIF (an animation)")
+    for option, path in (("--out", args.out), ("--gif", args.gif)):  # before any work
+        if path is not None:
+            _output_file(parser, option, path)
     trainer = _load_trainer(parser, args.checkpoint, _device_arg(parser, args))
-    if _dataset_kind(trainer.config) == "lines":
+    if args.between is not None:  # two images of the user's
+        from .data.images import load_image_files
+        try:
+            x = load_image_files(args.between, trainer.config.colors)
+        except (FileNotFoundError, ValueError) as exc:
+            parser.error(f"--between: {exc}")
+        x_a, x_b = x[:1], x[1:]
+    elif _dataset_kind(trainer.config) == "lines":
         from .data.lines import draw_lines
         from .eval.lines import eval_pairs
         a, b = eval_pairs(args.pairs, args.seed)
         x_a, x_b = draw_lines(a), draw_lines(b)
     else:
-        x, _ = _load_images(parser, trainer.config, args.data, "test")
-        idx = torch.randperm(len(x), generator=torch.Generator().manual_seed(args.seed))[:2 * args.pairs]
-        x_a, x_b = x[idx[:args.pairs]], x[idx[args.pairs:]]
-    save_interpolation_grid(trainer.interpolate(x_a, x_b, steps=args.steps), args.out)
-    print(f"wrote {args.out}", file=sys.stderr)
+        own = _own_images(parser, args, trainer.config)  # --data: your own images' test split
+        x = own.split("test")[0] if own is not None else _load_images(parser, trainer.config, args.data, "test")[0]
+        pairs = min(args.pairs, len(x) // 2)
+        idx = torch.randperm(len(x), generator=torch.Generator().manual_seed(args.seed))[:2 * pairs]
+        x_a, x_b = x[idx[:pairs]], x[idx[pairs:]]
+    images = trainer.interpolate(x_a, x_b, steps=args.steps)
+    for path, save in ((args.out, save_interpolation_grid), (args.gif, save_interpolation_gif)):
+        if path is not None:
+            save(images, path)
+            print(f"wrote {path}", file=sys.stderr)
     return 0
 
 
@@ -375,6 +662,9 @@ def cmd_evaluate(parser, args) -> int:
     from .loop import json_line
 
     trainer = _load_trainer(parser, args.checkpoint, _device_arg(parser, args))
+    checkpoint = _checkpoint_file(parser, args.checkpoint)
+    path = checkpoint.with_name(checkpoint.stem + "_evaluation.json")
+    _output_file(parser, "--checkpoint: the evaluation's JSON", path)  # before the (long) evaluation
     result = dict(kimg=round(trainer.nimg / 1024, 3))
     if _dataset_kind(trainer.config) == "lines":
         from .eval.lines import evaluate_lines
@@ -382,8 +672,6 @@ def cmd_evaluate(parser, args) -> int:
     else:
         result.update(_image_evaluation(parser, args, trainer))
     line = json_line(result)
-    checkpoint = _checkpoint_file(parser, args.checkpoint)
-    path = checkpoint.with_name(checkpoint.stem + "_evaluation.json")
     path.write_text(line + "\n")
     print(line)
     print(f"wrote {path}", file=sys.stderr)
@@ -398,11 +686,19 @@ def _image_evaluation(parser, args, trainer) -> dict:
 
     if args.restarts < 1:
         parser.error(f"--restarts must be >= 1, got {args.restarts}")
-    x_test, y_test = _load_images(parser, trainer.config, args.data, "test", pixels=True)
-    if y_test is None:
-        print("note: CelebA has no labels: no probe or clustering accuracy", file=sys.stderr)
-        return {}
-    x_train, y_train = _load_images(parser, trainer.config, args.data, "train", pixels=True, limit=60000)
+    own = _own_images(parser, args, trainer.config)  # --data: your own images, their test split
+    if own is not None:
+        x_train, y_train, x_test, y_test = _own_splits(parser, own, trainer.config, train=False)
+        if y_test is None:
+            print(f"note: {own.source} has no labels (no class subfolders or labels array): no probe or "
+                  f"clustering accuracy", file=sys.stderr)
+            return {}
+    else:
+        x_test, y_test = _load_images(parser, trainer.config, args.data, "test", pixels=True)
+        if y_test is None:
+            print("note: CelebA has no labels: no probe or clustering accuracy", file=sys.stderr)
+            return {}
+        x_train, y_train = _load_images(parser, trainer.config, args.data, "train", pixels=True, limit=60000)
     from .data import to_unit_range
 
     result = _idx_evaluation(to_unit_range(x_test), y_test)(trainer)
@@ -455,6 +751,7 @@ def cmd_reproduce_lines(parser, args) -> int:
         resolve_backend(args.backend, torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu")))
     except ValueError as exc:
         parser.error(str(exc))
+    _output_folder(parser, "--out", args.out)  # before any work
     print(f"acai-fast: reproducing the lines table: {', '.join(models)}; {args.runs} run(s) x "
           f"{args.kimg:g} kimg each; outputs in {args.out}", file=sys.stderr)
     reproduce_lines(args.out, models, kimg=args.kimg, runs=args.runs, eval_kimg=args.eval_kimg,
@@ -470,10 +767,13 @@ def _add_reproduce_downstream(tasks) -> None:
     for task in ("probe", "cluster"):
         p = tasks.add_parser(task, help=what[task] + ", every model trained as the paper",
                              formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-        p.add_argument("--dataset", required=True, choices=("mnist", "svhn", "cifar10"))
+        p.add_argument("--dataset", required=True, choices=("mnist", "svhn", "cifar10"),
+                       help="the paper's data set; with your own images as --data, the networks' family "
+                            "(mnist: grey; svhn, cifar10: colour)")
         p.add_argument("--latent", type=int, required=True,
                        help="latent dims: 32 or 256 (mnist, svhn), 256 or 1024 (cifar10)")
         p.add_argument("--data", default=None, help=DATA_HELP)
+        _add_test_fraction(p)
         p.add_argument("--out", required=True, help=f"folder for {task}_PRESET_table.md, the JSON, the PNG and runs/")
         p.add_argument("--models", default="all", help="all, or a comma-separated list of models (acai, ...)")
         p.add_argument("--kimg", type=_positive_float, default=16384.0,
@@ -507,16 +807,28 @@ def cmd_reproduce_downstream(parser, args) -> int:
         folder = data_folder(args.data)
     except ValueError as exc:
         parser.error(str(exc))
-    try:
-        data = load_data(args.dataset, folder)
-    except (FileNotFoundError, ValueError) as exc:
-        parser.error(f"--data: {exc}")
+    _output_folder(parser, "--out", args.out)  # before any work (loading the data set)
     preset = preset_for(args.dataset, args.latent)
+    own = _own_images(parser, args, ACAIConfig.preset(preset))  # your own images: --dataset/--latent pick the networks
+    overrides, data_name = {}, None
+    if own is not None:
+        from .reproduce.downstream import DownstreamData
+        if own.nclass is None:
+            parser.error(f"--data {own.source}: reproduce {args.task} needs labels (class subfolders, or a labels "
+                         f"array in the .npz)")
+        overrides, data_name = dict(nclass=own.nclass), Path(own.source).name
+        data = DownstreamData(*_own_splits(parser, own, ACAIConfig.preset(preset, **overrides)))
+    else:
+        try:
+            data = load_data(args.dataset, folder)
+        except (FileNotFoundError, ValueError) as exc:
+            parser.error(f"--data: {exc}")
     print(f"acai-fast: reproducing the {args.task} table on {preset}: {', '.join(models)}; {args.runs} run(s) x "
           f"{args.kimg:g} kimg each; outputs in {args.out}", file=sys.stderr)
     reproduce_downstream(args.task, args.dataset, args.latent, data, args.out, models=models, kimg=args.kimg,
                          runs=args.runs, eval_kimg=args.eval_kimg, restarts=restarts, backend=args.backend,
-                         device=device, seed=args.seed, progress=not args.no_progress)
+                         device=device, seed=args.seed, progress=not args.no_progress, config_overrides=overrides,
+                         data_name=data_name)
     print((Path(args.out) / f"{args.task}_{preset}_table.md").read_text())
     return 0
 
@@ -598,6 +910,7 @@ def _add_sweep_parser(sub) -> None:
     _add_tensorboard_argument(sw)
     sw.add_argument("--no-progress", action="store_true", help="no progress bar")
     sw.add_argument("--data", default=None, help=DATA_HELP)
+    _add_test_fraction(sw)
     sw.add_argument("--batch", type=int, default=None, help="images per step of each run (default: the preset's, 64)")
     sw.add_argument("--depth", type=int, default=None, help="width of the first encoder/decoder level")
     sw.add_argument("--latent", type=int, default=None, help="latent channels")
@@ -614,7 +927,21 @@ def cmd_sweep(parser, args) -> int:
         distributed = args.distributed = init_from_env(device)
     except ValueError as exc:
         parser.error(str(exc))
+    if args.resume and not Path(args.out).is_dir():  # a typo must not start a new sweep
+        parser.error(f"--resume: {args.out} is not a folder: nothing to continue (leave --resume out to "
+                     f"start a sweep there)")
+    _output_folder(parser, "--out", args.out)  # before any work (loading data)
     overrides = {k: getattr(args, k) for k in ("batch", "depth", "latent", "advdepth") if getattr(args, k) is not None}
+    data = args.data
+    try:
+        config = ACAIConfig.preset(args.preset, **overrides)
+    except ValueError as exc:
+        parser.error(str(exc))
+    own = _own_images(parser, args, config)  # your own images: loaded once, every run trains on them
+    if own is not None:
+        if own.nclass is not None:
+            overrides["nclass"] = own.nclass
+        data = _own_splits(parser, own, dataclasses.replace(config, **overrides))
     main_rank = distributed is None or distributed.is_main
     if main_rank:
         ranks = f" over {distributed.world_size} processes" if distributed is not None else ""
@@ -624,7 +951,7 @@ def cmd_sweep(parser, args) -> int:
         sweep(args.preset, args.seeds, advweight=args.advweight, reg=args.reg, lr=args.lr, model=args.model,
               kimg=args.kimg, eval_kimg=args.eval_kimg, out=args.out, array=args.array, backend=args.backend,
               device=device, resume=args.resume, progress=not args.no_progress, tensorboard=args.tensorboard,
-              data=args.data, overrides=overrides, pairs=args.pairs, distributed=distributed)
+              data=data, overrides=overrides, pairs=args.pairs, distributed=distributed)
     except SweepArgumentError as exc:
         parser.error(str(exc))
     if main_rank:
@@ -632,12 +959,107 @@ def cmd_sweep(parser, args) -> int:
     return 0
 
 
+# ------------------------------------------------------------------------------------------------
+# `acai-fast encode` and `acai-fast export`: latents and networks out (acai_fast.export)
+# ------------------------------------------------------------------------------------------------
+
+
+def _add_encode_export_parsers(sub) -> None:
+    from .export import FORMATS
+
+    enc = sub.add_parser("encode", help="write the latents of a data set (your images or the paper's) to an .npz "
+                                        "file, with labels and file names where known")
+    enc.add_argument("--checkpoint", required=True, help="a checkpoint file, or the run folder holding checkpoint.pt")
+    enc.add_argument("--data", default=None, help=DATA_HELP)
+    _add_test_fraction(enc)
+    enc.add_argument("--split", default="all", choices=("all", "train", "test"),
+                     help="which images: all (your images: every file, is_test marks the test split; the "
+                          "paper's: train then test), train or test")
+    enc.add_argument("--out", required=True,
+                     help=".npz file to write: latents (N, D), latent_maps (N, latent, w, w), labels, classes, "
+                          "names, is_test (numpy.load reads it without pickles)")
+    enc.add_argument("--batch", type=_positive_int, default=1024, help="images per encoder pass on the device")
+    enc.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    enc.add_argument("--no-progress", action="store_true", help="no progress report")
+
+    exp = sub.add_parser("export", help="write the encoder and decoder as torch.export programs that run "
+                                        "without acai_fast (torch only)")
+    exp.add_argument("--checkpoint", required=True, help="a checkpoint file, or the run folder holding checkpoint.pt")
+    exp.add_argument("--out", required=True, help="folder for encoder.pt2, decoder.pt2 and export.json")
+    exp.add_argument("--format", default="export", choices=FORMATS,
+                     help="export: torch.export programs (TorchScript for a network it cannot trace); "
+                          "torchscript: torch.jit.trace")
+
+
+def cmd_encode(parser, args) -> int:
+    import torch
+
+    from .export import encode_dataset, save_latents
+
+    if Path(args.out).suffix != ".npz":
+        parser.error(f"--out {args.out}: the latents file must end in .npz")
+    out = _output_file(parser, "--out", args.out)  # before any work
+    checkpoint = _checkpoint_file(parser, args.checkpoint)
+    trainer = _load_trainer(parser, checkpoint, _device_arg(parser, args))
+    labels = classes = names = is_test = None
+    own = _own_images(parser, args, trainer.config)
+    if own is not None:  # your images: every file (or a split), with its name and label
+        idx = own.indices(args.split)
+        images, source = own.images[idx], own.source
+        labels = own.labels[idx] if own.labels is not None else None
+        classes, names, is_test = own.classes, [own.names[i] for i in idx], own.is_test[idx]
+    elif _dataset_kind(trainer.config) == "lines":
+        parser.error("--data: a lines model's images are generated; give your own images (a folder or .npz) to "
+                     "encode")
+    else:  # the paper's data set: train then test (CelebA's test split is its training set)
+        from .data import dataset_of_preset
+
+        celeba = dataset_of_preset(trainer.config.dataset) == "celeba"  # one split: its training images
+        parts = ["train"] if celeba else [p for p in ("train", "test") if args.split in ("all", p)]
+        loaded = [_load_images(parser, trainer.config, args.data, p, pixels=True) for p in parts]
+        images = torch.cat([x for x, _ in loaded])
+        if all(y is not None for _, y in loaded):
+            labels = torch.cat([y for _, y in loaded])
+        is_test = torch.cat([torch.full((len(x),), p == "test") for p, (x, _) in zip(parts, loaded)])
+        source = str(args.data)
+    print(f"acai-fast: encoding {len(images)} images of {source} ({args.split}) with {checkpoint} on "
+          f"{trainer.device}", file=sys.stderr)
+    latents = encode_dataset(trainer, images, batch_size=args.batch, progress=not args.no_progress)
+    save_latents(out, latents, labels=labels, classes=classes, names=names, is_test=is_test,
+                 checkpoint=str(checkpoint), model=trainer.model.name, kimg=round(trainer.nimg / 1024, 3),
+                 data=source, split=args.split)
+    print(f"wrote {out}: latents {tuple(latents.flatten(1).shape)}, latent_maps {tuple(latents.shape)}"
+          f"{', labels' if labels is not None else ''}{', names' if names is not None else ''}", file=sys.stderr)
+    return 0
+
+
+def cmd_export(parser, args) -> int:
+    from .export import export_networks
+
+    out = _output_folder(parser, "--out", args.out)  # before any work
+    checkpoint = _checkpoint_file(parser, args.checkpoint)
+    trainer = _load_trainer(parser, checkpoint, "cpu")  # exported on the CPU, in fp32
+    info = export_networks(trainer, out, format=args.format, checkpoint=str(checkpoint))
+    for name, entry in info["files"].items():
+        print(f"wrote {out / entry['file']} ({entry['format']}): {info[name]['input']} -> {info[name]['output']}",
+              file=sys.stderr)
+    print(f"wrote {out / 'export.json'}; load with torch.export.load(path).module()", file=sys.stderr)
+    return 0
+
+
 def main(argv=None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if not argv:  # `acai-fast` alone: what it can do, not an error about a missing argument
+        parser.print_help(sys.stderr)
+        return 2
     args = parser.parse_args(argv)
+    parser = args.command_parser  # errors name the sub-command: `acai-fast train: error: ...`
+    _set_threads(args)
     command = {"train": cmd_train, "interpolate": cmd_interpolate, "evaluate": cmd_evaluate,
-               "profile": cmd_profile, "reproduce": cmd_reproduce, "sweep": cmd_sweep}[args.command]
+               "profile": cmd_profile, "reproduce": cmd_reproduce, "sweep": cmd_sweep, "encode": cmd_encode,
+               "export": cmd_export}[args.command]
     return _run(command, parser, args)
 
 

@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -180,6 +179,8 @@ def read_image(path: Path) -> np.ndarray:
     the file when it cannot be read (truncated, damaged, not an image) or converted."""
     from PIL import Image, ImageOps, UnidentifiedImageError
 
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} does not exist" if not path.exists() else f"{path} is not a file")
     try:
         with Image.open(path) as im:
             im = ImageOps.exif_transpose(im)  # loads the pixels: a truncated file fails here
@@ -221,11 +222,10 @@ def _load_folder(folder: Path, colors: int, progress: bool):
 
 
 def _progress_bar(total: int, desc: str, enabled: bool):
-    """A tqdm bar on a terminal for sets large enough to wait for; nothing elsewhere."""
-    from tqdm import tqdm
+    """acai_fast.progress for sets large enough to wait for (a bar on a terminal, lines in a log)."""
+    from ..progress import progress
 
-    return tqdm(total=total, desc=desc, unit="img",
-                disable=not (enabled and total >= 4 * _CHUNK and sys.stderr.isatty()))
+    return progress(total, desc=desc, unit="img", enabled=enabled and total >= 4 * _CHUNK)
 
 
 def _load_array(path: Path, colors: int):
