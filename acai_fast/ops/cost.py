@@ -132,11 +132,14 @@ REDUCE_STEP_US = 0.2      # one step of a serial split reduction: the last progr
                           # fp32 partial tile from L2 (~300 cycles round trip) and adds it
 SMEM_RESERVED = 1024      # shared memory the driver reserves per CTA (sm_80 and later)
 
-# Model-to-wall factor: an independent model of the same kind, applied to an engine measured on an
-# H100 (1aa7db1: 2.04 / 4.47 / 46.4 ms for lines b64 / cifar1024 b64 / b1024), gave 0.65 / 0.59 /
-# 0.59 of the measured step (ANCHORS.md): the model leaves out host/graph overheads, clock ramps and
-# cache effects that a real step pays. Wall time ~ modelled time / MODEL_TO_WALL.
-MODEL_TO_WALL = 0.6
+# Model-to-wall factor: this model applied to the engine measured on an H100 (commit 1aa7db1: 2.04 /
+# 4.47 / 46.4 ms per step for lines b64 / cifar1024 b64 / b1024, ANCHORS.md), its trace costed by
+# bench/model_old_engine.py (conv configs: the model's best of that engine's autotuned lists), gives
+# 1.58 / 3.19 / 33.0 ms: 0.78 / 0.71 / 0.71 of the measured step. The model leaves out what a real
+# step also pays (graph-replay overheads, clock ramps, cache misses, imperfect overlap).
+# Wall time ~ modelled time / MODEL_TO_WALL. (An independent model of the same kind, ANCHORS.md,
+# found 0.65 / 0.59 / 0.59 for its own, ~1.2x smaller, numbers.)
+MODEL_TO_WALL = 0.73
 
 
 # ------------------------------------------------------------------------------------------------
@@ -499,9 +502,11 @@ def conv_cost(kind: str, shape, config, gpu=None, constants: Constants = FIT) ->
     else:
         raise ValueError(f"cost: unknown conv kernel kind {kind!r}; valid: {', '.join(KINDS)}")
 
-    if slots == 0:  # does not fit: infinitely slow, so that no chooser picks it
-        return _finish(kind, ctas, 0, flops, useful, hbm, l2, smem,
+    if slots == 0:  # over the per-block shared memory: it would not launch (time inf, bound "no fit")
+        cost = _finish(kind, ctas, 0, flops, useful, hbm, l2, smem,
                        dict(launch=LAUNCH_GAP_US + constants.fixed_us, latency=math.inf), describe_config(kind, c))
+        cost.bound = "no fit"
+        return cost
     waves = math.ceil(ctas / slots)
     busiest = math.ceil(ctas / gpu.sms)  # programs on the busiest SM
     terms = dict(
