@@ -19,6 +19,8 @@ from pathlib import Path
 
 from .config import PRESETS, ACAIConfig
 
+PROGRESS_HELP = ("no progress report (without it: a bar on a terminal; in a redirected log, one plain line per "
+                 "evaluation or every 30 s)")
 DATA_HELP = ("folder of the preset's dataset (default: $ACAI_FAST_DATA): the MNIST IDX files, SVHN .mat "
              "files, CIFAR-10 python batches or .tar.gz, or CelebA's img_align_celeba/ (or a subfolder "
              "named after the dataset); or your own images: any other folder of PNG/JPEG files (labels "
@@ -125,8 +127,8 @@ def _finish_parser(parser: CommandParser) -> CommandParser:
         if not any("--threads" in action.option_strings for action in sub._actions):
             sub.add_argument("--threads", type=_positive_int, default=None,
                              help=f"CPU threads of PyTorch's kernels (default: {CPU_THREADS} on the CPU, "
-                                  f"which holds up on a busy machine, or $OMP_NUM_THREADS when set; on a "
-                                  f"GPU, PyTorch's default)")
+                                  f"which holds up on a busy machine, or $OMP_NUM_THREADS when set; a GPU "
+                                  f"run keeps PyTorch's own choice)")
     return parser
 
 
@@ -182,7 +184,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="the paper's configuration (default: lines; with --resume: the checkpoint's, and "
                             "another one is an error)")
     train.add_argument("--kimg", type=_positive_float, default=16384.0,
-                       help="train on this many thousand (x1024) images in total (the paper: 16384)")
+                       help="train on this many thousand (x1024) images in total (default: 16384, the paper's)")
     train.add_argument("--out", required=True, help="output folder (metrics.jsonl, checkpoint.pt, interpolations.png)")
     train.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     train.add_argument("--backend", default="auto",
@@ -204,7 +206,7 @@ def build_parser() -> argparse.ArgumentParser:
                             "evenly, >= 2 per process); default: the preset's, 64")
     train.add_argument("--data", default=None, help=DATA_HELP)
     _add_test_fraction(train)
-    train.add_argument("--no-progress", action="store_true", help="no progress bar")
+    train.add_argument("--no-progress", action="store_true", help=PROGRESS_HELP)
     _add_fault_arguments(train)
     train.add_argument("--profile", action="store_true",
                        help="sample the GPU with NVML for the whole run (OUT/gpu_samples.csv) and add each "
@@ -213,7 +215,8 @@ def build_parser() -> argparse.ArgumentParser:
     interp = sub.add_parser("interpolate", help="draw a grid of interpolations from a checkpoint, or between "
                                                 "two images of yours (--between), as a PNG and/or a GIF",
                             formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    interp.add_argument("--checkpoint", required=True)
+    interp.add_argument("--checkpoint", required=True,
+                        help="a checkpoint file, or the run folder holding checkpoint.pt")
     interp.add_argument("--out", default=None, help="PNG file to write: one row of interpolations per pair")
     interp.add_argument("--between", nargs=2, default=None, metavar=("A", "B"),
                         help="two image files of yours (PNG, JPEG, ...) to interpolate between, instead of "
@@ -226,17 +229,20 @@ def build_parser() -> argparse.ArgumentParser:
     interp.add_argument("--seed", type=int, default=1234, help="which test pairs")
     interp.add_argument("--data", default=None, help=DATA_HELP + "; the test split is used")
     _add_test_fraction(interp)
-    interp.add_argument("--device", default=None)
+    interp.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
 
     evaluate = sub.add_parser("evaluate", help="print the evaluation metrics of a checkpoint as JSON",
                               formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    evaluate.add_argument("--checkpoint", required=True)
+    evaluate.add_argument("--checkpoint", required=True,
+                          help="a checkpoint file, or the run folder holding checkpoint.pt; the metrics are also "
+                               "written beside it, as CHECKPOINT_evaluation.json")
     evaluate.add_argument("--data", default=None, help=DATA_HELP)
     _add_test_fraction(evaluate)
-    evaluate.add_argument("--device", default=None)
+    evaluate.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     evaluate.add_argument("--restarts", type=int, default=1000,
-                          help="image presets: K-means initialisations of the clustering accuracy (the paper: 1000)")
-    evaluate.add_argument("--no-progress", action="store_true", help="no progress bar")
+                          help="image presets: K-means initialisations of the clustering accuracy (default: "
+                               "1000, the paper's)")
+    evaluate.add_argument("--no-progress", action="store_true", help=PROGRESS_HELP)
     _add_model_arguments(train)
     _add_tensorboard_argument(train)
     _add_profile_parser(sub)
@@ -250,10 +256,11 @@ def _add_profile_parser(sub) -> None:
     """`acai-fast profile`: a torch.profiler trace of a few training steps (acai_fast.profiling)."""
     prof = sub.add_parser("profile", help="profile training steps: Chrome trace, top kernels, phase split, "
                                           "GPU utilisation picture", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    prof.add_argument("--preset", default="lines", choices=PRESETS)
+    prof.add_argument("--preset", default="lines", choices=PRESETS, help="the paper's configuration")
     prof.add_argument("--batch", type=int, default=None, help="batch size (default: the preset's, 64)")
     prof.add_argument("--backend", default="auto", help="auto, reference or fused")
-    prof.add_argument("--dtype", default=None, choices=("fp32", "bf16"))
+    prof.add_argument("--dtype", default=None, choices=("fp32", "bf16"),
+                      help="activation dtype (default: bf16 for fused on a GPU, else fp32)")
     prof.add_argument("--no-cuda-graph", action="store_true",
                       help="fused on a GPU: eager launches instead of graph replays (the phase split then "
                            "sees forward/backward/optimizer; inside a replay it sees one graph)")
@@ -263,8 +270,8 @@ def _add_profile_parser(sub) -> None:
                       help="then train this long without the profiler while NVML samples the GPU")
     prof.add_argument("--top", type=int, default=15, help="rows of the top-kernel table")
     prof.add_argument("--out", required=True, help="folder for trace.json, profile.json, utilisation.png")
-    prof.add_argument("--device", default=None)
-    prof.add_argument("--seed", type=int, default=0)
+    prof.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    prof.add_argument("--seed", type=int, default=0, help="seed of the weights and the random batch")
 
 
 def _add_model_arguments(train) -> None:
@@ -275,12 +282,16 @@ def _add_model_arguments(train) -> None:
     train.add_argument("--model", default=None, choices=list(MODELS),
                        help="what to train: acai, the paper's baselines or vae_acai (default: acai; "
                             "with --resume: the checkpoint's)")
-    train.add_argument("--advweight", type=float, default=None, help="lambda: weight of the critic term (0.5)")
-    train.add_argument("--reg", type=float, default=None, help="gamma: the critic's real-data mixing (0.2)")
-    train.add_argument("--advdepth", type=int, default=None, help="critic width (0: the encoder's depth)")
-    train.add_argument("--depth", type=int, default=None, help="width of the first encoder/decoder level")
-    train.add_argument("--latent", type=int, default=None, help="latent channels")
-    train.add_argument("--lr", type=float, default=None, help="Adam learning rate (1e-4)")
+    train.add_argument("--advweight", type=float, default=None,
+                       help="lambda: weight of the critic term (default: the preset's, 0.5)")
+    train.add_argument("--reg", type=float, default=None,
+                       help="gamma: the critic's real-data mixing (default: the preset's, 0.2)")
+    train.add_argument("--advdepth", type=int, default=None,
+                       help="critic width (default: the preset's, 0: the encoder's depth)")
+    train.add_argument("--depth", type=int, default=None,
+                       help="width of the first encoder/decoder level (default: the preset's)")
+    train.add_argument("--latent", type=int, default=None, help="latent channels (default: the preset's)")
+    train.add_argument("--lr", type=float, default=None, help="Adam learning rate (default: the preset's, 1e-4)")
 
 
 def _model_overrides(args) -> dict:
@@ -565,7 +576,8 @@ def cmd_train(parser, args) -> int:
               f"global batch {trainer.config.batch}, {distributed.local_batch(trainer.config.batch)} per "
               f"process; rank 0 evaluates and writes", file=sys.stderr)
     if distributed is None or distributed.is_main:
-        print(f"acai-fast: training {trainer.model.name} on {args.preset or preset_name(trainer.config)} on {trainer.device} (backend "
+        print(f"acai-fast: training {trainer.model.name} on {args.preset or preset_name(trainer.config)} on "
+              f"{trainer.device} (backend "
               f"{trainer.backend}, {str(trainer.dtype).replace('torch.', '')}) "
               f"to {args.kimg:g} kimg; outputs in {out}", file=sys.stderr)
     board = _tensorboard_log(parser, args, out, trainer)  # --tensorboard: events beside metrics.jsonl
@@ -725,7 +737,7 @@ def _add_reproduce_lines(tasks) -> None:
                        help="all, or a comma-separated list of acai, baseline, dropout, denoising, vae, aae, "
                             "vqvae, vae_acai")
     lines.add_argument("--kimg", type=_positive_float, default=16384.0,
-                       help="train each run on this many thousand (x1024) images (the paper: 16384)")
+                       help="train each run on this many thousand (x1024) images (default: 16384, the paper's)")
     lines.add_argument("--runs", type=int, default=3, help="runs (seeds) per model; the table shows mean +- std")
     lines.add_argument("--eval-kimg", type=_positive_float, default=64.0,
                        help="evaluate every this many kimg (only the last 20 evaluations are run: the "
@@ -734,7 +746,7 @@ def _add_reproduce_lines(tasks) -> None:
     lines.add_argument("--backend", default="auto", help="auto, reference or fused, for every model")
     lines.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     lines.add_argument("--seed", type=int, default=0, help="run r of each model has seed SEED + r")
-    lines.add_argument("--no-progress", action="store_true", help="no progress bar")
+    lines.add_argument("--no-progress", action="store_true", help=PROGRESS_HELP)
 
 
 def cmd_reproduce_lines(parser, args) -> int:
@@ -777,16 +789,17 @@ def _add_reproduce_downstream(tasks) -> None:
         p.add_argument("--out", required=True, help=f"folder for {task}_PRESET_table.md, the JSON, the PNG and runs/")
         p.add_argument("--models", default="all", help="all, or a comma-separated list of models (acai, ...)")
         p.add_argument("--kimg", type=_positive_float, default=16384.0,
-                       help="train each run on this many thousand (x1024) images (the paper: 16384)")
+                       help="train each run on this many thousand (x1024) images (default: 16384, the paper's)")
         p.add_argument("--runs", type=int, default=1, help="runs (seeds) per model; the table shows mean +- std")
         p.add_argument("--eval-kimg", type=_positive_float, default=64.0,
                        help="evaluate the probe every this many kimg (only the last 20 evaluations run)")
         if task == "cluster":
-            p.add_argument("--restarts", type=int, default=1000, help="K-means initialisations (the paper: 1000)")
+            p.add_argument("--restarts", type=int, default=1000,
+                           help="K-means initialisations (default: 1000, the paper's)")
         p.add_argument("--backend", default="auto", help="auto, reference or fused, for every model")
         p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
         p.add_argument("--seed", type=int, default=0, help="run r of each model has seed SEED + r")
-        p.add_argument("--no-progress", action="store_true", help="no progress bar")
+        p.add_argument("--no-progress", action="store_true", help=PROGRESS_HELP)
 
 
 def cmd_reproduce_downstream(parser, args) -> int:
@@ -895,7 +908,7 @@ def _add_sweep_parser(sub) -> None:
     from .models import MODELS
     sw.add_argument("--model", default="acai", choices=list(MODELS), help="what every run trains")
     sw.add_argument("--kimg", type=_positive_float, default=16384.0,
-                    help="train each run on this many thousand (x1024) images (the paper: 16384)")
+                    help="train each run on this many thousand (x1024) images (default: 16384, the paper's)")
     sw.add_argument("--eval-kimg", type=_positive_float, default=64.0,
                     help="evaluate, checkpoint and draw every run every this many kimg")
     sw.add_argument("--out", required=True, help="folder of the sweep: one folder per run, summary.md, summary.csv, PNGs")
@@ -908,14 +921,17 @@ def _add_sweep_parser(sub) -> None:
                     help="continue the sweep in OUT: finished runs are skipped, the others continue from "
                          "their checkpoints")
     _add_tensorboard_argument(sw)
-    sw.add_argument("--no-progress", action="store_true", help="no progress bar")
+    sw.add_argument("--no-progress", action="store_true", help=PROGRESS_HELP)
     sw.add_argument("--data", default=None, help=DATA_HELP)
     _add_test_fraction(sw)
     sw.add_argument("--batch", type=int, default=None, help="images per step of each run (default: the preset's, 64)")
-    sw.add_argument("--depth", type=int, default=None, help="width of the first encoder/decoder level")
-    sw.add_argument("--latent", type=int, default=None, help="latent channels")
-    sw.add_argument("--advdepth", type=int, default=None, help="critic width (0: the encoder's depth)")
-    sw.add_argument("--pairs", type=int, default=256, help="lines: test pairs per evaluation (the paper: 256)")
+    sw.add_argument("--depth", type=int, default=None,
+                    help="width of the first encoder/decoder level (default: the preset's)")
+    sw.add_argument("--latent", type=int, default=None, help="latent channels (default: the preset's)")
+    sw.add_argument("--advdepth", type=int, default=None,
+                    help="critic width (default: the preset's, 0: the encoder's depth)")
+    sw.add_argument("--pairs", type=int, default=256,
+                    help="lines: test pairs per evaluation (default: 256, the paper's)")
 
 
 def cmd_sweep(parser, args) -> int:
