@@ -195,6 +195,7 @@ def _write_program(module: nn.Module, example: torch.Tensor, out_dir: Path, name
     path = out_dir / FILES["torchscript"].format(name)
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore", torch.jit.TracerWarning)  # the convs' shape checks: constants here
+        warnings.simplefilter("ignore", DeprecationWarning)  # TorchScript is the fallback, knowingly
         traced = torch.jit.trace(module, (example,), check_trace=False)
     torch.jit.save(traced, str(_tmp(path)))
     os.replace(_tmp(path), path)

@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import zipfile
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -231,7 +232,7 @@ def _progress_bar(total: int, desc: str, enabled: bool):
 def _load_array(path: Path, colors: int):
     try:
         loaded = np.load(path, allow_pickle=False)
-    except (OSError, ValueError, EOFError) as exc:
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as exc:
         raise ValueError(f"{path}: not a readable {path.suffix} array file ({str(exc).splitlines()[0]}); "
                          f"truncated or damaged?") from None
     labels = names = None
@@ -248,7 +249,7 @@ def _load_array(path: Path, colors: int):
                 images = loaded[key]
                 labels = loaded[_key(keys, LABEL_KEYS)] if _key(keys, LABEL_KEYS) else None
                 names = loaded[_key(keys, NAME_KEYS)] if _key(keys, NAME_KEYS) else None
-            except (OSError, ValueError, EOFError) as exc:  # a damaged member, or an object array
+            except (OSError, ValueError, EOFError, zipfile.BadZipFile) as exc:  # a damaged member, or an object array
                 raise ValueError(f"{path}: not a readable .npz array file ({str(exc).splitlines()[0]}); "
                                  f"truncated or damaged?") from None
     images = _check_images(path, images)
