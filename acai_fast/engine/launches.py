@@ -432,7 +432,7 @@ def model_launches(trace: LaunchTrace, gpu="h100", *, configs: str = "chooser",
                    exclude: tuple = CPU_ONLY_OPS) -> list[dict]:
     """The modelled cost of every launch of a trace on `gpu` (acai_fast.ops.cost): one dict per
     launch, in order: index, layer, pass, kernel, shape, config, config_source, ctas, waves, flops
-    (issued), useful_flops, hbm_bytes, l2_bytes, time_us, bound, terms. Conv launches get the config
+    (issued), useful_flops, hbm_bytes, l2_bytes, smem, time_us, bound, terms. Conv launches get the config
     `target_config(..., policy=configs)` gives for that GPU. aten ops in `exclude` (the CPU-only
     input checks) are left out."""
     rows = []
@@ -440,8 +440,9 @@ def model_launches(trace: LaunchTrace, gpu="h100", *, configs: str = "chooser",
         if launch.source == "torch" and launch.kernel in exclude:
             continue
         c, shape, config, source = _launch_cost(launch, gpu, configs)
-        rows.append(dict(index=len(rows), layer=launch.layer or "", pass_=_pass_name(launch), kernel=launch.kernel,
-                         shape=shape, config=config, config_source=source, ctas=c.ctas, waves=round(c.waves, 3),
-                         flops=c.flops, useful_flops=c.useful_flops, hbm_bytes=c.hbm_bytes, l2_bytes=c.l2_bytes,
-                         smem=c.smem, time_us=c.time_us, bound=c.bound, terms=c.terms))
+        rows.append({"index": len(rows), "layer": launch.layer or "", "pass": _pass_name(launch),
+                     "kernel": launch.kernel, "shape": shape, "config": config, "config_source": source,
+                     "ctas": c.ctas, "waves": round(c.waves, 3), "flops": c.flops, "useful_flops": c.useful_flops,
+                     "hbm_bytes": c.hbm_bytes, "l2_bytes": c.l2_bytes, "smem": c.smem, "time_us": c.time_us,
+                     "bound": c.bound, "terms": c.terms})
     return rows
