@@ -228,3 +228,70 @@ def test_best_config_reads_the_kernels_named_arguments():
     assert cost.best_config("fwd", args, cb.FWD_CONFIGS, "h100") is cost.best_config("fwd", shape, cb.FWD_CONFIGS)
     with pytest.raises(ValueError, match="unknown GPU"):
         cost.get_gpu("v100")
+
+
+# ------------------------------------------------------------------------------------------------
+# The modelled profile end to end on the CPU (a dry run of the fused step)
+# ------------------------------------------------------------------------------------------------
+
+def test_profile_model_command_end_to_end(tmp_path, capsys):
+    """`acai-fast profile --model h100 --preset lines --batch 64`: one row per launch of the step
+    (count_launches' Triton, probe and Adam launches, without the CPU-only input checks), each
+    conv launch with an H100 config, and totals that add up."""
+    from acai_fast.cli import main
+    from acai_fast.config import ACAIConfig
+    from acai_fast.engine import count_launches
+    from acai_fast.engine.launches import CPU_ONLY_OPS
+    from acai_fast.trainer import ACAITrainer
+
+    out_json, out_csv = tmp_path / "lines.json", tmp_path / "lines.csv"
+    assert main(["profile", "--model", "h100", "--preset", "lines", "--batch", "64", "--json", str(out_json),
+                 "--csv", str(out_csv)]) == 0
+    printed = capsys.readouterr().out
+    assert "MODEL, not a measurement" in printed and "model-to-wall" in printed
+    data = json.loads(out_json.read_text())
+    launches, summary = data["launches"], data["summary"]
+
+    config = ACAIConfig.preset("lines")
+    trainer = ACAITrainer(config, backend="fused", device="cpu", dtype="fp32")
+    x, y = torch.rand(64, 1, 32, 32) * 2 - 1, torch.randint(0, 10, (64,))
+    count_launches(trainer, x, y, dry_run=True)
+    count = count_launches(trainer, x, y, dry_run=True)
+    expected = count.total - sum(count.torch_ops.get(op, 0) for op in CPU_ONLY_OPS)
+    assert len(launches) == summary["launches"] == expected
+    assert sum(r["pass"] in ("forward", "dx", "dW") for r in launches) == sum(
+        count.triton[k] for k in ("_conv_fwd_kernel", "_conv_bwd_dx_kernel", "_conv_bwd_dw_kernel"))
+    assert sum(r["us"] for r in launches) == pytest.approx(summary["model_us"], rel=1e-3)
+    assert summary["wall_us"] == pytest.approx(summary["model_us"] / cost.MODEL_TO_WALL)
+    for r in launches:
+        assert r["bound"] in ("launch", "latency", "compute", "l2", "hbm", "tail"), r
+        assert r["us"] >= cost.LAUNCH_GAP_US and r["ctas"] >= 1
+        if r["pass"] in ("forward", "dx", "dW"):
+            assert r["config_source"] in ("heuristic", "table") and r["layer"].split(".")[0] in (
+                "encoder", "decoder", "critic"), r
+    assert data["meta"]["modelled"] is True and data["meta"]["dtype"] == "bfloat16"
+    assert out_csv.read_text().count("\n") == len(launches) + 1
+
+
+def test_profile_model_of_an_array_and_other_gpus():
+    """An array of runs is one launch per layer for all runs (the same launch count as one run),
+    costlier per launch; the A100 (fewer SMs, less bandwidth) is modelled slower than the H100."""
+    from acai_fast.config import ACAIConfig
+    from acai_fast.engine.launches import model_launches, trace_launches
+    from acai_fast.trainer import ACAITrainer
+
+    config = ACAIConfig.preset("lines", batch=16)
+    one = ACAITrainer(config, backend="fused", device="cpu", dtype="fp32")
+    two = ACAITrainer(config, backend="fused", device="cpu", dtype="fp32", runs=2)
+    x = torch.rand(2, 16, 1, 32, 32) * 2 - 1
+    y = torch.randint(0, 10, (2, 16))
+    t1 = trace_launches(one, x[0], y[0], dtype=torch.bfloat16)
+    t2 = trace_launches(two, x, y, dtype=torch.bfloat16)
+    r1, r2 = model_launches(t1, "h100"), model_launches(t2, "h100")
+    assert [r["kernel"] for r in r1 if r["kernel"].startswith("_")] == \
+        [r["kernel"] for r in r2 if r["kernel"].startswith("_")]
+    assert sum(r["useful_flops"] for r in r2) == pytest.approx(2 * sum(r["useful_flops"] for r in r1), rel=1e-6)
+    assert sum(r["time_us"] for r in model_launches(t1, "a100")) > sum(r["time_us"] for r in r1)
+    conv = [launch for launch in t1.launches if launch.kernel == "_conv_fwd_kernel"]
+    assert conv[0].args["Y_ptr"].dtype == torch.bfloat16 and conv[0].args["Y_ptr"].device.type == "meta"
+    assert conv[0].layer == "encoder.blocks.0" and conv[0].config["BLOCK_M"] == cb.INTERPRET_FWD_CONFIG.kwargs["BLOCK_M"]
