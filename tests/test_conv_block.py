@@ -240,7 +240,7 @@ def _legal(name, c):
     tiles = [k[n] for n in (("BLOCK_CI", "BLOCK_CO", "BLOCK_P") if name == "dw" else ("BLOCK_M", "BLOCK_N", "BLOCK_K"))]
     ok = min(tiles) >= 16 and all(v & (v - 1) == 0 for v in tiles)
     if name == "dw":
-        return ok and k["TAPS"] in (1, 9) and k["SPLITS"] >= 1 and k["REDUCE_GROUP"] >= 1
+        return ok and k["TAPS"] in (1, 9) and k["SPLITS"] >= 1 and k["REDUCE_GROUP"] >= 0
     return ok and k["BLOCK_M"] % 4 == 0 and k["SPLIT_K"] >= 1
 
 

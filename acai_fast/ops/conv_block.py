@@ -16,10 +16,10 @@ import torch
 import torch.nn.functional as F
 
 from .. import _ext
-from .conv_configs import (DW_CONFIGS, DX_CONFIGS, FWD_CONFIGS, autotune, choose_config,  # noqa: F401
-                           dw_counter_size, dw_counters_needed, dw_split_plan, dw_taps, heuristic_config,
-                           launch_shape, normalized, output_tiles, shape_key, split_k_counter_size,
-                           split_k_steps)
+from .conv_configs import (DW_CONFIGS, DX_CONFIGS, FWD_CONFIGS, TUNED_DIR, _prune_dw,  # noqa: F401
+                           _prune_mnk, autotune, choose_config, dw_counter_size, dw_counters_needed,
+                           dw_split_plan, dw_taps, heuristic_config, launch_shape, normalized, output_tiles,
+                           shape_key, smem_bytes, split_k_counter_size, split_k_steps, tuned_table)
 
 HAS_TRITON = _ext.HAS_TRITON
 triton, tl = _ext.triton_modules()  # a stand-in without triton: only the reference can run
@@ -468,9 +468,10 @@ def _conv_bwd_dw_kernel(
     and the last program of a group (ticket on the group's counter) sums the group's partials in
     split order into slot splits + group; the last group (ticket on the tile's counter) sums the
     group sums in group order and writes dW (through its strides, in DW's dtype: the fp32 gradient
-    of the master weight, any layout) and db. So no program sums more than max(REDUCE_GROUP,
-    groups) partials serially (lines critic.blocks.0 at batch 64: 128 splits, 12 + 11 instead of
-    128); counters are left at 0. Counter layout: [tiles] final counters, then [tiles * groups].
+    of the master weight, any layout) and db. So no program sums more than REDUCE_GROUP + groups
+    partials serially (lines critic.blocks.0 at batch 64: 128 splits, 12 + 11 instead of 128);
+    with one group (REDUCE_GROUP >= splits) its last program writes dW directly. Counters are left
+    at 0; layout: [tiles] final counters, then [tiles * groups] group counters.
     db is accumulated in fp32 (before dz is rounded) by the tap-0, ci-block-0 programs only, from
     the dz tile they load anyway. G may hold more images than N: only its first N are read.
     Runs: grid axis 1 holds (run, Cout block) with the Cout blocks fastest; every tensor's base
@@ -588,20 +589,25 @@ def _conv_bwd_dw_kernel(
         g_hi = tl.minimum(g_lo + REDUCE_GROUP, splits)
         group_counter = Counter_ptr + tiles + tile * groups + group
         ticket = tl.atomic_add(group_counter, 1, sem="acq_rel")
-        if ticket == g_hi - g_lo - 1:  # level 1: the group's partials into slot splits + group
-            _dw_sum_slots(WS_ptr, WSB_ptr, g_lo, g_hi, WS_ptr + (splits + group) * SLOT,
-                          CIN, 1, KS * COUT * CIN, COUT * CIN, WSB_ptr + (splits + group) * COUT,
-                          co, ci, co_ok, tile_mask, tap0, CIN, COUT, KS, TAPS, NEED_DB, do_db,
-                          BLOCK_CI, BLOCK_CO)
+        if ticket == g_hi - g_lo - 1:  # the last program of its group
             tl.store(group_counter, 0)
-            tl.debug_barrier()
-            ticket2 = tl.atomic_add(Counter_ptr + tile, 1, sem="acq_rel")
-            if ticket2 == groups - 1:  # level 2: the group sums, in group order, into dW and db
-                _dw_sum_slots(WS_ptr, WSB_ptr, splits, splits + groups, DW_ptr, stride_dwo,
-                              stride_dwi, stride_dwkh, stride_dwkw, DB_ptr, co, ci, co_ok,
-                              tile_mask, tap0, CIN, COUT, KS, TAPS, NEED_DB, do_db,
+            if groups == 1:  # one level: the partials, in split order, into dW and db
+                _dw_sum_slots(WS_ptr, WSB_ptr, 0, splits, DW_ptr, stride_dwo, stride_dwi, stride_dwkh,
+                              stride_dwkw, DB_ptr, co, ci, co_ok, tile_mask, tap0, CIN, COUT, KS, TAPS,
+                              NEED_DB, do_db, BLOCK_CI, BLOCK_CO)
+            else:  # level 1: the group's partials into slot splits + group
+                _dw_sum_slots(WS_ptr, WSB_ptr, g_lo, g_hi, WS_ptr + (splits + group) * SLOT,
+                              CIN, 1, KS * COUT * CIN, COUT * CIN, WSB_ptr + (splits + group) * COUT,
+                              co, ci, co_ok, tile_mask, tap0, CIN, COUT, KS, TAPS, NEED_DB, do_db,
                               BLOCK_CI, BLOCK_CO)
-                tl.store(Counter_ptr + tile, 0)
+                tl.debug_barrier()
+                ticket2 = tl.atomic_add(Counter_ptr + tile, 1, sem="acq_rel")
+                if ticket2 == groups - 1:  # level 2: the group sums, in group order, into dW and db
+                    _dw_sum_slots(WS_ptr, WSB_ptr, splits, splits + groups, DW_ptr, stride_dwo,
+                                  stride_dwi, stride_dwkh, stride_dwkw, DB_ptr, co, ci, co_ok,
+                                  tile_mask, tap0, CIN, COUT, KS, TAPS, NEED_DB, do_db,
+                                  BLOCK_CI, BLOCK_CO)
+                    tl.store(Counter_ptr + tile, 0)
     else:
         if NEED_DB:
             tl.store(DB_ptr + co, db.to(DB_ptr.dtype.element_ty), mask=co_ok & do_db)
@@ -921,7 +927,7 @@ def conv_bwd(grad_y, x, weight, y, sign, *, weight_dtype=None, bias_dtype=None,
                 k = cfg.kwargs
                 taps = dw_taps(KS, k["TAPS"])
                 splits, per_split = dw_split_plan(NS * H * W, k["SPLITS"], k["BLOCK_P"])
-                group = max(1, k["REDUCE_GROUP"])
+                group = k["REDUCE_GROUP"] if k["REDUCE_GROUP"] > 0 else splits  # 0: one group
                 groups = -(-splits // group)
                 if splits > 1:  # (runs, splits + groups, KS*KS, Cout, Cin) partials and group sums
                     slot = KS * KS * COUT * CIN

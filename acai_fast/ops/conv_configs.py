@@ -31,7 +31,8 @@ TUNED_DIR = Path(__file__).with_name("tuned")
 
 MNK = ("BLOCK_M", "BLOCK_N", "BLOCK_K", "SPLIT_K")
 DW = ("BLOCK_CI", "BLOCK_CO", "BLOCK_P", "TAPS", "SPLITS", "REDUCE_GROUP")
-DEFAULTS = dict(SPLIT_K=1, TAPS=1, SPLITS=1, REDUCE_GROUP=1)  # what a config without the key means
+DEFAULTS = dict(SPLIT_K=1, TAPS=1, SPLITS=1, REDUCE_GROUP=0)  # what a config without the key means
+# (REDUCE_GROUP 0: all splits in one group, a one-level reduction)
 KEY_FIELDS = ("N", "H", "W", "CIN", "COUT", "KS", "UPSAMPLE", "ACT", "POOL")
 
 # Split-K only where a launch has few output tiles: its tile counters are preallocated per layer
@@ -51,9 +52,9 @@ def mnk(m, n, k, warps, stages, split_k=1):
     return _cfg(dict(BLOCK_M=m, BLOCK_N=n, BLOCK_K=k, SPLIT_K=split_k), warps, stages)
 
 
-def dwc(ci, co, p, warps, stages, taps=1, splits=1, reduce_group=1):
+def dwc(ci, co, p, warps, stages, taps=1, splits=1, reduce_group=0):
     """A dW config: BLOCK_CI x BLOCK_CO tiles over BLOCK_P-pixel chunks, TAPS taps per program
-    (1 or KS*KS), SPLITS pixel splits summed in groups of REDUCE_GROUP."""
+    (1 or KS*KS), SPLITS pixel splits summed in groups of REDUCE_GROUP (0: one group)."""
     return _cfg(dict(BLOCK_CI=ci, BLOCK_CO=co, BLOCK_P=p, TAPS=taps, SPLITS=splits,
                      REDUCE_GROUP=reduce_group), warps, stages)
 
@@ -78,7 +79,6 @@ FWD_CONFIGS = [
     mnk(32, 32, 64, 4, 3),
     mnk(128, 16, 16, 4, 3),
     mnk(64, 128, 32, 4, 3),
-    mnk(64, 128, 64, 4, 3),  # small-spatial wide layers with split-K: 64-row tiles, 64-deep steps
     # large batches (M = N*H*W in the hundreds of thousands): bigger tiles, deeper pipelines
     mnk(128, 128, 64, 8, 4),
     mnk(256, 64, 32, 8, 3),
@@ -129,6 +129,21 @@ def launch_shape(name: str, *, N, H, W, CIN, COUT, KS, UPSAMPLE, ACT, POOL, dtyp
     return dict(kind=name, N=int(N), H=int(H), W=int(W), CIN=int(CIN), COUT=int(COUT), KS=int(KS),
                 UPSAMPLE=bool(UPSAMPLE), ACT=bool(ACT), POOL=bool(POOL), dtype=dtype,
                 weight_dtype=weight_dtype or dtype, RUNS=int(RUNS))
+
+
+def shape_of(name: str, args: dict) -> dict:
+    """`launch_shape`'s dict of a launch given either that dict or the kernel's named arguments (its
+    tensors, real or meta, and constexprs: what acai_fast.engine.launches records): the compute
+    dtype from Y (fwd) / G (dx, dw), the weight's dtype from W, the runs from the leading axis."""
+    if "dtype" in args:
+        return args
+    out = args.get("Y_ptr" if name == "fwd" else "G_ptr")
+    w = args.get("W_ptr")
+    runs = out.shape[0] if getattr(out, "dim", lambda: 0)() == 5 else 1
+    return launch_shape(name, N=args["N"], H=args["H"], W=args["W"], CIN=args["CIN"], COUT=args["COUT"],
+                        KS=args["KS"], UPSAMPLE=args["UPSAMPLE"], ACT=args["ACT"], POOL=args["POOL"],
+                        dtype=getattr(out, "dtype", torch.bfloat16), weight_dtype=getattr(w, "dtype", None),
+                        RUNS=runs)
 
 
 def _itemsize(args: dict) -> int:
@@ -198,7 +213,7 @@ def dw_counters_needed(args: dict, config) -> int:
     splits, _ = dw_split_plan(args["N"] * args["H"] * args["W"], k["SPLITS"], k["BLOCK_P"])
     if splits == 1:
         return 0
-    groups = math.ceil(splits / max(1, k["REDUCE_GROUP"]))
+    groups = math.ceil(splits / k["REDUCE_GROUP"]) if k["REDUCE_GROUP"] > 0 else 1
     return dw_tiles(args, config) * (1 + groups)
 
 
@@ -262,11 +277,30 @@ def _gpu_field(spec, name):
     return spec[name] if isinstance(spec, dict) else getattr(spec, name)
 
 
+def _prune_mnk(n_name, k_name):
+    """Triton-autotune-style pruner of a fwd/dx list by the channels (kept for callers of the
+    former autotune lists, e.g. bench/model_old_engine.py): tiles at most twice the channels."""
+    def prune(configs, named_args, **kwargs):
+        cap_n = 2 * _pow2_at_least_16(named_args[n_name])
+        cap_k = 2 * _pow2_at_least_16(named_args[k_name])
+        kept = [c for c in configs if c.kwargs["BLOCK_N"] <= cap_n and c.kwargs["BLOCK_K"] <= cap_k]
+        return kept or [min(configs, key=lambda c: c.kwargs["BLOCK_N"] * c.kwargs["BLOCK_K"])]
+    return prune
+
+
+def _prune_dw(configs, named_args, **kwargs):
+    """As `_prune_mnk` for dW lists (tiles at most twice Cin / Cout)."""
+    cap_i, cap_o = 2 * _pow2_at_least_16(named_args["CIN"]), 2 * _pow2_at_least_16(named_args["COUT"])
+    kept = [c for c in configs if c.kwargs["BLOCK_CI"] <= cap_i and c.kwargs["BLOCK_CO"] <= cap_o]
+    return kept or [min(configs, key=lambda c: c.kwargs["BLOCK_CI"] * c.kwargs["BLOCK_CO"])]
+
+
 def candidates(name: str, args: dict, gpu: str | None = None) -> list:
     """Every config worth modelling for one launch: the tile lists pruned to the channel counts,
     with fwd/dx split-K variants (>= 64-row tiles, launches of at most SPLIT_K_MAX_TILES tiles, >= 2
     K steps per split) and dW pixel-split counts that fill whole waves of the GPU's SMs (j * SMs /
     tiles programs per tile, j = 1..8, and powers of two), each with `reduce_group`'s groups."""
+    args = shape_of(name, args)
     out = []
     if name != "dw":
         base = [c for c in FWD_CONFIGS if _narrow_enough(name, args, c)] or [
@@ -312,6 +346,7 @@ def heuristic_config(name: str, args: dict):
     the narrow layers), the M tile is the largest of 128/64/32 that still gives ~2 waves of programs
     (ANCHORS.md: 256->512 at 4x4 lost to cuDNN with one wave), 8 warps for 128x128 tiles, no split.
     dw: channel tiles up to 64, 128-pixel chunks, one tap per program, `dw_heuristic_splits`."""
+    args = shape_of(name, args)
     elsize = _itemsize(args)
     if name == "dw":
         ci = min(64, max(16, _next_pow2(args["CIN"])))
@@ -354,6 +389,7 @@ def smem_bytes(name: str, config, itemsize: int) -> int:
 
 def shape_key(name: str, args: dict) -> str:
     """The table key of one launch: kernel, compute dtype, shape and flags (and the runs of an array)."""
+    args = shape_of(name, args)
     dtype = str(args.get("dtype", torch.bfloat16)).replace("torch.", "")
     fields = [name, dtype] + [f"{k}={int(args[k])}" for k in KEY_FIELDS]
     if args.get("RUNS", 1) > 1:
@@ -380,6 +416,19 @@ def gpu_of(device) -> str | None:
         if key in name:
             return key
     return {(8, 0): "a100", (9, 0): "h100"}.get(tuple(torch.cuda.get_device_capability(device)))
+
+
+def gpu_key(gpu) -> str:
+    """A cost.GPUS key from a key ("H100" too) or a cost.GPU; ValueError for others."""
+    if not isinstance(gpu, str):
+        try:
+            from . import cost
+            gpu = next(k for k, v in cost.GPUS.items() if v == gpu)
+        except (ImportError, StopIteration):
+            raise ValueError(f"conv_block: unknown gpu {gpu!r}; known: {', '.join(GPU_ARCH)}") from None
+    if gpu.lower() not in GPU_ARCH:
+        raise ValueError(f"conv_block: unknown gpu {gpu!r}; known: {', '.join(GPU_ARCH)}")
+    return gpu.lower()
 
 
 def _arch(device) -> str:
@@ -416,6 +465,7 @@ def model_config(name: str, args: dict, gpu: str):
         return None
     if gpu not in getattr(cost, "GPUS", {}):
         return None
+    args = shape_of(name, args)
     best = cost.best_config(name, args, candidates(name, args, gpu), gpu)
     return normalized(name, best) if best is not None else None
 
@@ -429,6 +479,7 @@ def choose_config(name: str, args: dict, device=None, gpu: str | None = None):
     that GPU would get, on any machine (a CPU included: the profile and the compile check use it);
     None: the GPU of `device`. With gpu given, the interpreter and autotuning are not consulted.
     """
+    args = shape_of(name, args)
     if gpu is None:
         if INTERPRET:
             return _interpreter_config(name, args), "interpreter"
@@ -437,8 +488,7 @@ def choose_config(name: str, args: dict, device=None, gpu: str | None = None):
         gpu = gpu_of(device)
         arch = _arch(device)
     else:
-        if gpu not in GPU_ARCH:
-            raise ValueError(f"conv_block: unknown gpu {gpu!r}; known: {', '.join(GPU_ARCH)}")
+        gpu = gpu_key(gpu)
         arch = GPU_ARCH[gpu]
     return _choose_for_gpu(name, shape_key(name, args), _frozen(args), gpu, arch)
 
