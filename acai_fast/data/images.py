@@ -167,9 +167,10 @@ def _labels_of_folder(folder: Path, files: list[Path]) -> tuple[torch.Tensor | N
         return None, None
     if top:
         subs = sorted({p[0] for p in firsts if len(p) > 1})
+        shown = ", ".join(s + "/" for s in subs[:5]) + (" ..." if len(subs) > 5 else "")
         raise ValueError(f"{folder}: {len(top)} image(s) (e.g. {top[0][0]}) lie directly in the folder beside "
-                         f"the class subfolders {', '.join(s + '/' for s in subs[:5])}{' ...' if len(subs) > 5 else ''}: "
-                         f"put every image in a class subfolder (the labels), or no image in one")
+                         f"the class subfolders {shown}: put every image in a class subfolder (the labels), "
+                         f"or no image in one")
     classes = sorted({p[0] for p in firsts})
     index = {c: k for k, c in enumerate(classes)}
     return torch.tensor([index[p[0]] for p in firsts], dtype=torch.long), classes
