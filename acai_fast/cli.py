@@ -66,7 +66,8 @@ EXAMPLES = {  # each sub-command's --help ends with these
     "train": "acai-fast train --preset lines --kimg 96 --eval-kimg 16 --out runs/lines --device cpu\n"
              "acai-fast train --preset lines --kimg 192 --out runs/lines --resume       # continue it\n"
              "acai-fast train --preset svhn32 --data ~/data/svhn --out runs/svhn32",
-    "interpolate": "acai-fast interpolate --checkpoint runs/lines --out grid.png --pairs 8 --steps 12",
+    "interpolate": "acai-fast interpolate --checkpoint runs/lines --out grid.png --pairs 8 --steps 12\n"
+                   "acai-fast interpolate --checkpoint runs/photos --between a.jpg b.png --out row.png --gif row.gif",
     "evaluate": "acai-fast evaluate --checkpoint runs/lines\n"
                 "acai-fast evaluate --checkpoint runs/svhn32 --data ~/data/svhn --restarts 100",
     "profile": "acai-fast profile --preset lines --batch 64 --steps 5 --out prof",

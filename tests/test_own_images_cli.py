@@ -210,3 +210,34 @@ def test_resume_with_other_classes_is_refused(sources, tmp_path, capsys):
     code, err = exit_code(["train", "--preset", "mnist32", "--data", str(sources["folder"]), "--kimg", "0.03125",
                            "--batch", "16", "--out", str(out), "--resume", *CPU], capsys)
     assert code == 2 and "3 classes, but" in err and "probe has 4" in err
+
+
+def test_encode_the_papers_data(tmp_path, capsys):
+    """encode on the paper's files (MNIST IDX here): train then test, labels and is_test, no names."""
+    import gzip
+
+    from acai_fast import ACAIConfig
+
+    rng = np.random.default_rng(2)
+    for prefix, n in (("train", 12), ("t10k", 6)):
+        header = lambda magic, dims: magic.to_bytes(4, "big") + b"".join(d.to_bytes(4, "big") for d in dims)
+        with gzip.open(tmp_path / f"{prefix}-images-idx3-ubyte.gz", "wb") as f:
+            f.write(header(2051, (n, 28, 28)) + rng.integers(0, 256, (n, 28, 28), dtype=np.uint8).tobytes())
+        with gzip.open(tmp_path / f"{prefix}-labels-idx1-ubyte.gz", "wb") as f:
+            f.write(header(2049, (n,)) + rng.integers(0, 10, n, dtype=np.uint8).tobytes())
+    trainer = ACAITrainer(ACAIConfig.preset("mnist32", depth=8), backend="reference", device="cpu")
+    trainer.save(tmp_path / "model.pt")
+    out = tmp_path / "z.npz"
+    code, _ = run(["encode", "--checkpoint", str(tmp_path / "model.pt"), "--data", str(tmp_path), "--out", str(out),
+                   *CPU], capsys)
+    saved = np.load(out)
+    from acai_fast.data import load_dataset
+    x_train, y_train = load_dataset("mnist", tmp_path, "train")
+    x_test, y_test = load_dataset("mnist", tmp_path, "test")
+    assert code == 0 and "names" not in saved.files and saved["is_test"].tolist() == [False] * 12 + [True] * 6
+    np.testing.assert_array_equal(saved["labels"], torch.cat([y_train, y_test]).numpy())
+    np.testing.assert_array_equal(saved["latent_maps"], trainer.encode(torch.cat([x_train, x_test]), 1024).numpy())
+    lines = ACAITrainer(ACAIConfig.preset("lines", depth=8), backend="reference", device="cpu")
+    lines.save(tmp_path / "lines.pt")
+    code, err = exit_code(["encode", "--checkpoint", str(tmp_path / "lines.pt"), "--out", str(out), *CPU], capsys)
+    assert code == 2 and "a lines model's images are generated" in err

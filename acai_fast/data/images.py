@@ -167,9 +167,10 @@ def _labels_of_folder(folder: Path, files: list[Path]) -> tuple[torch.Tensor | N
         return None, None
     if top:
         subs = sorted({p[0] for p in firsts if len(p) > 1})
+        shown = ", ".join(s + "/" for s in subs[:5]) + (" ..." if len(subs) > 5 else "")
         raise ValueError(f"{folder}: {len(top)} image(s) (e.g. {top[0][0]}) lie directly in the folder beside "
-                         f"the class subfolders {', '.join(s + '/' for s in subs[:5])}{' ...' if len(subs) > 5 else ''}: "
-                         f"put every image in a class subfolder (the labels), or no image in one")
+                         f"the class subfolders {shown}: put every image in a class subfolder (the labels), "
+                         f"or no image in one")
     classes = sorted({p[0] for p in firsts})
     index = {c: k for k, c in enumerate(classes)}
     return torch.tensor([index[p[0]] for p in firsts], dtype=torch.long), classes
@@ -212,14 +213,17 @@ def _load_folder(folder: Path, colors: int, progress: bool):
     if len(files) < 2:
         raise ValueError(f"{folder}: found 1 image ({files[0].name}); need at least 2 (ACAI mixes pairs)")
     labels, classes = _labels_of_folder(folder, files)
-    out = []
+    out = torch.empty(len(files), colors, SIZE, SIZE)
     workers = min(8, os.cpu_count() or 1)
+    # Each image is prepared in its worker as soon as it is decoded: only `workers` full-size photos
+    # are in memory at once (a 24-megapixel photo decodes to 72 MB).
     with ThreadPoolExecutor(workers) as pool, _progress_bar(len(files), folder.name, progress) as bar:
         for start in range(0, len(files), _CHUNK):
             chunk = files[start:start + _CHUNK]
-            out.append(prepare(list(pool.map(read_image, chunk)), colors))
+            for i, image in enumerate(pool.map(lambda path: prepare([read_image(path)], colors)[0], chunk)):
+                out[start + i] = image
             bar.update(len(chunk))
-    return torch.cat(out), labels, classes, [p.relative_to(folder).as_posix() for p in files]
+    return out, labels, classes, [p.relative_to(folder).as_posix() for p in files]
 
 
 def _progress_bar(total: int, desc: str, enabled: bool):

@@ -308,18 +308,23 @@ CONFIG_POLICIES = ("chooser", "heuristic", "model", "traced")
 def target_config(kind: str, args: dict, gpu, policy: str = "chooser"):
     """(config, source) of a conv launch on the modelled `gpu` (not the machine tracing it: under the
     CPU interpreter the traced configs are the interpreter's).
-    policy "chooser": what conv_block picks on that GPU without autotuning: its tuned table for the
-    GPU's architecture, else its chooser's choice for the shape (`conv_block.choose_config` when it
-    accepts gpu=, else `heuristic_config`); "heuristic": the heuristic, table ignored; "model": the
-    table, else `cost.best_config` over conv_block's config lists; "traced": as launched."""
+    policy "chooser": what conv_block picks on that GPU without autotuning (`conv_block.choose_config(
+    kind, launch_shape, gpu=...)`: its tuned table for the GPU's architecture, else the cost model's
+    fastest candidate, else its heuristic; with a chooser that takes no gpu: the table, else
+    `heuristic_config`); "heuristic": the heuristic, table ignored; "model": the table, else
+    `cost.best_config` over conv_block's config lists; "traced": as launched."""
     from ..ops import conv_block, cost
 
-    gpu = cost.get_gpu(gpu)
     if policy not in CONFIG_POLICIES:
         raise ValueError(f"unknown config policy {policy!r}; valid: {', '.join(CONFIG_POLICIES)}")
+    gpu = cost.get_gpu(gpu)
+    key = next((k for k, g in cost.GPUS.items() if g == gpu), None)
+    shape = _launch_shape(kind, args)
     if policy == "heuristic":
-        return conv_block.heuristic_config(kind, args), "heuristic"
-    entry = conv_block.tuned_table(gpu.arch).get(conv_block.shape_key(kind, args))
+        return conv_block.heuristic_config(kind, {**args, **(shape or {})}), "heuristic"
+    if shape is not None and key is not None and policy == "chooser":  # conv_block's chooser, for any GPU
+        return conv_block.choose_config(kind, shape, gpu=key)
+    entry = conv_block.tuned_table(gpu.arch).get(conv_block.shape_key(kind, {**args, **(shape or {})}))
     if entry is not None:
         return dict(entry), "table"
     if policy == "model":
@@ -328,6 +333,23 @@ def target_config(kind: str, args: dict, gpu, policy: str = "chooser"):
         if best is not None:
             return best, "model"
     return conv_block.heuristic_config(kind, args), "heuristic"
+
+
+def _launch_shape(kind: str, args: dict) -> dict | None:
+    """conv_block's launch-shape dict of a traced conv launch, when conv_block's chooser takes one
+    and a target GPU (choose_config(name, shape, gpu=...)); None for a chooser without them."""
+    import inspect
+
+    from ..ops import conv_block
+
+    if not hasattr(conv_block, "launch_shape") or "gpu" not in inspect.signature(conv_block.choose_config).parameters:
+        return None
+    t = args["Y_ptr"] if kind == "fwd" else args["G_ptr"]
+    w = args.get("W_ptr")
+    return conv_block.launch_shape(kind, **{k: args[k] for k in ("N", "H", "W", "CIN", "COUT", "KS")},
+                                   UPSAMPLE=bool(args["UPSAMPLE"]), ACT=bool(args["ACT"]), POOL=bool(args["POOL"]),
+                                   dtype=t.dtype, weight_dtype=w.dtype if isinstance(w, torch.Tensor) else None,
+                                   RUNS=_runs(t))
 
 
 def _pass_name(launch: Launch) -> str:

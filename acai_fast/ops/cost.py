@@ -213,12 +213,13 @@ KNOWN_SPILLS = {("dw", 32, 64, 128, 4): "sm_90 bf16: 128 B of spills (issue 18)"
 def register_elements(kind: str, config) -> float:
     """Per-thread elements of register tiles (see SPILL_LIMIT).
     fwd/dx: (BM*BN accumulator + BM*BK gathered A + BK*BN weight tile) / threads;
-    dw: (TAPS*BCI*BCO accumulators + BP*BCO * 2 (dz from G and the sign) + TAPS*BP*BCI u) / threads."""
+    dw: (TAPS*BCI*BCO accumulators + BP*BCO * 2 (dz from G and the sign) + BP*BCI u) / threads (with
+    TAPS = KS*KS the shifted u tiles are loaded and used one tap at a time: one is live)."""
     c = config_dict(config)
     threads = 32 * c["num_warps"]
     if kind == "dw":
         taps = c.get("TAPS", 1) or 1
-        return (taps * c["BLOCK_CI"] * c["BLOCK_CO"] + c["BLOCK_P"] * (2 * c["BLOCK_CO"] + taps * c["BLOCK_CI"])) / threads
+        return (taps * c["BLOCK_CI"] * c["BLOCK_CO"] + c["BLOCK_P"] * (2 * c["BLOCK_CO"] + c["BLOCK_CI"])) / threads
     return (c["BLOCK_M"] * c["BLOCK_N"] + c["BLOCK_M"] * c["BLOCK_K"] + c["BLOCK_K"] * c["BLOCK_N"]) / threads
 
 
@@ -274,7 +275,8 @@ class ConvShape:
     flags as the kernels' constexprs; runs: models of an array (grid axis 1);
     itemsize: the compute dtype (activations, gradients, y); x_itemsize: the block input x as read
     (an fp32 image batch feeding bf16 layers: 4); w_itemsize: the weight as read (fp32 master
-    weights: 4; a bf16 copy: 2); pix_per_split: dw's pixels per split (a launch argument today)."""
+    weights: 4; a bf16 copy: 2); pix_per_split, reduce_group: dw's pixels per split and partials per
+    group of its two-level reduction when the launch says (a config's SPLITS / REDUCE_GROUP win)."""
     N: int
     H: int
     W: int
@@ -293,6 +295,7 @@ class ConvShape:
     x_itemsize: int = 2
     w_itemsize: int = 4
     pix_per_split: int | None = None
+    reduce_group: int | None = None
 
     @property
     def HO(self) -> int:
@@ -323,15 +326,34 @@ def _itemsize(t, default=2) -> int:
     return int(size()) if callable(size) else default
 
 
+def _dtype_size(dtype, default=2) -> int:
+    size = getattr(dtype, "itemsize", None)
+    return int(size) if size else default
+
+
 def conv_shape(kind: str, args: dict) -> ConvShape:
-    """The ConvShape of a conv_block launch from its named arguments (the kernel's argument names,
-    tensors or anything with .shape / .element_size(), and its constexprs), as conv_block's
-    choose_config and acai_fast.engine.launches see them. A ConvShape is returned as is."""
+    """The ConvShape of a conv_block launch from either
+    - the kernel's named arguments (tensors or anything with .shape / .element_size(), and its
+      constexprs; acai_fast.engine.launches records them), or
+    - a launch-shape dict {N, H, W, CIN, COUT, KS, UPSAMPLE, ACT, POOL, dtype, weight_dtype, RUNS}
+      (conv_block's `launch_shape`): the sign of z then comes from y where it can (no pool: the
+      kernels' rule for slope >= 0), the input x is read in the compute dtype, and a dW launch's
+      split count comes from its config (SPLITS).
+    A ConvShape is returned as is."""
     if isinstance(args, ConvShape):
         return args
     if kind not in KINDS:
         raise ValueError(f"cost: unknown conv kernel kind {kind!r}; valid: {', '.join(KINDS)}")
     act = bool(args.get("ACT", True))
+    if "Y_ptr" not in args and "G_ptr" not in args:  # a launch-shape dict
+        pool = bool(args.get("POOL", False))
+        isz = _dtype_size(args.get("dtype"))
+        return ConvShape(
+            N=int(args["N"]), H=int(args["H"]), W=int(args["W"]), CIN=int(args["CIN"]), COUT=int(args["COUT"]),
+            KS=int(args.get("KS", 3)), UPSAMPLE=bool(args.get("UPSAMPLE", False)), POOL=pool, ACT=act,
+            SIGN_FROM_OUT=act and not pool, SAVE_SIGN=kind == "fwd" and act and pool, runs=int(args.get("RUNS", 1)),
+            itemsize=isz, x_itemsize=isz, w_itemsize=_dtype_size(args.get("weight_dtype"), isz),
+            reduce_group=None)
     if kind == "fwd":
         y = args.get("Y_ptr")
         x, w, runs_t = args.get("X_ptr"), args.get("W_ptr"), y
@@ -347,13 +369,14 @@ def conv_shape(kind: str, args: dict) -> ConvShape:
     shape = getattr(runs_t, "shape", None)
     runs = int(shape[0]) if shape is not None and len(shape) == 5 else 1
     pps = args.get("PIX_PER_SPLIT")
+    group = args.get("REDUCE_GROUP")
     return ConvShape(
         N=int(args["N"]), H=int(args["H"]), W=int(args["W"]), CIN=int(args["CIN"]), COUT=int(args["COUT"]),
         KS=int(args.get("KS", 3)), UPSAMPLE=bool(args.get("UPSAMPLE", False)), POOL=bool(args.get("POOL", False)),
         ACT=act, SIGN_FROM_OUT=sign_from_out, SAVE_SIGN=bool(args.get("SAVE_SIGN", False)),
         HAS_BIAS=bool(args.get("HAS_BIAS", True)), NEED_DB=bool(args.get("NEED_DB", True)), runs=runs,
         itemsize=itemsize, x_itemsize=_itemsize(x, itemsize), w_itemsize=_itemsize(w, 4) if w is not None else 4,
-        pix_per_split=int(pps) if pps is not None else None)
+        pix_per_split=int(pps) if pps is not None else None, reduce_group=int(group) if group is not None else None)
 
 
 @dataclasses.dataclass
@@ -476,7 +499,7 @@ def conv_cost(kind: str, shape, config, gpu=None, constants: Constants = FIT) ->
         else:
             pps = s.pix_per_split or P
             splits = -(-P // pps)
-        group = c.get("REDUCE_GROUP", 0) or 0
+        group = c.get("REDUCE_GROUP") or s.reduce_group or 0
         ci_tiles, co_tiles = -(-s.CIN // BCI), -(-s.COUT // BCO)
         tap_programs = KK // taps
         chunks = -(-pps // BP)
