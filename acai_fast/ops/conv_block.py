@@ -16,8 +16,8 @@ import torch
 import torch.nn.functional as F
 
 from .. import _ext
-from .conv_configs import (DW_CONFIGS, DX_CONFIGS, FWD_CONFIGS, TUNED_DIR, _prune_dw,  # noqa: F401
-                           _prune_mnk, autotune, choose_config, dw_counter_size, dw_counters_needed,
+from .conv_configs import (DW_CONFIGS, DX_CONFIGS, FWD_CONFIGS, INTERPRET_DW_CONFIG,  # noqa: F401
+                           INTERPRET_DX_CONFIG, INTERPRET_FWD_CONFIG, TUNED_DIR, _prune_dw, _prune_mnk, autotune, choose_config, dw_counter_size, dw_counters_needed,
                            dw_split_plan, dw_taps, heuristic_config, launch_shape, normalized, output_tiles,
                            shape_key, smem_bytes, split_k_counter_size, split_k_steps, tuned_table)
 
@@ -444,7 +444,7 @@ def _conv_bwd_dw_kernel(
     stride_xn, stride_xh, stride_xw,
     stride_dwo, stride_dwi, stride_dwkh, stride_dwkw,
     stride_xr, stride_gr, stride_sr, stride_dwr, stride_dbr,
-    PIX_PER_SPLIT, REDUCE_GROUP, leaky_slope,
+    REDUCE_GROUP, leaky_slope,
     KS: tl.constexpr, UPSAMPLE: tl.constexpr, ACT: tl.constexpr, POOL: tl.constexpr,
     SIGN_FROM_OUT: tl.constexpr, NEED_DB: tl.constexpr, SPLIT: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
@@ -454,8 +454,9 @@ def _conv_bwd_dw_kernel(
 
     dW[co, ci, tap] = sum_p u[p + offset(tap), ci] * dz[p, co];   db[co] = sum_p dz[p, co].
     Tiling: one program per (TAPS taps, BLOCK_CI in-channels) x (BLOCK_CO out-channels) x split;
-    the pixels are cut into contiguous ranges of PIX_PER_SPLIT (a multiple of BLOCK_P), one per
-    split, each walked in chunks of BLOCK_P: for each of its taps, acc_tap (BLOCK_CI, BLOCK_CO)
+    the ceil(P / BLOCK_P) pixel chunks are dealt to the splits (grid axis 2) in contiguous ranges
+    of whole chunks (split s: chunks [s*C // splits, (s+1)*C // splits), so any split count up to C
+    runs, e.g. one that fills whole waves, and no range is empty): for each of its taps, acc_tap (BLOCK_CI, BLOCK_CO)
     += u_tap_chunk^T @ dz_chunk, in the dtype of G (u, e.g. the fp32 input batch, is cast to it as
     it is loaded). TAPS = 1: one tap per program (grid axis 0 = KS*KS * Cin blocks). TAPS = KS*KS
     (9, for the narrow layers): all taps in one program, so the dz tile is loaded (and the
@@ -497,8 +498,9 @@ def _conv_bwd_dw_kernel(
     co = pid_co * BLOCK_CO + tl.arange(0, BLOCK_CO)
     co_ok = co < COUT
     P = N * H * W
-    p_lo = pid_s * PIX_PER_SPLIT
-    p_hi = tl.minimum(p_lo + PIX_PER_SPLIT, P)
+    num_chunks = tl.cdiv(P, BLOCK_P)  # split s: chunks [s * num_chunks // splits, (s+1) * ...)
+    p_lo = ((pid_s.to(tl.int64) * num_chunks) // tl.num_programs(2)).to(tl.int32) * BLOCK_P
+    p_hi = tl.minimum(((((pid_s + 1).to(tl.int64) * num_chunks) // tl.num_programs(2)).to(tl.int32)) * BLOCK_P, P)
     do_db = pid_t == 0  # (with NEED_DB) these programs also reduce db
     cdt = G_ptr.dtype.element_ty
 
@@ -926,7 +928,7 @@ def conv_bwd(grad_y, x, weight, y, sign, *, weight_dtype=None, bias_dtype=None,
             def run_dw(cfg):
                 k = cfg.kwargs
                 taps = dw_taps(KS, k["TAPS"])
-                splits, per_split = dw_split_plan(NS * H * W, k["SPLITS"], k["BLOCK_P"])
+                splits, _ = dw_split_plan(NS * H * W, k["SPLITS"], k["BLOCK_P"])
                 group = k["REDUCE_GROUP"] if k["REDUCE_GROUP"] > 0 else splits  # 0: one group
                 groups = -(-splits // group)
                 if splits > 1:  # (runs, splits + groups, KS*KS, Cout, Cin) partials and group sums
@@ -953,7 +955,7 @@ def conv_bwd(grad_y, x, weight, y, sign, *, weight_dtype=None, bias_dtype=None,
                     x5, g5, s5, dw5, db5 if db5 is not None else dw5, ws, wsb, counter,
                     NS, H, W, CIN, COUT, HO, WO, x5.stride(1), x5.stride(3), x5.stride(4),
                     *dw5.stride()[1:], _run_stride(x5), _run_stride(g5), _run_stride(s5),
-                    _run_stride(dw5), _run_stride(db5), per_split, group, slope,
+                    _run_stride(dw5), _run_stride(db5), group, slope,
                     NEED_DB=need_db, SPLIT=splits > 1, **common, BLOCK_CI=k["BLOCK_CI"],
                     BLOCK_CO=k["BLOCK_CO"], BLOCK_P=k["BLOCK_P"], TAPS=taps,
                     num_warps=cfg.num_warps, num_stages=cfg.num_stages)

@@ -182,12 +182,12 @@ def split_k_counter_size(runs: int = 1) -> int:
 
 
 def dw_split_plan(P: int, splits: int, block_p: int) -> tuple[int, int]:
-    """(splits, pixels per split) of a dW reduction over P pixels asked to run `splits` splits:
-    contiguous ranges, each a multiple of BLOCK_P (no chunk straddles two splits), none empty."""
-    if P <= 0:
-        return 1, block_p
-    per_split = math.ceil(math.ceil(P / max(1, splits)) / block_p) * block_p
-    return math.ceil(P / per_split), per_split
+    """(splits, chunks) of a dW reduction over P pixels asked to run `splits` splits: the
+    C = ceil(P / BLOCK_P) pixel chunks are dealt in contiguous ranges of whole chunks, split s taking
+    chunks [s*C // splits, (s+1)*C // splits) (sizes differ by at most one chunk); at most C splits,
+    so none is empty."""
+    chunks = max(1, math.ceil(P / block_p))
+    return max(1, min(int(splits), chunks)), chunks
 
 
 def dw_taps(KS: int, taps: int) -> int:
@@ -232,8 +232,7 @@ def dw_heuristic_splits(P, KS, CIN, COUT, block_p=256):
         return 1
     tiles = KS * KS * math.ceil(CIN / 64) * math.ceil(COUT / 64)
     max_splits = max(1, P // (4 * 256))
-    splits = max(1, min(max_splits, math.ceil(2 * _SMS / tiles)))
-    return dw_split_plan(P, splits, block_p)[0]
+    return max(1, min(max_splits, math.ceil(2 * _SMS / tiles)))
 
 
 def reduce_group(splits: int) -> int:
