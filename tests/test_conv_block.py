@@ -309,22 +309,19 @@ def compile_sm90():
 
     limit = {90: 232448, 80: 166912}  # bytes of shared memory per block (H100/H200, A100)
     flags = dict(KS=3, UPSAMPLE=True, ACT=True, POOL=True)
-    cases = [  # (kernel, dtype, arch, config, extra constexprs)
-        (cbm._conv_fwd_kernel, "bf16", 90, mnk(64, 128, 64, 8, 3), dict(HAS_BIAS=True, SAVE_SIGN=True)),
-        (cbm._conv_fwd_kernel, "bf16", 90, mnk(64, 128, 64, 8, 3, 4), dict(HAS_BIAS=True, SAVE_SIGN=True)),
-        (cbm._conv_fwd_kernel, "bf16", 80, mnk(64, 64, 64, 4, 3, 3), dict(HAS_BIAS=True, SAVE_SIGN=True)),
-        (cbm._conv_fwd_kernel, "fp32", 90, mnk(64, 64, 32, 4, 2, 2), dict(HAS_BIAS=True, SAVE_SIGN=True)),
-        (cbm._conv_bwd_dx_kernel, "bf16", 90, mnk(64, 64, 64, 4, 3, 4), dict(SIGN_FROM_OUT=False)),
-        (cbm._conv_bwd_dx_kernel, "bf16", 80, mnk(64, 64, 64, 4, 3, 4), dict(SIGN_FROM_OUT=False)),
-        (cbm._conv_bwd_dx_kernel, "fp32", 90, mnk(64, 64, 32, 4, 2, 1), dict(SIGN_FROM_OUT=False)),
-        (cbm._conv_bwd_dw_kernel, "bf16", 90, dwc(64, 64, 64, 4, 3), dict(SIGN_FROM_OUT=False, NEED_DB=True,
-                                                                           SPLIT=True)),
-        (cbm._conv_bwd_dw_kernel, "bf16", 90, dwc(16, 16, 128, 4, 2, 9), dict(SIGN_FROM_OUT=False, NEED_DB=True,
-                                                                               SPLIT=True)),
-        (cbm._conv_bwd_dw_kernel, "bf16", 80, dwc(32, 32, 64, 4, 2, 9), dict(SIGN_FROM_OUT=False, NEED_DB=True,
-                                                                              SPLIT=True)),
-        (cbm._conv_bwd_dw_kernel, "fp32", 90, dwc(16, 16, 64, 4, 2, 9), dict(SIGN_FROM_OUT=False, NEED_DB=True,
-                                                                              SPLIT=False)),
+    fwd, dx, dw = cbm._conv_fwd_kernel, cbm._conv_bwd_dx_kernel, cbm._conv_bwd_dw_kernel
+    fwd_flags = dict(HAS_BIAS=True, SAVE_SIGN=True)
+    dw_flags = dict(SIGN_FROM_OUT=False, NEED_DB=True, SPLIT=True)
+    cases = [  # (kernel, dtype, arch, config, extra constexprs): every path once per GPU, fp32 too
+        (fwd, "bf16", 90, mnk(64, 64, 64, 4, 3, 4), fwd_flags),
+        (dx, "bf16", 90, mnk(64, 64, 64, 4, 3, 1), dict(SIGN_FROM_OUT=False)),
+        (dx, "bf16", 90, mnk(64, 128, 32, 8, 3, 3), dict(SIGN_FROM_OUT=False)),
+        (dw, "bf16", 90, dwc(64, 64, 64, 4, 3), dw_flags),
+        (dw, "bf16", 90, dwc(32, 64, 64, 8, 2, 9), dw_flags),
+        (fwd, "fp32", 90, mnk(64, 64, 32, 4, 2, 1), fwd_flags),
+        (dw, "fp32", 90, dwc(16, 16, 64, 4, 2, 9), dict(dw_flags, SPLIT=False)),
+        (fwd, "bf16", 80, mnk(64, 64, 64, 4, 3, 2), fwd_flags),
+        (dw, "bf16", 80, dwc(16, 32, 64, 4, 2, 9), dw_flags),
     ]
     for fn, dt, arch, cfg, extra in cases:
         meta = {k: v for k, v in cfg.kwargs.items() if k in fn.arg_names}  # SPLITS is a grid size
@@ -894,9 +891,11 @@ def test_heuristic_configs_fit_the_gpu_rules(preset, batch):
             for args in shapes:
                 c = ccfg.heuristic_config(name, args)
                 assert _legal(name, c), (name, args, c)
-                if name == "dw":
+                if name == "dw":  # the heuristic's and the interpreter's dW counters fit what the engine allocates
                     assert c.kwargs["BLOCK_CI"] <= max(16, 2 * args["CIN"])
-                    assert ccfg.dw_counters_needed(args, c) <= ccfg.dw_counter_size(args["KS"], args["CIN"], args["COUT"])
+                    for d in (c, ccfg.choose_config("dw", args, torch.device("cpu"))[0]):
+                        assert ccfg.dw_counters_needed(args, d) <= ccfg.dw_counter_size(
+                            args["KS"], args["CIN"], args["COUT"]), (args, d)
                 else:
                     n_dim = args["COUT"] if name == "fwd" else args["CIN"]
                     assert c.kwargs["BLOCK_N"] <= max(16, 2 * n_dim)

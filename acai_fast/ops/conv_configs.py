@@ -235,10 +235,25 @@ def dw_heuristic_splits(P, KS, CIN, COUT, block_p=256):
     return max(1, min(max_splits, math.ceil(2 * _SMS / tiles)))
 
 
-def reduce_group(splits: int) -> int:
+def reduce_group(splits: int, tiles: int = 1, counters: int | None = None) -> int:
     """Partials per group of the two-level dW reduction: ~sqrt(splits), so neither level sums more
-    than ~2 sqrt(splits) tiles serially (128 splits: groups of 12, 11 groups); one level up to 8."""
-    return splits if splits <= 8 else math.ceil(math.sqrt(splits))
+    than ~2 sqrt(splits) tiles serially (128 splits: groups of 12, 11 groups); one level up to 8.
+    With `counters` (what `dw_counter_size` gives one run) the groups of the `tiles` tiles are
+    capped so that their counters fit (tiles * (1 + groups) <= counters)."""
+    group = splits if splits <= 8 else math.ceil(math.sqrt(splits))
+    if counters is not None:
+        max_groups = max(1, counters // max(1, tiles) - 1)
+        group = max(group, math.ceil(splits / max_groups))
+    return group
+
+
+def _dw_config(args, ci, co, p, warps, stages, taps, splits):
+    """A dW config with `reduce_group`'s groups for this shape, its counters within `dw_counter_size`."""
+    cfg = dwc(ci, co, p, warps, stages, taps, splits, 0)
+    splits, _ = dw_split_plan(args["N"] * args["H"] * args["W"], splits, p)
+    tiles = dw_tiles(args, cfg)
+    group = reduce_group(splits, tiles, dw_counter_size(args["KS"], args["CIN"], args["COUT"]))
+    return dwc(ci, co, p, warps, stages, taps, splits, group)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -332,8 +347,8 @@ def candidates(name: str, args: dict, gpu: str | None = None) -> list:
             if s_eff in seen:
                 continue
             seen.add(s_eff)
-            cfg = dwc(k["BLOCK_CI"], k["BLOCK_CO"], k["BLOCK_P"], c.num_warps, c.num_stages,
-                      k["TAPS"], s_eff, reduce_group(s_eff))
+            cfg = _dw_config(args, k["BLOCK_CI"], k["BLOCK_CO"], k["BLOCK_P"], c.num_warps, c.num_stages,
+                             k["TAPS"], s_eff)
             if dw_counters_needed(args, cfg) <= bound:
                 out.append(cfg)
     return out
@@ -354,7 +369,7 @@ def heuristic_config(name: str, args: dict):
         while stages > 2 and stages * 128 * (ci + co) * elsize > _SMEM_BUDGET:
             stages -= 1
         splits = dw_heuristic_splits(args["N"] * args["H"] * args["W"], args["KS"], args["CIN"], args["COUT"])
-        return dwc(ci, co, 128, 8 if ci * co >= 64 * 64 else 4, stages, 1, splits, reduce_group(splits))
+        return _dw_config(args, ci, co, 128, 8 if ci * co >= 64 * 64 else 4, stages, 1, splits)
     rows, n_dim, k_dim = gemm_dims(name, args)
     bn = min(128, max(16, _next_pow2(n_dim)))
     bk = min(64, max(16, _next_pow2(k_dim)))
@@ -451,8 +466,8 @@ def _interpreter_config(name: str, args: dict):
     k = INTERPRET_DW_CONFIG.kwargs
     splits = dw_heuristic_splits(args["N"] * args["H"] * args["W"], args["KS"], args["CIN"], args["COUT"],
                                  k["BLOCK_P"])
-    return dwc(k["BLOCK_CI"], k["BLOCK_CO"], k["BLOCK_P"], INTERPRET_DW_CONFIG.num_warps,
-               INTERPRET_DW_CONFIG.num_stages, 1, splits, reduce_group(splits))
+    return _dw_config(args, k["BLOCK_CI"], k["BLOCK_CO"], k["BLOCK_P"], INTERPRET_DW_CONFIG.num_warps,
+                      INTERPRET_DW_CONFIG.num_stages, 1, splits)
 
 
 def model_config(name: str, args: dict, gpu: str):
