@@ -4,7 +4,10 @@ CPU (TRITON_INTERPRET=1, fp32): output and the gradients of x, weight and bias f
 combination, kernel sizes 1 and 3, tiny / odd / realistic shapes; every autotune config on odd
 shapes with poisoned outputs; weights in any layout and dtype; the launcher options the fused engine
 uses (outputs written into blocks of bigger buffers, gradients of more images than the forward saved,
-the in-kernel split reduction into strided fp32 gradients); dispatch and bad input; the kernels compile for sm_90 (no GPU needed); the benchmark's shape and FLOP bookkeeping.
+the in-kernel split reduction into strided fp32 gradients); the split paths (fwd/dx split-K, dW with
+all taps per program and a two-level reduction: reference, bitwise repeatability, counters, runs);
+a bf16 weight copy; dispatch and bad input; config choice (table, cost model, heuristic, candidates);
+the kernels compile for sm_90 and sm_80 (no GPU needed); the benchmark's bookkeeping.
 GPU (marked `gpu`): bf16 under the flash-attention rule on every layer shape of every preset at
 batch 64 and 1024, every config with poisoned outputs in bf16 and fp32, fp32 master weights, CUDA
 graph capture.
@@ -820,7 +823,51 @@ def test_gpu_every_config(dtype, monkeypatch):
         check = fp32_check
     else:
         check = lowp_check
-    run_configs(FWD_CONFIGS, DX_CONFIGS, DW_CONFIGS, dtype=dtype, device="cuda", shapes=shapes, check=check)
+    # the split paths too: split-K variants of the >= 64-row tiles, dW pixel splits in two levels
+    split_mnk = [mnk(64, 64, 64, 4, 3, 4), mnk(64, 128, 32, 4, 3, 3), mnk(128, 128, 32, 8, 3, 2)]
+    split_dw = [dwc(16, 16, 64, 4, 1, 9, 37, 6), dwc(64, 64, 64, 4, 3, 1, 10, 3), dwc(32, 64, 32, 8, 1, 9, 5, 5)]
+    run_configs(FWD_CONFIGS + split_mnk, DX_CONFIGS + split_mnk, DW_CONFIGS + split_dw, dtype=dtype,
+                device="cuda", shapes=shapes, check=check)
+
+
+@pytest.mark.gpu
+def test_gpu_split_paths_in_a_cuda_graph(seed):
+    """Split-K fwd/dx and the two-level dW, captured in a CUDA graph with preallocated counters and
+    bf16 weights (the copy an optimizer step writes): two replays are bitwise equal to the eager
+    launches (the reductions sum in a fixed order, whichever program finishes last) and leave the
+    counters at zero."""
+    x, w, b = (t.detach() for t in make_inputs(128, 256, 256, 8, 3, dtype=torch.bfloat16, device="cuda"))
+    x = x.contiguous(memory_format=torch.channels_last)
+    w16 = w.contiguous(memory_format=torch.channels_last)
+    flags = dict(upsample_input=False, leaky_slope=0.2, pool_output=True)
+    fcfg, dcfg = mnk(64, 128, 32, 4, 3, 3), dwc(32, 64, 32, 8, 1, 9, 24, 5)
+    counters = [torch.zeros(cbm.split_k_counter_size(), dtype=torch.int32, device="cuda") for _ in range(2)]
+    dwc_counter = torch.zeros(cbm.dw_counter_size(3, 256, 256), dtype=torch.int32, device="cuda")
+    dw_out = torch.empty(w.shape, device="cuda").contiguous(memory_format=torch.channels_last)
+    db_out = torch.empty(256, device="cuda")
+
+    def step():
+        y, sign = conv_fwd(x, w16, b, **flags, config=fcfg, counter=counters[0])
+        dx, _, _ = conv_bwd(torch.ones_like(y), x, w16, y, sign, weight_dtype=torch.float32,
+                            bias_dtype=torch.float32, **flags, dx_config=fcfg, dw_config=dcfg,
+                            dx_counter=counters[1], dw_counter=dwc_counter, dw_out=dw_out, db_out=db_out)
+        return y, dx
+
+    eager = [t.clone() for t in step()] + [dw_out.clone(), db_out.clone()]
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        step()
+    torch.cuda.current_stream().wait_stream(s)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        outs = step()
+    for _ in range(2):
+        graph.replay()
+        torch.cuda.synchronize()
+        for a, e in zip(list(outs) + [dw_out, db_out], eager):
+            assert torch.equal(a, e)
+        assert not any(c.any() for c in counters + [dwc_counter])
 
 
 @pytest.mark.gpu
@@ -936,7 +983,8 @@ def test_chooser_fits_every_gpu(gpu):
                 assert source == "model" and _legal(name, c), (name, args, c)
                 assert cost.fits(name, c, 2, gpu), (name, args, c)
                 if name == "dw":
-                    assert ccfg.dw_counters_needed(args, c) <= ccfg.dw_counter_size(args["KS"], args["CIN"], args["COUT"])
+                    bound = ccfg.dw_counter_size(args["KS"], args["CIN"], args["COUT"])
+                    assert ccfg.dw_counters_needed(args, c) <= bound
                 elif c.kwargs["SPLIT_K"] > 1:
                     assert ccfg.output_tiles(name, args, c) * runs <= ccfg.split_k_counter_size(runs)
 

@@ -17,9 +17,10 @@ import torch.nn.functional as F
 
 from .. import _ext
 from .conv_configs import (DW_CONFIGS, DX_CONFIGS, FWD_CONFIGS, INTERPRET_DW_CONFIG,  # noqa: F401
-                           INTERPRET_DX_CONFIG, INTERPRET_FWD_CONFIG, TUNED_DIR, _prune_dw, _prune_mnk, autotune, choose_config, dw_counter_size, dw_counters_needed,
-                           dw_split_plan, dw_taps, heuristic_config, launch_shape, normalized, output_tiles,
-                           shape_key, smem_bytes, split_k_counter_size, split_k_steps, tuned_table)
+                           INTERPRET_DX_CONFIG, INTERPRET_FWD_CONFIG, TUNED_DIR, _prune_dw, _prune_mnk,
+                           autotune, choose_config, dw_counter_size, dw_counters_needed, dw_split_plan,
+                           dw_taps, heuristic_config, launch_shape, normalized, output_tiles, shape_key,
+                           smem_bytes, split_k_counter_size, split_k_steps, tuned_table)
 
 HAS_TRITON = _ext.HAS_TRITON
 triton, tl = _ext.triton_modules()  # a stand-in without triton: only the reference can run
