@@ -468,3 +468,11 @@ def model_launches(trace: LaunchTrace, gpu="h100", *, configs: str = "chooser",
                      "hbm_bytes": c.hbm_bytes, "l2_bytes": c.l2_bytes, "smem": c.smem, "time_us": c.time_us,
                      "bound": c.bound, "terms": c.terms})
     return rows
+
+
+def model_step(trainer, x: torch.Tensor, labels: torch.Tensor | None = None, gpu="h100", *,
+               dtype: torch.dtype | None = None, configs: str = "chooser") -> list[dict]:
+    """One step of `trainer` traced as a dry run and modelled on `gpu`: `model_launches` of
+    `trace_launches(trainer, x, labels, dtype=dtype)` (a fused trainer on the CPU under the Triton
+    interpreter, or on a GPU without running a kernel). The trainer's state moves on (garbage)."""
+    return model_launches(trace_launches(trainer, x, labels, dry_run=True, dtype=dtype), gpu, configs=configs)
