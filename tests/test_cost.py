@@ -295,3 +295,22 @@ def test_profile_model_of_an_array_and_other_gpus():
     conv = [launch for launch in t1.launches if launch.kernel == "_conv_fwd_kernel"]
     assert conv[0].args["Y_ptr"].dtype == torch.bfloat16 and conv[0].args["Y_ptr"].device.type == "meta"
     assert conv[0].layer == "encoder.blocks.0" and conv[0].config["BLOCK_M"] == cb.INTERPRET_FWD_CONFIG.kwargs["BLOCK_M"]
+
+
+def test_measured_beside_modelled_matches_kernels_by_name():
+    """The GPU profile's table (acai_fast.profiling.measured_vs_model) on a synthetic GPU trace of 2
+    steps: modelled kernels matched to measured ones by name, per step; unmatched ones on each side."""
+    from acai_fast.profiling import format_measured_vs_model, measured_vs_model
+
+    events = [dict(cat="kernel", name="_conv_fwd_kernel", dur=10.0, ts=i) for i in range(4)]
+    events += [dict(cat="kernel", name="void at::native::multi_tensor_apply_kernel<...>", dur=20.0, ts=9)]
+    model = [dict(kernel="_conv_fwd_kernel", time_us=4.0), dict(kernel="_conv_fwd_kernel", time_us=6.0),
+             dict(kernel="_fused_adam_", time_us=8.0)]
+    rows = {r["kernel"]: r for r in measured_vs_model(events, model, steps=2)}
+    conv = rows["_conv_fwd_kernel"]
+    assert conv["calls"] == 2 and conv["measured_us"] == 20.0 and conv["model_calls"] == 2 and conv["model_us"] == 10.0
+    assert rows["_fused_adam_"]["measured_us"] is None and rows["_fused_adam_"]["model_us"] == 8.0
+    other = rows["void at::native::multi_tensor_apply_kernel<...>"]
+    assert other["measured_us"] == 10.0 and other["model_us"] is None
+    text = format_measured_vs_model(list(rows.values()), "H100 SXM 80GB")
+    assert "0.50" in text and "_conv_fwd_kernel" in text
