@@ -177,27 +177,31 @@ def describe_config(kind: str, config) -> str:
     return f"{s} w{c['num_warps']} s{c['num_stages']}"
 
 
-def smem_estimate(kind: str, config, itemsize: int) -> int:
-    """Shared memory (B) Triton allocates for a conv kernel config, an upper bound by design.
-
-    Triton's pipeliner keeps num_stages + 1 copies of each pipelined tile (one being filled, one
-    being read) and allocates epilogue / layout-conversion scratch beside them. Checked against
-    compiles reported in issue 18 (Triton 3.x): dx 128x128x64 w8 s4 bf16 sm_80: 188,416 and
-    212,992 B (this: 229,376); dx 128x64x64 w4 s3 fp32: 196,608 (this: 245,760); dW CI32xCO64xP128
-    w4 s3 fp32: 196,608 (this: 229,376); CI16xCO64xP128 w4 s3 fp32: 180,224 (this: 180,224).
-      fwd/dx: (stages + 1) * (BM*BK + BK*BN) * itemsize + 1.5 * BM*BN * itemsize (epilogue);
-      dw:     (stages + 1) * BP * (BCO + TAPS*BCI) * itemsize + 2 * BP*BCI * itemsize (u transposed).
-    itemsize: the compute dtype's (2 for bf16, 4 for fp32). tests/test_compile_targets.py compiles
-    the chosen configs and checks this never falls below Triton's number (its constants may be
-    re-tuned there)."""
+def smem_estimate(kind: str, config, itemsize: int, reshape_epilogue: bool | None = None) -> int:
+    """Shared memory (B) Triton allocates for a conv kernel config: an upper bound, fitted to what
+    Triton 3.x allocated for the configs issue 18 compiled (sm_80/sm_90):
+      fwd/dx: num_stages * (BM*BK + BK*BN) * itemsize (the pipelined A and B tiles) + the epilogue's
+        scratch: BM*BN*4 + 16 KB where the epilogue reshapes the fp32 tile (fwd with POOL, dx with
+        UPSAMPLE: the 2x2 sums), else 1.75 * BM*BN * itemsize (its layout conversion);
+        dx 128x128x64 w8 s4 bf16: 188,416 (plain) and 212,992 B (reshape) -> exactly these;
+        dx 128x64x64 w4 s3 fp32: 196,608 -> 196,608 (reshape) / 204,800 (plain); and the same config
+        at s3 in bf16 fits an A100 (166,912 B; it was compiled and not over): 155,648 here.
+      dw: num_stages * BP * (BCO + TAPS*BCI) * itemsize + BP * (BCO + BCI) * itemsize (dz and u
+        staged for the MMA) + 16 KB; CI16xCO64xP128 w4 s3 fp32: 180,224 -> exactly; CI32xCO64xP128:
+        196,608 -> 212,992.
+    reshape_epilogue: None (unknown) takes the larger of the two epilogues. itemsize: the compute
+    dtype's (2 for bf16, 4 for fp32). tests/test_compile_targets.py compiles the chosen configs and
+    checks this never falls below Triton's number (its constants may be re-tuned there)."""
     c = config_dict(config)
     stages = max(1, c["num_stages"])
     if kind == "dw":
         taps = c.get("TAPS", 1) or 1
-        tile = c["BLOCK_P"] * (c["BLOCK_CO"] + taps * c["BLOCK_CI"]) * itemsize
-        return (stages + 1) * tile + 2 * c["BLOCK_P"] * c["BLOCK_CI"] * itemsize
-    tile = (c["BLOCK_M"] * c["BLOCK_K"] + c["BLOCK_K"] * c["BLOCK_N"]) * itemsize
-    return (stages + 1) * tile + (3 * c["BLOCK_M"] * c["BLOCK_N"] * itemsize) // 2
+        bp, bci, bco = c["BLOCK_P"], c["BLOCK_CI"], c["BLOCK_CO"]
+        return stages * bp * (bco + taps * bci) * itemsize + bp * (bco + bci) * itemsize + 16384
+    bm, bn, bk = c["BLOCK_M"], c["BLOCK_N"], c["BLOCK_K"]
+    reshape, plain = bm * bn * 4 + 16384, math.ceil(1.75 * bm * bn * itemsize)
+    epilogue = max(reshape, plain) if reshape_epilogue is None else reshape if reshape_epilogue else plain
+    return stages * (bm * bk + bk * bn) * itemsize + epilogue
 
 
 # Register pressure: the elements of register tiles each thread holds (accumulators, and the tiles
@@ -237,12 +241,12 @@ def registers_per_thread(kind: str, config) -> int:
     return min(255, 32 + math.ceil(register_elements(kind, config)))
 
 
-def ctas_per_sm(kind: str, config, itemsize: int, gpu: GPU) -> int:
+def ctas_per_sm(kind: str, config, itemsize: int, gpu: GPU, reshape_epilogue: bool | None = None) -> int:
     """Co-resident programs per SM: the least of what shared memory (as allocated, + the 1 KB the
     driver reserves), registers (allocated per warp in units of 256), warps (64 per SM) and the
     32-CTA limit allow. 0 when one program does not fit the per-block shared memory."""
     c = config_dict(config)
-    smem = smem_estimate(kind, config, itemsize)
+    smem = smem_estimate(kind, config, itemsize, reshape_epilogue)
     if smem > gpu.smem_per_block:
         return 0
     warps = c["num_warps"]
@@ -252,11 +256,11 @@ def ctas_per_sm(kind: str, config, itemsize: int, gpu: GPU) -> int:
     return max(0, min(by_smem, by_regs, gpu.max_warps_per_sm // warps, gpu.max_ctas_per_sm))
 
 
-def fits(kind: str, config, itemsize: int, gpu) -> bool:
+def fits(kind: str, config, itemsize: int, gpu, reshape_epilogue: bool | None = None) -> bool:
     """The config launches on this GPU: its shared memory (as allocated) is within the per-block
     limit and, for 2-byte compute dtypes, it is not expected to spill registers."""
     gpu = get_gpu(gpu)
-    if smem_estimate(kind, config, itemsize) > gpu.smem_per_block:
+    if smem_estimate(kind, config, itemsize, reshape_epilogue) > gpu.smem_per_block:
         return False
     return not (itemsize <= 2 and spills(kind, config))
 
@@ -379,6 +383,12 @@ def conv_shape(kind: str, args: dict) -> ConvShape:
         pix_per_split=int(pps) if pps is not None else None, reduce_group=int(group) if group is not None else None)
 
 
+def reshape_epilogue(kind: str, shape: ConvShape) -> bool:
+    """The launch's epilogue sums 2x2 windows of its fp32 tile (fwd with POOL, dx with UPSAMPLE),
+    which takes more shared memory (see smem_estimate)."""
+    return (kind == "fwd" and shape.POOL) or (kind == "dx" and shape.UPSAMPLE)
+
+
 @dataclasses.dataclass
 class LaunchCost:
     """The modelled cost of one launch. Times in us; `terms` holds every component:
@@ -445,8 +455,9 @@ def conv_cost(kind: str, shape, config, gpu=None, constants: Constants = FIT) ->
     s = conv_shape(kind, shape)
     c = config_dict(config)
     isz, xsz, wsz, R, KK = s.itemsize, s.x_itemsize, s.w_itemsize, s.runs, s.KS * s.KS
-    smem = smem_estimate(kind, c, isz)
-    per_sm = ctas_per_sm(kind, c, isz, gpu)
+    reshape = reshape_epilogue(kind, s)
+    smem = smem_estimate(kind, c, isz, reshape)
+    per_sm = ctas_per_sm(kind, c, isz, gpu, reshape)
     slots = gpu.sms * per_sm
     peak = gpu.bf16_flops if isz <= 2 else gpu.fp32_flops
     sm_flops = peak / gpu.sms * constants.mma_eff
@@ -549,7 +560,7 @@ def rank_configs(kind: str, shape, candidates: Iterable, gpu=None, constants: Co
     s = conv_shape(kind, shape)
     ranked = []
     for i, cand in enumerate(candidates):
-        if not fits(kind, cand, s.itemsize, gpu):
+        if not fits(kind, cand, s.itemsize, gpu, reshape_epilogue(kind, s)):
             continue
         cost = conv_cost(kind, s, cand, gpu, constants)
         if math.isfinite(cost.time_us):
