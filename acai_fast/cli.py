@@ -532,11 +532,11 @@ def cmd_train(parser, args) -> int:
                      f"to continue (leave --resume out to start a new run there)")
     if checkpoint.exists() and not args.resume:
         parser.error(f"{checkpoint} exists: pass --resume to continue it, or choose another --out")
-    _output_folder(parser, "--out", out)  # before any work (loading data, building the networks)
     overrides = {} if args.batch is None else dict(batch=args.batch)
     overrides.update(_model_overrides(args))
     try:
         config = ACAIConfig.preset(args.preset or "lines", **overrides)
+        _output_folder(parser, "--out", out)  # valid arguments: before any work (loading data, building)
         own = None  # your own images (--data FOLDER or .npz): their classes size a new run's probe
         if not (args.resume and checkpoint.exists()):
             own = _own_images(parser, args, config)
