@@ -230,14 +230,14 @@ class _Recorder:
         self.launches.append(Launch("triton", name, {k: _meta(v) for k, v in named.items()}, grid, config, layer))
 
     def torch_op(self, name, args, kwargs, out) -> None:
-        inputs = _tensors(list(args) + list(kwargs.values()))
-        outputs = _tensors([out] if isinstance(out, torch.Tensor) else list(out or ()) if isinstance(out, (list, tuple)) else [])
+        inputs, outputs = _tensors(list(args) + list(kwargs.values())), _tensors([out])
+        lists = [_meta(a) for a in args if isinstance(a, (list, tuple))]  # e.g. fused Adam's tensor lists
         self.launches.append(Launch("torch", name, {"inputs": _meta(inputs), "outputs": _meta(outputs),
-                                                    "lists": [_meta(a) for a in args if isinstance(a, (list, tuple))]}))
+                                                    "lists": lists}))
 
     def extension(self, name, args, kwargs) -> None:
-        self.launches.append(Launch("cuda_extension", name, {"inputs": _meta(_tensors(list(args) + list(kwargs.values()))),
-                                                             "outputs": []}))
+        inputs = _tensors(list(args) + list(kwargs.values()))
+        self.launches.append(Launch("cuda_extension", name, {"inputs": _meta(inputs), "outputs": []}))
 
 
 def parameter_names(trainer) -> dict[int, str]:
