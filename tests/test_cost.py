@@ -282,7 +282,7 @@ def test_profile_model_command_end_to_end(tmp_path, capsys):
         assert r["bound"] in ("launch", "latency", "compute", "l2", "hbm", "tail"), r
         assert r["us"] >= cost.LAUNCH_GAP_US and r["ctas"] >= 1
         if r["pass"] in ("forward", "dx", "dW"):
-            assert r["config_source"] in ("heuristic", "table") and r["layer"].split(".")[0] in (
+            assert r["config_source"] in ("table", "model", "heuristic") and r["layer"].split(".")[0] in (
                 "encoder", "decoder", "critic"), r
     assert data["meta"]["modelled"] is True and data["meta"]["dtype"] == "bfloat16"
     assert out_csv.read_text().count("\n") == len(launches) + 1
