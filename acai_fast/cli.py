@@ -665,16 +665,13 @@ def _print_measured_vs_model(trainer, x, labels, report, steps: int) -> None:
 
     gpu = cost.gpu_for_device(trainer.device)
     if gpu is None:
-        print(f"\n(no cost model of {torch_device_name(trainer.device)}: modelled GPUs are {', '.join(cost.GPUS)})")
+        import torch
+
+        print(f"\n(no cost model of {torch.cuda.get_device_name(trainer.device)}: modelled GPUs are "
+              f"{', '.join(cost.GPUS)})")
         return
     rows = model_launches(trace_launches(trainer, x, labels, dry_run=False), gpu, configs="traced")
     print("\n" + format_measured_vs_model(measured_vs_model(load_trace(report.trace), rows, steps), gpu.name))
-
-
-def torch_device_name(device) -> str:
-    import torch
-
-    return torch.cuda.get_device_name(device)
 
 
 def _profile_model(parser, args) -> int:
