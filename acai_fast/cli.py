@@ -58,8 +58,8 @@ def _device_arg(parser: argparse.ArgumentParser, args) -> str | None:
 # ------------------------------------------------------------------------------------------------
 
 # CPU threads of a CPU run when neither --threads nor OMP_NUM_THREADS says otherwise. Measured on a
-# shared 2-core machine (README, "CPU threads"): with PyTorch's default of one thread per core the
-# quick start fell from ~260 to ~5 images/s when other jobs ran; one thread held up.
+# 2-core machine kept busy by other jobs (README, "CPU threads"): the quick start ran at 11-32
+# images/s on one thread and 3.6-5.8 on two (PyTorch's default there); quiet, two win 262 to 174.
 CPU_THREADS = 1
 
 EXAMPLES = {  # each sub-command's --help ends with these
@@ -532,11 +532,11 @@ def cmd_train(parser, args) -> int:
                      f"to continue (leave --resume out to start a new run there)")
     if checkpoint.exists() and not args.resume:
         parser.error(f"{checkpoint} exists: pass --resume to continue it, or choose another --out")
-    _output_folder(parser, "--out", out)  # before any work (loading data, building the networks)
     overrides = {} if args.batch is None else dict(batch=args.batch)
     overrides.update(_model_overrides(args))
     try:
         config = ACAIConfig.preset(args.preset or "lines", **overrides)
+        _output_folder(parser, "--out", out)  # valid arguments: before any work (loading data, building)
         own = None  # your own images (--data FOLDER or .npz): their classes size a new run's probe
         if not (args.resume and checkpoint.exists()):
             own = _own_images(parser, args, config)
@@ -665,16 +665,13 @@ def _print_measured_vs_model(trainer, x, labels, report, steps: int) -> None:
 
     gpu = cost.gpu_for_device(trainer.device)
     if gpu is None:
-        print(f"\n(no cost model of {torch_device_name(trainer.device)}: modelled GPUs are {', '.join(cost.GPUS)})")
+        import torch
+
+        print(f"\n(no cost model of {torch.cuda.get_device_name(trainer.device)}: modelled GPUs are "
+              f"{', '.join(cost.GPUS)})")
         return
     rows = model_launches(trace_launches(trainer, x, labels, dry_run=False), gpu, configs="traced")
     print("\n" + format_measured_vs_model(measured_vs_model(load_trace(report.trace), rows, steps), gpu.name))
-
-
-def torch_device_name(device) -> str:
-    import torch
-
-    return torch.cuda.get_device_name(device)
 
 
 def _profile_model(parser, args) -> int:

@@ -22,7 +22,9 @@ step: Triton launches, CUDA-extension calls and aten ops that compute; a graph r
 kernels), peak GPU memory (torch.cuda.max_memory_allocated), time to the first step in this process
 and, in fresh processes, cold (empty Triton/Inductor caches) and warm (the same caches again), and
 NVML's GPU utilisation, power, SM clock and memory over the timed window. The table shows speed-ups
-against eager_fp32 and against the best plain-PyTorch variant of the same preset and batch.
+against eager_fp32 and against the best plain-PyTorch variant of the same preset and batch. Fused
+variants also get `model ms`: their step as the cost model (acai_fast/ops/cost.py) sees it on this
+GPU or --model's (one step traced as a dry run; a model, not a measurement).
 
 FLOPs per step (analytic, from the layer shapes; equal to torch.utils.flop_counter on one step):
   conv: F = 2 N H W Cout Cin k^2 at the conv's resolution (after any upsample); forward F, input
@@ -152,6 +154,7 @@ class Result:
     gbps: float | None = None
     launches: int | None = None  # of one eager step (of all K runs)
     launches_detail: str | None = None
+    model_ms: float | None = None  # fused variants: the cost model's step (acai_fast.ops.cost), see modelled_ms
     peak_mem_mib: float | None = None
     first_step_s: float | None = None  # construction (graph captures included) and the first step
     first_step_cold_s: float | None = None
@@ -295,6 +298,38 @@ def build_array(case: Case, config: ACAIConfig, device: torch.device, x, labels,
 # ------------------------------------------------------------------------------------------------
 
 
+@functools.lru_cache(maxsize=None)
+def _model_ms(preset: str, batch: int, runs: int, gpu: str, device_type: str, seed: int) -> float:
+    from acai_fast.engine.launches import model_step
+
+    on_gpu = device_type == "cuda"
+    config = ACAIConfig.preset(preset, batch=batch)
+    trainer = ACAITrainer(config, backend="fused", device=device_type, seed=seed, cuda_graph=False,
+                          dtype="bf16" if on_gpu else "fp32", runs=runs if runs > 1 else None)
+    x, labels = batch_data(config, batch, trainer.device, seed, runs if runs > 1 else None)
+    rows = model_step(trainer, x, labels, gpu, dtype=None if on_gpu else torch.bfloat16)
+    return sum(r["time_us"] for r in rows) / 1e3
+
+
+def modelled_ms(case: Case, device: torch.device, args) -> float | None:
+    """The `model ms` column: the fused step of a fused variant as acai_fast.ops.cost models it (bf16,
+    in a CUDA graph) on --model's GPU, by default this GPU when the model knows it (on a CPU: only
+    with --model): one step traced as a dry run (no kernel runs); fused_sequential: K single runs.
+    A model, not a measurement (wall ~ model / cost.MODEL_TO_WALL); None where it cannot be made."""
+    from acai_fast.ops import cost
+
+    if not case.variant.startswith("fused") or not _ext.HAS_TRITON:
+        return None
+    gpu = args.model or (next((k for k, g in cost.GPUS.items() if g == cost.gpu_for_device(device)), None)
+                         if device.type == "cuda" else None)
+    if gpu is None or (device.type != "cuda" and not _ext.INTERPRET):
+        return None
+    runs = case.runs or 1
+    if case.variant == "fused_sequential":
+        return runs * _model_ms(case.preset, case.batch, 1, gpu, device.type, args.seed)
+    return _model_ms(case.preset, case.batch, runs, gpu, device.type, args.seed)
+
+
 def run_case(case: Case, device: torch.device, args, sampler: GpuSampler | None) -> Result:
     """Measure one case (timing.measure) into a Result: skipped with the reason, failed with the
     error (the other cases still run), or its times, rates, launches, memory and first step."""
@@ -308,6 +343,7 @@ def run_case(case: Case, device: torch.device, args, sampler: GpuSampler | None)
         nbytes = step_bytes(config, case.batch, act_bytes)
         common.update(gflop_forward=flops["forward"] / 1e9, gflop_backward=flops["backward"] / 1e9,
                       gb_per_step=nbytes / 1e9)
+    common.update(model_ms=modelled_ms(case, device, args))
     reason = why_not(case.variant, device, args)
     if reason is not None:
         return Result(case, status="skipped", reason=reason, **common)
@@ -374,29 +410,35 @@ def _timing_columns(variant_width: int) -> list[Column]:
 
 
 NVML_COLUMNS = [Column("util%", "gpu_util_mean", 5, ".0f"), Column("W", "gpu_power_w_mean", 5, ".0f")]
+MODEL_FOOTER = ("model ms: fused variants' step as the cost model (acai_fast/ops/cost.py) sees it on --model's GPU "
+                "(default: this GPU, if the model knows it), bf16 in a CUDA graph: a MODEL, not a measurement "
+                "(wall ~ model / 0.73, acai-fast profile --model shows every launch)")
 SINGLE = Report(
     "results",
     [Column("preset", "preset", 10, left=True), Column("batch", "batch", 5), *_timing_columns(12),
-     Column("GB/s", "gbps", 7, ".1f"), Column("launch", "launches", 6, "d"),
+     Column("GB/s", "gbps", 7, ".1f"), Column("launch", "launches", 6, "d"), Column("model ms", "model_ms", 8, ".3f"),
      Column("peak MiB", "peak_mem_mib", 8, ".0f"), Column("1st s", "first_step_s", 6, ".2f"), Column("cold s", "first_step_cold_s", 6, ".1f"),
      Column("warm s", "first_step_warm_s", 6, ".1f"), *NVML_COLUMNS,
      Column("x fp32", "speedup_vs_eager_fp32", 7, speedup), Column("x best", "speedup_vs_best_plain", 7, speedup)],
     keys=3,
     footer=[f"x fp32: speed-up against eager_fp32; x best: against the fastest plain-PyTorch variant "
-            f"({', '.join(PLAIN)}) of the same preset and batch. ms/step: median of the timed steps."],
+            f"({', '.join(PLAIN)}) of the same preset and batch. ms/step: median of the timed steps.",
+            MODEL_FOOTER],
     variants=VARIANTS, plot_value="ms_median", plot_label="ms per training step (median)",
     tick=lambda preset, batch: f"{preset}\nbatch {batch}")
 ARRAYS = Report(
     "arrays",
     [Column("preset", "preset", 10, left=True), Column("batch", "batch", 5), Column("K", "runs", 3),
-     *_timing_columns(16), Column("launch", "launches", 7, "d"), Column("peak MiB", "peak_mem_mib", 8, ".0f"),
+     *_timing_columns(16), Column("launch", "launches", 7, "d"), Column("model ms", "model_ms", 8, ".3f"),
+     Column("peak MiB", "peak_mem_mib", 8, ".0f"),
      Column("1st s", "first_step_s", 6, ".2f"), *NVML_COLUMNS,
      Column("x plain", "speedup_vs_plain_sequential", 7, speedup),
      Column("x fused", "speedup_vs_fused_sequential", 7, speedup)],
     keys=4,
     footer=["K runs of `batch` images each per step; ms/step: median time of one step of all K runs; img/s: "
             "K x batch / ms; TFLOP/s: K x step_flops / ms; launch: launches of one eager step of all K runs; "
-            "x plain / x fused: images/s against plain_sequential / fused_sequential at the same K."],
+            "x plain / x fused: images/s against plain_sequential / fused_sequential at the same K.",
+            MODEL_FOOTER],
     variants=ARRAY_VARIANTS, plot_value="images_per_s", plot_label="images/s, all runs together",
     tick=lambda preset, batch, runs: f"{preset}, K={runs}\n{batch} img/run", legend_cols=3)
 
@@ -435,6 +477,9 @@ def parse_args(argv=None):
     p.add_argument("--compile", action="store_true", help="also time torch.compile (slow to compile)")
     p.add_argument("--compile-mode", default="max-autotune", help="torch.compile mode for --compile")
     p.add_argument("--fused-cpu", action="store_true", help="on the CPU, time fused under the Triton interpreter")
+    p.add_argument("--model", default=None, choices=("h100", "h200", "a100"),
+                   help="the GPU of the 'model ms' column (default: this GPU when the cost model knows it; on a "
+                        "CPU the column is filled only with --model, which needs TRITON_INTERPRET=1)")
     p.add_argument("--first-step", choices=("none", "first", "all"), default=None,
                    help="cold/warm first step in fresh processes: none, first (the default fast trainer at "
                         "the first preset and batch; GPU default) or all cases")

@@ -1,12 +1,11 @@
 """bench/: the analytic FLOP count against torch's FLOP counter, the plain-PyTorch baseline step
 against the trainer's reference step, the throughput benchmark's CPU mode end to end (JSON, CSV, PNG,
 every variant run or skipped with a reason), the cold/warm first-step runner, the speed-up columns,
-the K-run baselines of --array (vmap, grouped convs) against the single-run plain step run by run,
-the --array CPU mode end to end, and bench_fused_ops' callables against the current op signatures
-(CPU, Triton interpreter)."""
+the K-run baselines of --array (vmap, grouped convs) against the single-run plain step run by run
+(float64), the --array CPU mode end to end, output paths checked before any work, and
+bench_fused_ops' callables against the current op signatures (CPU, Triton interpreter)."""
 import csv
 import dataclasses
-import json
 import pathlib
 import sys
 import tempfile
@@ -18,6 +17,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from acai_fast import ACAIConfig, ACAITrainer
 from acai_fast.networks import count_parameters
 from acai_fast.ops.mix import philox_alpha_ref
+from helpers import strict_json
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent / "bench"))
 import baselines  # noqa: E402
@@ -25,23 +25,8 @@ import bench_fused_ops  # noqa: E402
 import flops  # noqa: E402
 import throughput as tp  # noqa: E402
 
+pytestmark = pytest.mark.usefixtures("one_thread")
 CPU = torch.device("cpu")
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny sizes run on one intra-op thread: on a shared 2-core machine two OpenMP threads spin-wait
-    for each other (measured here: 80 ms for a 2x16x32x32 conv that takes 0.2 ms on one thread)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def _strict_json(text):
-    def no_constants(name):
-        raise ValueError(f"not strict JSON: {name}")
-    return json.loads(text, parse_constant=no_constants)
 
 
 def test_flops_match_torch_counter():
@@ -105,7 +90,7 @@ def test_cpu_mode_writes_every_variant(tmp_path, capsys):
     captured = capsys.readouterr()
     assert code == 0
     assert "CPU numbers" in captured.out and "x fp32" in captured.out
-    payload = _strict_json(out.read_text())
+    payload = strict_json(out.read_text())
     assert payload["device"] == "cpu" and "CPU" in payload["note"]
     env = payload["environment"]
     assert env["torch"] == torch.__version__ and env["timestamp"] and "commit" in env and env["cpu"]
@@ -138,7 +123,7 @@ def test_cpu_mode_writes_every_variant(tmp_path, capsys):
 def test_first_step_child(capsys):
     """--child: what each fresh process of the cold/warm measurement runs."""
     assert tp.main(["--device", "cpu", "--child", "lines:2:eager_fp32"]) == 0
-    assert _strict_json(capsys.readouterr().out.strip().splitlines()[-1])["first_step_s"] > 0
+    assert strict_json(capsys.readouterr().out.strip().splitlines()[-1])["first_step_s"] > 0
 
 
 def test_first_step_cold_then_warm_share_a_fresh_cache(tmp_path):
@@ -268,7 +253,7 @@ def test_array_cpu_mode(tmp_path, capsys):
     captured = capsys.readouterr()
     assert code == 0
     assert "CPU numbers" in captured.out and "x plain" in captured.out and "x fused" in captured.out
-    payload = _strict_json(out.read_text())
+    payload = strict_json(out.read_text())
     assert payload["device"] == "cpu" and "CPU" in payload["note"] and "results" not in payload
     assert payload["arguments"]["array"] == [1, 2] and "vmap" in payload["array_model"]
     rows = {(r["runs"], r["variant"]): r for r in payload["arrays"]}
@@ -344,7 +329,7 @@ def test_gpu_mode_small(tmp_path):
                     "--min-seconds", "0.2", "--first-step", "none",
                     "--variants", "eager_fp32,eager_bf16,graph_bf16,fused,fused_graph", "--json", str(out)])
     assert code == 0
-    payload = _strict_json(out.read_text())
+    payload = strict_json(out.read_text())
     assert payload["device"] == "cuda" and payload["environment"]["gpu"] and payload["note"] is None
     for r in payload["results"]:
         assert r["status"] == "ok", r
@@ -361,7 +346,7 @@ def test_gpu_array_small(tmp_path):
     code = tp.main(["--device", "cuda", "--array", "1,2", "--batches", "8", "--steps", "5", "--warmup", "3",
                     "--min-seconds", "0.1", "--json", str(out)])
     assert code == 0
-    payload = _strict_json(out.read_text())
+    payload = strict_json(out.read_text())
     for r in payload["arrays"]:
         assert r["status"] == "ok", r
         assert r["steps_timed"] >= 5 and r["ms_median"] > 0 and r["peak_mem_mib"] > 0 and r["launches"] > 0

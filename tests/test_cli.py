@@ -1,11 +1,11 @@
 """The acai-fast command line: a tiny training run, resume, interpolate, evaluate, bad arguments."""
-import gzip
 import json
 
 import numpy as np
 import pytest
 
 from acai_fast.cli import main
+from helpers import write_idx as _write_idx  # MNIST-format files (helpers.write_idx)
 
 
 def run(argv, capsys):
@@ -65,17 +65,6 @@ def test_bad_arguments_exit_2(argv, message, tmp_path, capsys, monkeypatch):
         main(argv)
     assert exc.value.code == 2
     assert message in capsys.readouterr().err
-
-
-def _write_idx(folder, prefix, n, rng):
-    images = rng.integers(0, 256, size=(n, 28, 28), dtype=np.uint8)
-    labels = rng.integers(0, 10, size=n, dtype=np.uint8)
-    header = lambda magic, dims: magic.to_bytes(4, "big") + b"".join(d.to_bytes(4, "big") for d in dims)
-    with gzip.open(folder / f"{prefix}-images-idx3-ubyte.gz", "wb") as f:
-        f.write(header(2051, (n, 28, 28)) + images.tobytes())
-    with gzip.open(folder / f"{prefix}-labels-idx1-ubyte.gz", "wb") as f:
-        f.write(header(2049, (n,)) + labels.tobytes())
-    return images, labels
 
 
 def test_idx_loader_and_mnist_training(tmp_path, capsys):

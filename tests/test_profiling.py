@@ -2,7 +2,6 @@
 this machine), the trace analysis (top kernels, phase split) on synthetic GPU traces and a real CPU
 trace, `acai-fast profile` and `acai-fast train --profile` on the CPU, and fit(monitor=...)."""
 import csv
-import gzip
 import json
 import logging
 import threading
@@ -17,15 +16,9 @@ from acai_fast.loop import fit
 from acai_fast.profiling import (CSV_COLUMNS, FIELDS, GpuSampler, NvmlUnavailable, format_phase_table,
                                  format_report, format_top_table, open_nvml, phase_split, profile_trainer,
                                  summarize_samples, top_kernels)
+from helpers import write_idx
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny sizes run on one intra-op thread: on a shared 2-core machine two OpenMP threads spin-wait
-    for each other (measured here: 80 ms for a 2x16x32x32 conv that takes 0.2 ms on one thread)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny sizes: one intra-op thread (conftest.py)
 
 
 HAS_NVML = True
@@ -318,14 +311,7 @@ def test_fit_monitor_adds_interval_means(tmp_path):
 
 def _write_idx(folder, prefix, n):
     """A tiny MNIST-format data set (IDX .gz): the cheapest preset to train from the command line."""
-    gen = torch.Generator().manual_seed(0)
-    images = torch.randint(0, 256, (n, 28, 28), generator=gen, dtype=torch.uint8).numpy()
-    labels = torch.randint(0, 10, (n,), generator=gen, dtype=torch.uint8).numpy()
-    header = lambda magic, dims: magic.to_bytes(4, "big") + b"".join(d.to_bytes(4, "big") for d in dims)
-    with gzip.open(folder / f"{prefix}-images-idx3-ubyte.gz", "wb") as f:
-        f.write(header(2051, (n, 28, 28)) + images.tobytes())
-    with gzip.open(folder / f"{prefix}-labels-idx1-ubyte.gz", "wb") as f:
-        f.write(header(2049, (n,)) + labels.tobytes())
+    write_idx(folder, prefix, n, rng=0)
 
 
 @pytest.mark.skipif(HAS_NVML, reason="checks the no-NVML behaviour of train --profile")

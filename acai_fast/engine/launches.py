@@ -230,14 +230,14 @@ class _Recorder:
         self.launches.append(Launch("triton", name, {k: _meta(v) for k, v in named.items()}, grid, config, layer))
 
     def torch_op(self, name, args, kwargs, out) -> None:
-        inputs = _tensors(list(args) + list(kwargs.values()))
-        outputs = _tensors([out] if isinstance(out, torch.Tensor) else list(out or ()) if isinstance(out, (list, tuple)) else [])
+        inputs, outputs = _tensors(list(args) + list(kwargs.values())), _tensors([out])
+        lists = [_meta(a) for a in args if isinstance(a, (list, tuple))]  # e.g. fused Adam's tensor lists
         self.launches.append(Launch("torch", name, {"inputs": _meta(inputs), "outputs": _meta(outputs),
-                                                    "lists": [_meta(a) for a in args if isinstance(a, (list, tuple))]}))
+                                                    "lists": lists}))
 
     def extension(self, name, args, kwargs) -> None:
-        self.launches.append(Launch("cuda_extension", name, {"inputs": _meta(_tensors(list(args) + list(kwargs.values()))),
-                                                             "outputs": []}))
+        inputs = _tensors(list(args) + list(kwargs.values()))
+        self.launches.append(Launch("cuda_extension", name, {"inputs": _meta(inputs), "outputs": []}))
 
 
 def parameter_names(trainer) -> dict[int, str]:
@@ -468,3 +468,11 @@ def model_launches(trace: LaunchTrace, gpu="h100", *, configs: str = "chooser",
                      "hbm_bytes": c.hbm_bytes, "l2_bytes": c.l2_bytes, "smem": c.smem, "time_us": c.time_us,
                      "bound": c.bound, "terms": c.terms})
     return rows
+
+
+def model_step(trainer, x: torch.Tensor, labels: torch.Tensor | None = None, gpu="h100", *,
+               dtype: torch.dtype | None = None, configs: str = "chooser") -> list[dict]:
+    """One step of `trainer` traced as a dry run and modelled on `gpu`: `model_launches` of
+    `trace_launches(trainer, x, labels, dtype=dtype)` (a fused trainer on the CPU under the Triton
+    interpreter, or on a GPU without running a kernel). The trainer's state moves on (garbage)."""
+    return model_launches(trace_launches(trainer, x, labels, dry_run=True, dtype=dtype), gpu, configs=configs)

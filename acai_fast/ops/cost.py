@@ -115,7 +115,7 @@ class Constants:
     mma_eff: float
 
 
-# FIT: `fit_constants(conv_block.FWD_CONFIGS)` on ANCHOR_CONV_FWD_H100, rounded (from several starts
+# FIT: `fit_constants()` (ANCHOR_CANDIDATES) on ANCHOR_CONV_FWD_H100, rounded (from several starts
 # the search lands on step 0.25-0.27 us, fixed 2.8-3.1 us, l2_eff 0.50-0.52, mma_eff 0.62-0.64):
 # rms error 1.06x, every row within 0.86x-1.09x (tests/test_cost.py re-runs the fit and pins these).
 # Read: a conv launch costs ~4 us before any work (1.0 gap + 3.0 fixed); the L2 streams ~5.2 TB/s
@@ -177,27 +177,31 @@ def describe_config(kind: str, config) -> str:
     return f"{s} w{c['num_warps']} s{c['num_stages']}"
 
 
-def smem_estimate(kind: str, config, itemsize: int) -> int:
-    """Shared memory (B) Triton allocates for a conv kernel config, an upper bound by design.
-
-    Triton's pipeliner keeps num_stages + 1 copies of each pipelined tile (one being filled, one
-    being read) and allocates epilogue / layout-conversion scratch beside them. Checked against
-    compiles reported in issue 18 (Triton 3.x): dx 128x128x64 w8 s4 bf16 sm_80: 188,416 and
-    212,992 B (this: 229,376); dx 128x64x64 w4 s3 fp32: 196,608 (this: 245,760); dW CI32xCO64xP128
-    w4 s3 fp32: 196,608 (this: 229,376); CI16xCO64xP128 w4 s3 fp32: 180,224 (this: 180,224).
-      fwd/dx: (stages + 1) * (BM*BK + BK*BN) * itemsize + 1.5 * BM*BN * itemsize (epilogue);
-      dw:     (stages + 1) * BP * (BCO + TAPS*BCI) * itemsize + 2 * BP*BCI * itemsize (u transposed).
-    itemsize: the compute dtype's (2 for bf16, 4 for fp32). tests/test_compile_targets.py compiles
-    the chosen configs and checks this never falls below Triton's number (its constants may be
-    re-tuned there)."""
+def smem_estimate(kind: str, config, itemsize: int, reshape_epilogue: bool | None = None) -> int:
+    """Shared memory (B) Triton allocates for a conv kernel config: an upper bound, fitted to what
+    Triton 3.x allocated for the configs issue 18 compiled (sm_80/sm_90):
+      fwd/dx: num_stages * (BM*BK + BK*BN) * itemsize (the pipelined A and B tiles) + the epilogue's
+        scratch: BM*BN*4 + 16 KB where the epilogue reshapes the fp32 tile (fwd with POOL, dx with
+        UPSAMPLE: the 2x2 sums), else 1.75 * BM*BN * itemsize (its layout conversion);
+        dx 128x128x64 w8 s4 bf16: 188,416 (plain) and 212,992 B (reshape) -> exactly these;
+        dx 128x64x64 w4 s3 fp32: 196,608 -> 196,608 (reshape) / 204,800 (plain); and the same config
+        at s3 in bf16 fits an A100 (166,912 B; it was compiled and not over): 155,648 here.
+      dw: num_stages * BP * (BCO + TAPS*BCI) * itemsize + BP * (BCO + BCI) * itemsize (dz and u
+        staged for the MMA) + 16 KB; CI16xCO64xP128 w4 s3 fp32: 180,224 -> exactly; CI32xCO64xP128:
+        196,608 -> 212,992.
+    reshape_epilogue: None (unknown) takes the larger of the two epilogues. itemsize: the compute
+    dtype's (2 for bf16, 4 for fp32). tests/test_compile_targets.py compiles the chosen configs and
+    checks this never falls below Triton's number (its constants may be re-tuned there)."""
     c = config_dict(config)
     stages = max(1, c["num_stages"])
     if kind == "dw":
         taps = c.get("TAPS", 1) or 1
-        tile = c["BLOCK_P"] * (c["BLOCK_CO"] + taps * c["BLOCK_CI"]) * itemsize
-        return (stages + 1) * tile + 2 * c["BLOCK_P"] * c["BLOCK_CI"] * itemsize
-    tile = (c["BLOCK_M"] * c["BLOCK_K"] + c["BLOCK_K"] * c["BLOCK_N"]) * itemsize
-    return (stages + 1) * tile + (3 * c["BLOCK_M"] * c["BLOCK_N"] * itemsize) // 2
+        bp, bci, bco = c["BLOCK_P"], c["BLOCK_CI"], c["BLOCK_CO"]
+        return stages * bp * (bco + taps * bci) * itemsize + bp * (bco + bci) * itemsize + 16384
+    bm, bn, bk = c["BLOCK_M"], c["BLOCK_N"], c["BLOCK_K"]
+    reshape, plain = bm * bn * 4 + 16384, math.ceil(1.75 * bm * bn * itemsize)
+    epilogue = max(reshape, plain) if reshape_epilogue is None else reshape if reshape_epilogue else plain
+    return stages * (bm * bk + bk * bn) * itemsize + epilogue
 
 
 # Register pressure: the elements of register tiles each thread holds (accumulators, and the tiles
@@ -237,12 +241,12 @@ def registers_per_thread(kind: str, config) -> int:
     return min(255, 32 + math.ceil(register_elements(kind, config)))
 
 
-def ctas_per_sm(kind: str, config, itemsize: int, gpu: GPU) -> int:
+def ctas_per_sm(kind: str, config, itemsize: int, gpu: GPU, reshape_epilogue: bool | None = None) -> int:
     """Co-resident programs per SM: the least of what shared memory (as allocated, + the 1 KB the
     driver reserves), registers (allocated per warp in units of 256), warps (64 per SM) and the
     32-CTA limit allow. 0 when one program does not fit the per-block shared memory."""
     c = config_dict(config)
-    smem = smem_estimate(kind, config, itemsize)
+    smem = smem_estimate(kind, config, itemsize, reshape_epilogue)
     if smem > gpu.smem_per_block:
         return 0
     warps = c["num_warps"]
@@ -252,11 +256,11 @@ def ctas_per_sm(kind: str, config, itemsize: int, gpu: GPU) -> int:
     return max(0, min(by_smem, by_regs, gpu.max_warps_per_sm // warps, gpu.max_ctas_per_sm))
 
 
-def fits(kind: str, config, itemsize: int, gpu) -> bool:
+def fits(kind: str, config, itemsize: int, gpu, reshape_epilogue: bool | None = None) -> bool:
     """The config launches on this GPU: its shared memory (as allocated) is within the per-block
     limit and, for 2-byte compute dtypes, it is not expected to spill registers."""
     gpu = get_gpu(gpu)
-    if smem_estimate(kind, config, itemsize) > gpu.smem_per_block:
+    if smem_estimate(kind, config, itemsize, reshape_epilogue) > gpu.smem_per_block:
         return False
     return not (itemsize <= 2 and spills(kind, config))
 
@@ -379,6 +383,12 @@ def conv_shape(kind: str, args: dict) -> ConvShape:
         pix_per_split=int(pps) if pps is not None else None, reduce_group=int(group) if group is not None else None)
 
 
+def reshape_epilogue(kind: str, shape: ConvShape) -> bool:
+    """The launch's epilogue sums 2x2 windows of its fp32 tile (fwd with POOL, dx with UPSAMPLE),
+    which takes more shared memory (see smem_estimate)."""
+    return (kind == "fwd" and shape.POOL) or (kind == "dx" and shape.UPSAMPLE)
+
+
 @dataclasses.dataclass
 class LaunchCost:
     """The modelled cost of one launch. Times in us; `terms` holds every component:
@@ -445,8 +455,9 @@ def conv_cost(kind: str, shape, config, gpu=None, constants: Constants = FIT) ->
     s = conv_shape(kind, shape)
     c = config_dict(config)
     isz, xsz, wsz, R, KK = s.itemsize, s.x_itemsize, s.w_itemsize, s.runs, s.KS * s.KS
-    smem = smem_estimate(kind, c, isz)
-    per_sm = ctas_per_sm(kind, c, isz, gpu)
+    reshape = reshape_epilogue(kind, s)
+    smem = smem_estimate(kind, c, isz, reshape)
+    per_sm = ctas_per_sm(kind, c, isz, gpu, reshape)
     slots = gpu.sms * per_sm
     peak = gpu.bf16_flops if isz <= 2 else gpu.fp32_flops
     sm_flops = peak / gpu.sms * constants.mma_eff
@@ -556,7 +567,7 @@ def rank_configs(kind: str, shape, candidates: Iterable, gpu=None, constants: Co
     s = conv_shape(kind, shape)
     ranked = []
     for i, cand in enumerate(candidates):
-        if not fits(kind, cand, s.itemsize, gpu):
+        if not fits(kind, cand, s.itemsize, gpu, reshape_epilogue(kind, s)):
             continue
         cost = conv_cost(kind, s, cand, gpu, constants)
         if math.isfinite(cost.time_us):
@@ -715,12 +726,21 @@ ANCHOR_CONV_FWD_H100 = [
 ]
 
 
+# The candidates of the calibration: the tile configs conv_block.FWD_CONFIGS listed when the model
+# was fitted (the anchor's autotuner searched "8 tile configs" it did not name; these are ours). Kept
+# here so that the fit does not move when the package's lists change.
+ANCHOR_CANDIDATES = [dict(BLOCK_M=m, BLOCK_N=n, BLOCK_K=k, num_warps=w, num_stages=s) for m, n, k, w, s in (
+    (128, 64, 32, 4, 3), (128, 128, 32, 8, 3), (64, 64, 32, 4, 3), (64, 64, 64, 4, 3), (32, 64, 64, 4, 3),
+    (32, 32, 64, 4, 3), (128, 16, 16, 4, 3), (64, 128, 32, 4, 3), (128, 128, 64, 8, 4), (256, 64, 32, 8, 3),
+    (128, 256, 32, 8, 3))]
+
+
 def anchor_shape(batch: int, cin: int, cout: int, size: int) -> ConvShape:
     """An anchor row's launch: 3x3, bf16 activations and weights, bias + leaky ReLU, no pool."""
     return ConvShape(N=batch, H=size, W=size, CIN=cin, COUT=cout, KS=3, itemsize=2, x_itemsize=2, w_itemsize=2)
 
 
-def calibration(candidates, constants: Constants = FIT, gpu="h100") -> list[dict]:
+def calibration(candidates=ANCHOR_CANDIDATES, constants: Constants = FIT, gpu="h100") -> list[dict]:
     """Per anchor row: the model's best over `candidates` (as an autotuner would pick) beside the
     measured time: [{row, measured_us, model_us, ratio, config, bound}]."""
     rows = []
@@ -737,7 +757,7 @@ def rms_log_error(rows: list[dict]) -> float:
     return math.exp(math.sqrt(sum(math.log(r["ratio"]) ** 2 for r in rows) / len(rows)))
 
 
-def fit_constants(candidates, start: Constants = FIT, rounds: int = 6) -> Constants:
+def fit_constants(candidates=ANCHOR_CANDIDATES, start: Constants = FIT, rounds: int = 6) -> Constants:
     """The constants minimising rms_log_error over the anchors: a coordinate search on a
     log-spaced grid (each constant scaled by factors around its value, finer each round), from
     `start`. Deterministic; no SciPy needed."""

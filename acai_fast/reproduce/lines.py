@@ -266,7 +266,9 @@ def _grid_layout(n: int) -> tuple[int, int]:
 
 def save_interpolation_figure(images: dict[str, torch.Tensor], path, pairs: int = SHOW_PAIRS) -> None:
     """One panel per model: its first `pairs` test interpolations (rows), 16 steps each, the same
-    test pairs for every model."""
+    test pairs for every model. No images (no model has a checkpoint): no figure."""
+    if not images:
+        return
     import matplotlib
     matplotlib.use("Agg", force=False)
     import matplotlib.pyplot as plt
@@ -288,7 +290,9 @@ def save_interpolation_figure(images: dict[str, torch.Tensor], path, pairs: int 
 def save_angle_figure(images: dict[str, torch.Tensor], path, pairs: int = ANGLE_PAIRS) -> None:
     """One panel per model: the angle of the nearest reference line of each decoded step (unwrapped,
     degrees) for `pairs` interpolations; dashed: the evenly spaced path between the two ends that a
-    perfectly smooth interpolation would follow."""
+    perfectly smooth interpolation would follow. No images: no figure."""
+    if not images:
+        return
     import matplotlib
     matplotlib.use("Agg", force=False)
     import matplotlib.pyplot as plt
