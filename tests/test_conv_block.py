@@ -996,11 +996,12 @@ def gpu_chooser(monkeypatch):
     monkeypatch.setattr(ccfg, "INTERPRET", False)
     monkeypatch.setattr(ccfg, "_arch", lambda device: "sm90")
     monkeypatch.setattr(ccfg, "gpu_of", lambda device: None)
-    ccfg.tuned_table.cache_clear()
-    ccfg._choose_for_gpu.cache_clear()
+    caches = (ccfg.tuned_table, ccfg._choose_for_gpu, ccfg._device_target)
+    for c in caches:
+        c.cache_clear()
     yield
-    ccfg.tuned_table.cache_clear()
-    ccfg._choose_for_gpu.cache_clear()
+    for c in caches:
+        c.cache_clear()
 
 
 def test_choose_config_prefers_table_then_heuristic(tmp_path, monkeypatch, gpu_chooser):

@@ -452,6 +452,12 @@ def _arch(device) -> str:
     return f"sm{major}{minor}"
 
 
+@functools.lru_cache(maxsize=None)
+def _device_target(device) -> tuple:
+    """(cost.GPUS key or None, architecture) of a device, asked of the driver once per device."""
+    return gpu_of(device), _arch(device)
+
+
 def from_entry(name: str, entry: dict):
     """A table entry {BLOCK_*, SPLIT_K | TAPS/SPLITS/REDUCE_GROUP, num_warps, num_stages} as a config."""
     kwargs = {k: v for k, v in entry.items() if k not in ("num_warps", "num_stages")}
@@ -501,8 +507,7 @@ def choose_config(name: str, args: dict, device=None, gpu: str | None = None):
             return _interpreter_config(name, args), "interpreter"
         if AUTOTUNE:
             return None, "autotune"
-        gpu = gpu_of(device)
-        arch = _arch(device)
+        gpu, arch = _device_target(device)
     else:
         gpu = gpu_key(gpu)
         arch = GPU_ARCH[gpu]
