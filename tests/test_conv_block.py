@@ -32,7 +32,7 @@ from acai_fast import ACAIConfig
 from acai_fast.config import PRESETS
 from acai_fast.networks import Decoder, Encoder, build_networks
 from acai_fast.ops.conv_block import (DW_CONFIGS, DX_CONFIGS, FWD_CONFIGS, conv_block, conv_block_ref,
-                                      conv_bwd, conv_fwd, kernel_weight, resolve_backend)
+                                      conv_bwd, conv_fwd, empty_activation, kernel_weight, resolve_backend)
 from acai_fast.ops.conv_configs import dwc, mnk
 from helpers import assert_close, assert_close_lowp, compile_sm90_in_subprocess
 
@@ -315,21 +315,31 @@ def compile_sm90():
     flags = dict(KS=3, UPSAMPLE=True, ACT=True, POOL=True)
     fwd, dx, dw = cbm._conv_fwd_kernel, cbm._conv_bwd_dx_kernel, cbm._conv_bwd_dw_kernel
     fwd_flags = dict(HAS_BIAS=True, SAVE_SIGN=True)
-    dw_flags = dict(SIGN_FROM_OUT=False, NEED_DB=True, SPLIT=True)
+    dx_flags = dict(SIGN_FROM_OUT=False, GRAD_IS_DZ=False, INPUT_ACT=False)
+    dw_flags = dict(SIGN_FROM_OUT=False, GRAD_IS_DZ=False, NEED_DB=True, SPLIT=True)
+    # a block without pool reading dz (grad_is_dz), its dx applying its input's activation too
+    dz = dict(POOL=False, SIGN_FROM_OUT=True, GRAD_IS_DZ=True)
     cases = [  # (kernel, dtype, arch, config, extra constexprs): every path once per GPU, fp32 too
         (fwd, "bf16", 90, mnk(64, 64, 64, 4, 3, 4), fwd_flags),
-        (dx, "bf16", 90, mnk(64, 64, 64, 4, 3, 1), dict(SIGN_FROM_OUT=False)),
-        (dx, "bf16", 90, mnk(64, 128, 32, 8, 3, 3), dict(SIGN_FROM_OUT=False)),
+        (dx, "bf16", 90, mnk(64, 64, 64, 4, 3, 1), dx_flags),
+        (dx, "bf16", 90, mnk(64, 128, 32, 8, 3, 3), dx_flags),
+        (dx, "bf16", 90, mnk(64, 64, 64, 4, 3, 1), dict(dx_flags, INPUT_ACT=True)),
+        (dx, "bf16", 90, mnk(128, 16, 16, 4, 3, 1), dict(dz, INPUT_ACT=True)),
+        (dx, "bf16", 90, mnk(64, 128, 32, 8, 3, 3), dict(dz, INPUT_ACT=True)),
         (dw, "bf16", 90, dwc(64, 64, 64, 4, 3), dw_flags),
         (dw, "bf16", 90, dwc(32, 64, 32, 8, 1, 9), dw_flags),
+        (dw, "bf16", 90, dwc(16, 16, 64, 4, 1, 9), dict(dw_flags, **dz)),
         (fwd, "fp32", 90, mnk(64, 64, 32, 4, 2, 1), fwd_flags),
         (dw, "fp32", 90, dwc(16, 16, 64, 4, 1, 9), dict(dw_flags, SPLIT=False)),
         (fwd, "bf16", 80, mnk(64, 64, 64, 4, 3, 2), fwd_flags),
+        (dx, "bf16", 80, mnk(128, 16, 16, 4, 3, 1), dict(dz, INPUT_ACT=True)),
+        (dx, "bf16", 80, mnk(64, 64, 64, 4, 3, 2), dict(dz, INPUT_ACT=True)),
         (dw, "bf16", 80, dwc(16, 32, 64, 4, 1, 9), dw_flags),
+        (dw, "bf16", 80, dwc(16, 16, 64, 4, 1, 9), dict(dw_flags, **dz)),
     ]
     for fn, dt, arch, cfg, extra in cases:
         meta = {k: v for k, v in cfg.kwargs.items() if k in fn.arg_names}  # SPLITS is a grid size
-        constexprs = dict(flags, DOT_PRECISION="ieee" if dt == "fp32" else "tf32", **extra, **meta)
+        constexprs = {**flags, "DOT_PRECISION": "ieee" if dt == "fp32" else "tf32", **extra, **meta}
         signature = {}
         for name in fn.arg_names:  # pointers in the compute dtype, except the int8 sign map and counters
             if name in constexprs:
@@ -338,7 +348,7 @@ def compile_sm90():
                 signature[name] = {"S_ptr": "*i8", "Counter_ptr": "*i32", "WS_ptr": "*fp32",
                                    "WSB_ptr": "*fp32"}.get(name, "*" + dt)
             else:
-                signature[name] = "fp32" if name == "leaky_slope" else "i32"
+                signature[name] = "fp32" if name in ("leaky_slope", "input_slope") else "i32"
         compiled = triton.compile(ASTSource(fn=fn, signature=signature, constexprs=constexprs),
                                   target=GPUTarget("cuda", arch, 32),
                                   options=dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages))
@@ -604,6 +614,148 @@ def test_split_counters_too_small_are_refused(seed):
         w5 = torch.randn(6, 5, 5, 5, device=DEVICE)
         conv_bwd(torch.randn_like(y), x, w5, y, sign, bias_dtype=b.dtype, **flags, need_dx=False,
                  dw_config=dwc(16, 16, 16, 4, 1, 9))
+
+
+# ------------------------------------------------------------------------------------------------
+# dL/dz handed down a chain: block i+1's dx applies block i's leaky-ReLU derivative in its epilogue
+# (input_leaky_slope), block i's dx and dW read that gradient as dz (grad_is_dz)
+# ------------------------------------------------------------------------------------------------
+
+def _stacked(t, ng):
+    """The saved images n % NS that NG stacked gradient images n belong to."""
+    return t[[i % t.shape[0] for i in range(ng)]]
+
+
+# block i+1's flags (the producer: any kind of block) and block i's (the consumer: no pool)
+PRODUCER_FLAGS = [dict(upsample_input=False, leaky_slope=0.2, pool_output=True),    # sign map
+                  dict(upsample_input=True, leaky_slope=0.2, pool_output=False),    # sign from y, 2x2 sum
+                  dict(upsample_input=False, leaky_slope=0.2, pool_output=False),
+                  dict(upsample_input=True, leaky_slope=None, pool_output=True)]
+CONSUMER_FLAGS = [dict(upsample_input=False, leaky_slope=0.2, pool_output=False),
+                  dict(upsample_input=True, leaky_slope=0.2, pool_output=False),
+                  dict(upsample_input=False, leaky_slope=None, pool_output=False)]  # dz = dy: a no-op
+# the interpreter's config (one 256-row tile), split-K with 4 and with 7 splits of (9 taps x 1 chunk)
+DZ_DX_CONFIGS = [None, mnk(16, 16, 16, 4, 1, 4), mnk(64, 16, 16, 4, 1, 7)]
+
+
+@pytest.mark.parametrize("slope", (0.2, 0.0))
+@pytest.mark.parametrize("flags", PRODUCER_FLAGS, ids=[flag_id(f) for f in PRODUCER_FLAGS])
+def test_dx_through_the_input_activation(flags, slope, seed):
+    """input_leaky_slope: dx = d loss / d z_prev for x = leaky_relu(z_prev, slope), against fp64
+    autograd through that ReLU and the block; NG = 5 gradient images over NS = 2 saved ones (image n
+    reads x[n % NS]), odd channels (17 over 16-wide tiles, 6 reduced in 16-deep chunks), the
+    interpreter's and split-K configs, outputs poisoned; dw and db as without it."""
+    ns, ng, cin, cout = 2, 5, 17, 6
+    size = 3 if flags["upsample_input"] else 6
+    z_prev = torch.randn(ns, cin, size, size, device=DEVICE)
+    x = torch.nn.functional.leaky_relu(z_prev, slope).contiguous(memory_format=torch.channels_last)
+    _, w, b = (t.detach() for t in make_inputs(ns, cin, cout, size, 3))
+    y, sign = conv_fwd(x, w, b, **flags)
+    g = torch.randn(ng, *y.shape[1:], device=DEVICE)
+    zp = _stacked(z_prev.double(), ng).requires_grad_()
+    y_ref = conv_block_ref(torch.nn.functional.leaky_relu(zp, slope), w.double(), b.double(), **flags)
+    dz_ref, = torch.autograd.grad(y_ref, zp, g.double())
+    _, (_, dw_ref, db_ref) = reference(x, w, b, g[:ns], flags)
+    assert (x <= 0).any() and (x > 0).any(), "both branches of the ReLU's derivative"
+    counter = torch.zeros(ccfg.split_k_counter_size(), dtype=torch.int32, device=DEVICE)
+    for cfg in DZ_DX_CONFIGS:
+        dz, dw, db = conv_bwd(g, x, w, y, sign, bias_dtype=b.dtype, **flags, input_leaky_slope=slope,
+                              dx_config=cfg, dx_counter=counter, poison=True)
+        assert not counter.any(), f"{cfg} left a counter set"
+        assert_fp32_close(dz, dz_ref, f"dL/dz_prev {cfg}")
+        assert_fp32_close(dw, dw_ref, "dw")
+        assert_fp32_close(db, db_ref, "db")
+
+
+# dW: the interpreter's config (one tap per program), all 9 taps with a two-level split reduction
+DZ_DW_CONFIGS = [None, dwc(16, 16, 16, 4, 1, 9, 5, 3)]
+
+
+@pytest.mark.parametrize("flags", CONSUMER_FLAGS, ids=[flag_id(f) for f in CONSUMER_FLAGS])
+def test_grad_is_dz(flags, seed):
+    """grad_is_dz: grad_y is dL/dz (before this block's activation): dx, dw, db equal fp64 autograd
+    of the conv alone (conv_block_ref without activation) with that gradient; y and sign are not
+    read (None); NG = 3 over NS = 2 (dW over the first NS), odd channels, split-K dx, all-taps
+    two-level dW, outputs poisoned, counters left at zero."""
+    ns, ng, cin, cout = 2, 3, 17, 20
+    size = 3 if flags["upsample_input"] else 6  # 72 conv pixels: 5 dW chunks of 16
+    x, w, b = (t.detach() for t in make_inputs(ns, cin, cout, size, 3))
+    conv = dict(flags, leaky_slope=None)
+    dz = torch.randn(ng, *conv_block_ref(x, w, b, **conv).shape[1:], device=DEVICE)
+    _, (dx_ref, _, _) = reference(_stacked(x, ng), w, b, dz, conv)
+    _, (_, dw_ref, db_ref) = reference(x, w, b, dz[:ns], conv)
+    dx_counter = torch.zeros(ccfg.split_k_counter_size(), dtype=torch.int32, device=DEVICE)
+    dw_counter = torch.zeros(ccfg.dw_counter_size(3, cin, cout), dtype=torch.int32, device=DEVICE)
+    for dx_cfg, dw_cfg in itertools.zip_longest(DZ_DX_CONFIGS, DZ_DW_CONFIGS):
+        dx, dw, db = conv_bwd(dz, x, w, None, None, bias_dtype=b.dtype, **flags, grad_is_dz=True,
+                              dx_config=dx_cfg, dw_config=dw_cfg, dx_counter=dx_counter,
+                              dw_counter=dw_counter, poison=True)
+        assert not dx_counter.any() and not dw_counter.any(), f"{dx_cfg} / {dw_cfg} left a counter set"
+        assert_fp32_close(dx, dx_ref, f"dx {dx_cfg}")
+        assert_fp32_close(dw, dw_ref, f"dw {dw_cfg}")
+        assert_fp32_close(db, db_ref, f"db {dw_cfg}")
+
+
+@pytest.mark.parametrize("pair", [(c, p) for c in CONSUMER_FLAGS[:2] for p in PRODUCER_FLAGS[:3]],
+                         ids=[f"{flag_id(c)}>{flag_id(p)}" for c in CONSUMER_FLAGS[:2] for p in PRODUCER_FLAGS[:3]])
+def test_chain_hands_down_dz(pair, seed):
+    """Two blocks A -> B (A: leaky ReLU, no pool): B's dx with input_leaky_slope and A's backward
+    with grad_is_dz give A's dx, dw, db of the fp64 chain (autograd), and, in fp32, bit for bit
+    what the dL/dy path gives (the same products: round(acc) * slope = round(acc * slope) when acc is
+    already fp32); for an array of 2 runs in one launch each, with 3N stacked gradient rows over 2N
+    saved images (the critic's pass), split-K dx and an all-taps split dW."""
+    fa, fb = pair
+    runs, ns, ng, c0, c1, c2 = 2, 2, 3, 5, 17, 6
+    size = 3 if fa["upsample_input"] else 6  # A's conv: 2 x 6 x 6 = 72 pixels, 5 dW chunks of 16
+    xa = empty_activation((ns, c0, size, size), torch.float32, DEVICE, runs)
+    xa.copy_(torch.randn(runs, ns, c0, size, size))
+    wa = torch.randn(runs, c1, c0, 3, 3, device=DEVICE) / (9 * c0) ** 0.5
+    wb = torch.randn(runs, c2, c1, 3, 3, device=DEVICE) / (9 * c1) ** 0.5
+    ba, bb = torch.randn(runs, c1, device=DEVICE) * 0.1, torch.randn(runs, c2, device=DEVICE) * 0.1
+    ya, sa = conv_fwd(xa, wa, ba, **fa)
+    yb, sb = conv_fwd(ya, wb, bb, **fb)
+    g = empty_activation((ng, *yb.shape[-3:]), torch.float32, DEVICE, runs)
+    g.copy_(torch.randn(runs, ng, *yb.shape[-3:]))
+    dxc = torch.zeros(ccfg.split_k_counter_size(runs), dtype=torch.int32, device=DEVICE)
+    dw_counter = torch.zeros(ccfg.dw_counter_size(3, c0, c1, runs), dtype=torch.int32, device=DEVICE)
+    cfg = dict(dx_config=DZ_DX_CONFIGS[1], dx_counter=dxc)
+    cfg_a = dict(cfg, dw_config=DZ_DW_CONFIGS[1], dw_counter=dw_counter)
+    dz_a, _, _ = conv_bwd(g, ya, wb, yb, sb, **fb, need_dw=False, need_db=False, input_leaky_slope=0.2,
+                          poison=True, **cfg)
+    new = conv_bwd(dz_a, xa, wa, None, None, bias_dtype=ba.dtype, **fa, grad_is_dz=True, poison=True, **cfg_a)
+    dy_a, _, _ = conv_bwd(g, ya, wb, yb, sb, **fb, need_dw=False, need_db=False, **cfg)
+    old = conv_bwd(dy_a, xa, wa, ya, sa, bias_dtype=ba.dtype, **fa, **cfg_a)
+    assert not dxc.any() and not dw_counter.any()
+    for name, a, o in zip(("dx", "dw", "db"), new, old):
+        assert torch.equal(a, o), f"{name}: the dz path differs from the dL/dy path in fp32"
+    for r in range(runs):  # fp64 autograd of the chain, stacked rows as the kernels read them
+        xr = _stacked(xa[r].double(), ng).requires_grad_()
+        wr, br = (t[r].double().requires_grad_() for t in (wa, ba))
+        yr = conv_block_ref(conv_block_ref(xr, wr, br, **fa), wb[r].double(), bb[r].double(), **fb)
+        dx_ref, = torch.autograd.grad(yr, xr, g[r].double())
+        yr = conv_block_ref(conv_block_ref(xr[:ns], wr, br, **fa), wb[r].double(), bb[r].double(), **fb)
+        dw_ref, db_ref = torch.autograd.grad(yr, (wr, br), g[r, :ns].double())
+        for name, got, ref in zip(("dx", "dw", "db"), new, (dx_ref, dw_ref, db_ref)):
+            assert_fp32_close(got[r], ref, f"run {r} {name}")
+        if r == 0:
+            continue
+        # the second run alone (run strides 0): the same bits as its row of the array launch
+        dz1, _, _ = conv_bwd(g[r], ya[r], wb[r], yb[r], sb[r] if sb is not None else None, **fb, need_dw=False,
+                             need_db=False, input_leaky_slope=0.2, **cfg)
+        one = conv_bwd(dz1, xa[r], wa[r], None, None, bias_dtype=ba.dtype, **fa, grad_is_dz=True,
+                       dx_config=cfg_a["dx_config"], dw_config=cfg_a["dw_config"])
+        assert torch.equal(dz1, dz_a[r]) and all(torch.equal(a[r], o) for a, o in zip(new, one)), f"run {r}"
+
+
+def test_dz_arguments_are_checked(seed):
+    x, w, b = (t.detach() for t in make_inputs(2, 3, 4, 4, 3))
+    pooled = dict(upsample_input=False, leaky_slope=0.2, pool_output=True)
+    y, sign = conv_fwd(x, w, b, **pooled)
+    with pytest.raises(ValueError, match="grad_is_dz needs a block without pool"):
+        conv_bwd(torch.randn_like(y), x, w, y, sign, bias_dtype=b.dtype, **pooled, grad_is_dz=True)
+    for bad in (-0.1, float("nan"), float("inf"), "0.2"):
+        with pytest.raises(ValueError, match="input_leaky_slope must be a finite number >= 0"):
+            conv_bwd(torch.randn_like(y), x, w, y, sign, bias_dtype=b.dtype, **pooled, input_leaky_slope=bad)
 
 
 def test_bf16_weight_copy(seed):

@@ -113,6 +113,35 @@ def test_dw_by_hand_one_tap_and_all_taps():
         cost.conv_cost("dw", DW, {**base, "TAPS": 2}, "h100")
 
 
+def test_dz_handed_down_the_chain_by_hand():
+    """A dx/dW launch reading dz (GRAD_IS_DZ) gathers 2 B per bf16 element instead of G + the sign
+    (2 B more: the sign read off the bf16 y); a dx applying its input's activation (INPUT_ACT) reads
+    x once more per output element. The kernels' named arguments carry both flags."""
+    dx_cfg = cfg(BLOCK_M=32, BLOCK_N=16, BLOCK_K=16, num_warps=4, num_stages=2)
+    sign = dataclasses.replace(SMALL, SIGN_FROM_OUT=True)
+    plain, dz = (cost.conv_cost("dx", dataclasses.replace(sign, GRAD_IS_DZ=f), dx_cfg, "h100") for f in (False, True))
+    rows, taps, cout = SMALL.N * SMALL.H * SMALL.W, 9, SMALL.COUT  # one column tile: every tap of every row
+    assert plain.l2_bytes - dz.l2_bytes == taps * rows * cout * 2
+    assert plain.hbm_bytes - dz.hbm_bytes == rows * cout * 2  # the sign source (y), read once
+    act = cost.conv_cost("dx", dataclasses.replace(sign, GRAD_IS_DZ=True, INPUT_ACT=True), dx_cfg, "h100")
+    dx_elems = SMALL.N * SMALL.HX * SMALL.WX * SMALL.CIN
+    assert act.l2_bytes - dz.l2_bytes == act.hbm_bytes - dz.hbm_bytes == dx_elems * SMALL.x_itemsize
+    dw_cfg = cfg(BLOCK_CI=16, BLOCK_CO=16, BLOCK_P=64, num_warps=4, num_stages=2)
+    dw_sign = dataclasses.replace(DW, SIGN_FROM_OUT=True)
+    dw_plain, dw_dz = (cost.conv_cost("dw", dataclasses.replace(dw_sign, GRAD_IS_DZ=f), dw_cfg, "h100")
+                       for f in (False, True))
+    assert dw_plain.l2_bytes - dw_dz.l2_bytes == 9 * 2048 * 2  # 9 tap programs re-read 2048 sign bytes
+    args = dict(G_ptr=torch.empty(1, 2, 8, 8, 24, dtype=torch.bfloat16), DX_ptr=torch.empty(1, 2, 8, 8, 16,
+                dtype=torch.bfloat16), W_ptr=torch.empty(1, 24, 16, 3, 3), N=2, H=8, W=8, CIN=16, COUT=24, KS=3,
+                UPSAMPLE=False, ACT=True, POOL=False, SIGN_FROM_OUT=True, GRAD_IS_DZ=True, INPUT_ACT=True)
+    shape = cost.conv_shape("dx", args)
+    assert shape.GRAD_IS_DZ and shape.INPUT_ACT and "dz-in dz-out" in shape.label()
+    assert not cost.conv_shape("dw", args).INPUT_ACT  # an epilogue of dx only
+    launch = cost.conv_shape("dx", cb.launch_shape("dx", N=2, H=8, W=8, CIN=16, COUT=24, KS=3, UPSAMPLE=False,
+                                                   ACT=True, POOL=False, dtype=torch.bfloat16, GRAD_IS_DZ=True))
+    assert launch.GRAD_IS_DZ and not launch.INPUT_ACT
+
+
 def test_dw_split_counts_and_two_level_reduction():
     base = cfg(BLOCK_CI=16, BLOCK_CO=16, BLOCK_P=16, num_warps=4, num_stages=2)
     one = cost.conv_cost("dw", DW, {**base, "SPLITS": 8}, "h100")

@@ -349,7 +349,8 @@ def _launch_shape(kind: str, args: dict) -> dict | None:
     return conv_block.launch_shape(kind, **{k: args[k] for k in ("N", "H", "W", "CIN", "COUT", "KS")},
                                    UPSAMPLE=bool(args["UPSAMPLE"]), ACT=bool(args["ACT"]), POOL=bool(args["POOL"]),
                                    dtype=t.dtype, weight_dtype=w.dtype if isinstance(w, torch.Tensor) else None,
-                                   RUNS=_runs(t))
+                                   RUNS=_runs(t), **{k: bool(args[k]) for k in ("GRAD_IS_DZ", "INPUT_ACT")
+                                                     if k in args})
 
 
 def _pass_name(launch: Launch) -> str:

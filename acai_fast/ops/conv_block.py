@@ -242,16 +242,20 @@ def _conv_fwd_kernel(
 
 @triton.jit
 def _grad_pre_tile(G_ptr, S_ptr, n, h, w, ok, co, co_ok, H, W, HO, WO, COUT, NS, leaky_slope,
-                   ACT: tl.constexpr, POOL: tl.constexpr, SIGN_FROM_OUT: tl.constexpr):
+                   ACT: tl.constexpr, POOL: tl.constexpr, SIGN_FROM_OUT: tl.constexpr,
+                   GRAD_IS_DZ: tl.constexpr):
     """dL/dz at conv-output pixels (n, h, w) (each (BLOCK,)) x channels co, in fp32.
 
     dL/da = dL/dy[n, h//2, w//2] / 4 with POOL (0 on the floored-off last row/column), else dL/dy;
     dL/dz = dL/da * (1 if z > 0 else slope). The sign of z comes from y itself when there is no pool
     and slope >= 0 (then y > 0 <=> z > 0; S = y), else from the int8 sign map S (N, H, W, Cout).
+    GRAD_IS_DZ (no pool): G already holds dL/dz (the next block's dx kernel applied this block's
+    leaky-ReLU derivative in its epilogue, see `_conv_dx_epilogue`): dz = G, nothing else is read.
     G (the incoming gradient) and S are contiguous NHWC. G may hold more images than the forward
     saved: gradient image n reads the saved image n % NS (several objectives' gradients stacked
     over one forward, e.g. the critic's [mix; real] rows followed by the autoencoder's mix rows).
     """
+    tl.static_assert(not (GRAD_IS_DZ and POOL), "dL/dz is at the conv's resolution: no pool")
     n64 = n.to(tl.int64)
     ns64 = (n % NS).to(tl.int64)
     if POOL:
@@ -263,7 +267,7 @@ def _grad_pre_tile(G_ptr, S_ptr, n, h, w, ok, co, co_ok, H, W, HO, WO, COUT, NS,
     g = tl.load(G_ptr + g_rows[:, None] + co[None, :], mask=mask, other=0.0).to(tl.float32)
     if POOL:
         g = g * 0.25
-    if ACT:
+    if ACT and not GRAD_IS_DZ:
         s_rows = ((ns64 * H + h) * W + w) * COUT
         if SIGN_FROM_OUT:
             pos = tl.load(S_ptr + s_rows[:, None] + co[None, :], mask=mask, other=0.0) > 0
@@ -274,46 +278,63 @@ def _grad_pre_tile(G_ptr, S_ptr, n, h, w, ok, co, co_ok, H, W, HO, WO, COUT, NS,
 
 
 @triton.jit
-def _conv_dx_epilogue(acc, DX_ptr, pid_m, n, ih, iw, m_ok, offs_n, n_ok, N, H, W,
-                      stride_dxn, stride_dxh, stride_dxw,
-                      UPSAMPLE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    """dx = du, or with UPSAMPLE the sum of du over each 2x2 block (4 consecutive rows); stored in
-    DX's dtype."""
+def _conv_dx_epilogue(acc, DX_ptr, X_ptr, pid_m, n, ih, iw, m_ok, offs_n, n_ok, N, H, W, NS,
+                      stride_dxn, stride_dxh, stride_dxw, stride_xn, stride_xh, stride_xw, input_slope,
+                      UPSAMPLE: tl.constexpr, INPUT_ACT: tl.constexpr,
+                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """dx = du, or with UPSAMPLE the sum of du over each 2x2 block (4 consecutive rows); with
+    INPUT_ACT then times the derivative of the leaky ReLU that produced x (the previous block's
+    output, no pool, slope >= 0): dx * (1 if x > 0 else input_slope), x read once per output
+    element at the saved image n % NS; stored in DX's dtype."""
     if UPSAMPLE:
         HX = H // 2
         WX = W // 2
         acc = tl.sum(tl.reshape(acc, (BLOCK_M // 4, 4, BLOCK_N)), axis=1)
         offs_o = pid_m * (BLOCK_M // 4) + tl.arange(0, BLOCK_M // 4)  # (n, hx, wx)
         o_ok = offs_o < N * HX * WX
-        wx = offs_o % WX
+        ox = offs_o % WX
         t = offs_o // WX
-        dx_rows = DX_ptr + (t // HX).to(tl.int64) * stride_dxn + (t % HX) * stride_dxh + wx * stride_dxw
+        oy = t % HX
+        on = t // HX
     else:
         o_ok = m_ok
-        dx_rows = DX_ptr + n.to(tl.int64) * stride_dxn + ih * stride_dxh + iw * stride_dxw
-    tl.store(dx_rows[:, None] + offs_n[None, :], acc.to(DX_ptr.dtype.element_ty),
-             mask=o_ok[:, None] & n_ok[None, :])
+        ox = iw
+        oy = ih
+        on = n
+    mask = o_ok[:, None] & n_ok[None, :]
+    if INPUT_ACT:  # x > 0 <=> the previous block's z > 0 (slope >= 0): dL/dz_prev = dL/dx * lrelu'
+        x_rows = X_ptr + (on % NS).to(tl.int64) * stride_xn + oy * stride_xh + ox * stride_xw
+        pos = tl.load(x_rows[:, None] + offs_n[None, :], mask=mask, other=0.0) > 0
+        acc = tl.where(pos, acc, acc * input_slope)
+    dx_rows = DX_ptr + on.to(tl.int64) * stride_dxn + oy * stride_dxh + ox * stride_dxw
+    tl.store(dx_rows[:, None] + offs_n[None, :], acc.to(DX_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
 def _conv_bwd_dx_kernel(
-    G_ptr, S_ptr, W_ptr, DX_ptr, WS_ptr, Counter_ptr,
+    G_ptr, S_ptr, W_ptr, DX_ptr, X_ptr, WS_ptr, Counter_ptr,
     N, H, W, CIN, COUT, HO, WO, NS,
     stride_wo, stride_wi, stride_wkh, stride_wkw,
     stride_dxn, stride_dxh, stride_dxw,
-    stride_gr, stride_sr, stride_wr, stride_dxr,
-    leaky_slope,
+    stride_xn, stride_xh, stride_xw,
+    stride_gr, stride_sr, stride_wr, stride_dxr, stride_xr,
+    leaky_slope, input_slope,
     KS: tl.constexpr, UPSAMPLE: tl.constexpr, ACT: tl.constexpr, POOL: tl.constexpr,
-    SIGN_FROM_OUT: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    SIGN_FROM_OUT: tl.constexpr, GRAD_IS_DZ: tl.constexpr, INPUT_ACT: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
 ):
     """Input gradient: the transposed convolution of dL/dz, with the pool, leaky-ReLU and
     upsample backward fused in.
 
     du[p, ci] = sum_{tap, co} dz[p - offset(tap), co] * w[co, ci, tap]   (dz by _grad_pre_tile,
-    recomputed from dL/dy and the sign of z while loading the A tile: dz is never materialised);
-    with UPSAMPLE dx[n, hx, wx] = sum of du over its 2x2 block, else dx = du. N counts the
-    gradient's images, NS the forward's (see `_grad_pre_tile`).
+    recomputed from dL/dy and the sign of z while loading the A tile: dz is never materialised;
+    with GRAD_IS_DZ, G is dz itself and only G is gathered);
+    with UPSAMPLE dx[n, hx, wx] = sum of du over its 2x2 block, else dx = du; with INPUT_ACT the
+    epilogue multiplies dx by the derivative of the leaky ReLU (slope `input_slope` >= 0) that
+    produced x, read off the sign of x (X: the block's saved input), so that DX receives the
+    previous block's dL/dz, which its own backward then reads with GRAD_IS_DZ. N counts the
+    gradient's images, NS the forward's (see `_grad_pre_tile`; the epilogue reads x[n % NS]).
     Tiling as in the forward: rows = pixels of u (M = N*H*W), columns = Cin, one loop over the
     KS*KS * ceil(Cout / BLOCK_K) (tap, Cout chunk) steps, cut into SPLIT_K contiguous ranges on
     grid axis 2 exactly as the forward's (`_split_k_sum`; the epilogue, `_conv_dx_epilogue`, runs
@@ -326,6 +347,7 @@ def _conv_bwd_dx_kernel(
     S_ptr += run * stride_sr
     W_ptr += run * stride_wr
     DX_ptr += run * stride_dxr
+    X_ptr += run * stride_xr
     num_pid_n = tl.cdiv(CIN, BLOCK_N)
     pid_m = pid // num_pid_n
     pid_n = pid % num_pid_n
@@ -370,7 +392,7 @@ def _conv_bwd_dx_kernel(
         ow = iw - (tap % KS - PAD)
         ok = m_ok & (oh >= 0) & (oh < H) & (ow >= 0) & (ow < W)
         dz = _grad_pre_tile(G_ptr, S_ptr, n, oh, ow, ok, co, co_ok, H, W, HO, WO, COUT, NS,
-                            leaky_slope, ACT, POOL, SIGN_FROM_OUT)
+                            leaky_slope, ACT, POOL, SIGN_FROM_OUT, GRAD_IS_DZ)
         w_tap = W_ptr + (tap // KS) * stride_wkh + (tap % KS) * stride_wkw
         b = tl.load(w_tap + co[:, None] * stride_wo + offs_n[None, :] * stride_wi,
                     mask=co_ok[:, None] & n_ok[None, :], other=0.0)  # (BLOCK_K co, BLOCK_N ci)
@@ -378,15 +400,17 @@ def _conv_bwd_dx_kernel(
         acc = tl.dot(dz.to(dtype), b.to(dtype), acc, input_precision=DOT_PRECISION)
 
     if SPLIT_K == 1:
-        _conv_dx_epilogue(acc, DX_ptr, pid_m, n, ih, iw, m_ok, offs_n, n_ok, N, H, W,
-                          stride_dxn, stride_dxh, stride_dxw, UPSAMPLE, BLOCK_M, BLOCK_N)
-    else:
+        _conv_dx_epilogue(acc, DX_ptr, X_ptr, pid_m, n, ih, iw, m_ok, offs_n, n_ok, N, H, W, NS,
+                          stride_dxn, stride_dxh, stride_dxw, stride_xn, stride_xh, stride_xw,
+                          input_slope, UPSAMPLE, INPUT_ACT, BLOCK_M, BLOCK_N)
+    else:  # the epilogue (the 2x2 sum, the input's activation) runs on the summed partials
         tile = run * tl.num_programs(0) + pid
         total, last = _split_k_sum(acc, WS_ptr, Counter_ptr, tile, tl.program_id(2),
                                    SPLIT_K, BLOCK_M, BLOCK_N)
         if last:
-            _conv_dx_epilogue(total, DX_ptr, pid_m, n, ih, iw, m_ok, offs_n, n_ok, N, H, W,
-                              stride_dxn, stride_dxh, stride_dxw, UPSAMPLE, BLOCK_M, BLOCK_N)
+            _conv_dx_epilogue(total, DX_ptr, X_ptr, pid_m, n, ih, iw, m_ok, offs_n, n_ok, N, H, W, NS,
+                              stride_dxn, stride_dxh, stride_dxw, stride_xn, stride_xh, stride_xw,
+                              input_slope, UPSAMPLE, INPUT_ACT, BLOCK_M, BLOCK_N)
 
 
 @triton.jit
@@ -447,7 +471,7 @@ def _conv_bwd_dw_kernel(
     stride_xr, stride_gr, stride_sr, stride_dwr, stride_dbr,
     REDUCE_GROUP, leaky_slope,
     KS: tl.constexpr, UPSAMPLE: tl.constexpr, ACT: tl.constexpr, POOL: tl.constexpr,
-    SIGN_FROM_OUT: tl.constexpr, NEED_DB: tl.constexpr, SPLIT: tl.constexpr,
+    SIGN_FROM_OUT: tl.constexpr, GRAD_IS_DZ: tl.constexpr, NEED_DB: tl.constexpr, SPLIT: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     BLOCK_CI: tl.constexpr, BLOCK_CO: tl.constexpr, BLOCK_P: tl.constexpr, TAPS: tl.constexpr,
 ):
@@ -476,6 +500,8 @@ def _conv_bwd_dw_kernel(
     at 0; layout: [tiles] final counters, then [tiles * groups] group counters.
     db is accumulated in fp32 (before dz is rounded) by the tap-0, ci-block-0 programs only, from
     the dz tile they load anyway. G may hold more images than N: only its first N are read.
+    GRAD_IS_DZ (no pool): G holds dz itself (written by the next block's dx epilogue), so the
+    chunks read G alone, without the sign (see `_grad_pre_tile`).
     Runs: grid axis 1 holds (run, Cout block) with the Cout blocks fastest; every tensor's base
     moves by its run stride, and each run has its own partials and tile counters.
     """
@@ -524,7 +550,7 @@ def _conv_bwd_dw_kernel(
         h = t % H
         n = t // H
         dz = _grad_pre_tile(G_ptr, S_ptr, n, h, w, p_ok, co, co_ok, H, W, HO, WO, COUT, N,
-                            leaky_slope, ACT, POOL, SIGN_FROM_OUT)  # (BLOCK_P, BLOCK_CO) fp32
+                            leaky_slope, ACT, POOL, SIGN_FROM_OUT, GRAD_IS_DZ)  # (BLOCK_P, BLOCK_CO) fp32
         if NEED_DB:
             if do_db:
                 db += tl.sum(dz, axis=0)
@@ -831,11 +857,26 @@ def conv_fwd(x, weight, bias, *, upsample_input=False, leaky_slope=0.2, pool_out
 def conv_bwd(grad_y, x, weight, y, sign, *, weight_dtype=None, bias_dtype=None,
              upsample_input=False, leaky_slope=0.2, pool_output=False, need_dx=True, need_dw=True,
              need_db=True, dx_out=None, dw_out=None, db_out=None, dw_counter=None, dx_counter=None,
-             dx_config=None, dw_config=None, poison=False):
+             dx_config=None, dw_config=None, grad_is_dz=False, input_leaky_slope=None, poison=False):
     """Backward launcher: (dx channels_last or None, dw or None, db or None).
 
     x, y, sign: as saved by the forward of NS images (y is read only when the sign of z is taken
     from it); grad_y: dL/dy of NG >= NS images, in the compute dtype (y's), channels_last or made so.
+    The two ends of a chain link (block i without pool feeding block i+1; they halve what block i's
+    dx and dW gather, since no sign is read beside the gradient):
+    - input_leaky_slope (block i+1's call): x is the output of a leaky ReLU with this slope (>= 0:
+      block i's, which has no pool). dx is then returned as the gradient of that ReLU's input, i.e.
+      block i's dL/dz = dL/dx * (1 if x > 0 else input_leaky_slope), instead of dL/dx (applied in
+      the dx kernel's epilogue, after the 2x2 upsample sum and the split-K sum; gradient image n
+      reads the saved x[n % NS]). dw and db are unchanged.
+    - grad_is_dz (block i's call): grad_y holds dL/dz (NG, Cout, H, W), the gradient of the conv's
+      output before this block's leaky ReLU (as block i+1's call with input_leaky_slope returns
+      it), instead of dL/dy: dx, dw and db are what grad_y = dL/dy would give, and y and sign are
+      not read (pass None). Only for blocks without pool (dL/dz is at the conv's resolution).
+    In reference terms: conv_bwd(dL/dy, x, ...) = autograd of conv_block_ref(x, w, b, **flags);
+    conv_bwd(dz, x, ..., grad_is_dz=True) = autograd of conv_block_ref(x, w, b, upsample_input,
+    leaky_slope=None, pool_output=False) with the gradient dz; dx with input_leaky_slope=s is
+    d L / d z_prev for x = leaky_relu(z_prev, s) (autograd through that ReLU).
     When NG > NS, gradient image n belongs to saved image n % NS (several objectives' gradients
     stacked over one forward): dx covers all NG images, dw/db only the first NS (the objective
     that trains this block must come first). dx is written in x's dtype into `dx_out` when given
@@ -860,7 +901,18 @@ def conv_bwd(grad_y, x, weight, y, sign, *, weight_dtype=None, bias_dtype=None,
     H, W = (2 * HX, 2 * WX) if upsample_input else (HX, WX)
     HO, WO = (H // 2, W // 2) if pool_output else (H, W)
     act, sign_from_out, _ = _flags(leaky_slope, pool_output)
-    s = (y if array else y.contiguous(memory_format=torch.channels_last)) if sign_from_out else sign
+    if grad_is_dz and pool_output:
+        raise ValueError("conv_block: grad_is_dz needs a block without pool (dL/dz is at the conv's "
+                         "resolution, the gradient of a pooled block at the pool's)")
+    input_act = input_leaky_slope is not None
+    if input_act and not (isinstance(input_leaky_slope, (int, float)) and math.isfinite(input_leaky_slope)
+                          and input_leaky_slope >= 0):
+        raise ValueError(f"conv_block: input_leaky_slope must be a finite number >= 0 (the sign of the "
+                         f"previous block's z is read off x), got {input_leaky_slope!r}")
+    if grad_is_dz:  # dz is given: no sign of z to read
+        s = None
+    else:
+        s = (y if array else y.contiguous(memory_format=torch.channels_last)) if sign_from_out else sign
     fill = float("nan") if poison else None
     g = grad_y
     NG = g.shape[-4]
@@ -873,14 +925,16 @@ def conv_bwd(grad_y, x, weight, y, sign, *, weight_dtype=None, bias_dtype=None,
     s = s if s is not None else g  # dummy pointer when there is no activation
     slope = float(leaky_slope) if act else 0.0
     common = dict(KS=KS, UPSAMPLE=upsample_input, ACT=act, POOL=pool_output,
-                  SIGN_FROM_OUT=sign_from_out, DOT_PRECISION=_dot_precision(cdt))
+                  SIGN_FROM_OUT=sign_from_out, GRAD_IS_DZ=bool(grad_is_dz),
+                  DOT_PRECISION=_dot_precision(cdt))
     dx = dw = db = None
     need_db = need_db and bias_dtype is not None
     wk = kernel_weight(weight)
     x5, g5, s5, w5 = (_runs_view(t, not array) for t in (x, g, s, wk))
     lead = (R,) if array else ()
     shape = dict(N=NS, H=H, W=W, CIN=CIN, COUT=COUT, KS=KS, UPSAMPLE=upsample_input, ACT=act,
-                 POOL=pool_output, dtype=cdt, weight_dtype=weight.dtype, RUNS=R)
+                 POOL=pool_output, dtype=cdt, weight_dtype=weight.dtype, RUNS=R,
+                 GRAD_IS_DZ=bool(grad_is_dz))
 
     if need_dx:
         if dx_out is None:
@@ -892,17 +946,19 @@ def conv_bwd(grad_y, x, weight, y, sign, *, weight_dtype=None, bias_dtype=None,
             dx = dx_out.fill_(fill) if fill is not None else dx_out
         dx5 = _runs_view(dx, not array)
         if NG > 0:
-            dx_shape = launch_shape("dx", **dict(shape, N=NG))
+            dx_shape = launch_shape("dx", **dict(shape, N=NG, INPUT_ACT=input_act))
 
             def run_dx(cfg):
                 split_k = split_k_steps("dx", dx_shape, cfg)
                 tiles = output_tiles("dx", dx_shape, cfg)
                 ws, cnt = _split_k_buffers(split_k, R * tiles, cfg, dx_counter, x.device)
                 _KERNELS["dx"][(tiles, R, split_k)](
-                    g5, s5, w5, dx5, ws, cnt, NG, H, W, CIN, COUT, HO, WO, max(NS, 1),
+                    g5, s5, w5, dx5, x5, ws, cnt, NG, H, W, CIN, COUT, HO, WO, max(NS, 1),
                     *w5.stride()[1:], dx5.stride(1), dx5.stride(3), dx5.stride(4),
-                    _run_stride(g5), _run_stride(s5), _run_stride(w5), _run_stride(dx5), slope,
-                    **common, **_mnk_meta(cfg, split_k))
+                    x5.stride(1), x5.stride(3), x5.stride(4),
+                    _run_stride(g5), _run_stride(s5), _run_stride(w5), _run_stride(dx5), _run_stride(x5),
+                    slope, float(input_leaky_slope) if input_act else 0.0,
+                    INPUT_ACT=input_act, **common, **_mnk_meta(cfg, split_k))
 
             _launch("dx", dx_shape, dx_config, x.device, run_dx)
 

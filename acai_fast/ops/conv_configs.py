@@ -123,14 +123,18 @@ _SMEM_BUDGET = 160 * 1024  # bytes of pipelined tiles the heuristic allows (H100
 
 
 def launch_shape(name: str, *, N, H, W, CIN, COUT, KS, UPSAMPLE, ACT, POOL, dtype,
-                 weight_dtype=None, RUNS=1) -> dict:
+                 weight_dtype=None, RUNS=1, GRAD_IS_DZ=False, INPUT_ACT=False) -> dict:
     """The dict that describes one launch to the config choosers and the cost model: N images
     (dx: the gradient's images), H x W the conv's resolution (after any upsample), channel counts,
     kernel size, flags, the compute dtype (y's / dL/dy's), the weight's dtype as stored (fp32
-    master weights or a bf16 copy) and the runs of an array."""
+    master weights or a bf16 copy), the runs of an array, and (dx/dW) whether the gradient read is
+    dL/dz already (GRAD_IS_DZ: no sign gathered) and (dx) whether the epilogue applies the input's
+    leaky-ReLU derivative (INPUT_ACT: one read of x per output element). The last two change the
+    modelled bytes, not the table key (`shape_key`)."""
     return dict(kind=name, N=int(N), H=int(H), W=int(W), CIN=int(CIN), COUT=int(COUT), KS=int(KS),
                 UPSAMPLE=bool(UPSAMPLE), ACT=bool(ACT), POOL=bool(POOL), dtype=dtype,
-                weight_dtype=weight_dtype or dtype, RUNS=int(RUNS))
+                weight_dtype=weight_dtype or dtype, RUNS=int(RUNS), GRAD_IS_DZ=bool(GRAD_IS_DZ),
+                INPUT_ACT=bool(INPUT_ACT))
 
 
 def shape_of(name: str, args: dict) -> dict:
@@ -145,7 +149,8 @@ def shape_of(name: str, args: dict) -> dict:
     return launch_shape(name, N=args["N"], H=args["H"], W=args["W"], CIN=args["CIN"], COUT=args["COUT"],
                         KS=args["KS"], UPSAMPLE=args["UPSAMPLE"], ACT=args["ACT"], POOL=args["POOL"],
                         dtype=getattr(out, "dtype", torch.bfloat16), weight_dtype=getattr(w, "dtype", None),
-                        RUNS=runs)
+                        RUNS=runs, GRAD_IS_DZ=bool(args.get("GRAD_IS_DZ", False)),
+                        INPUT_ACT=bool(args.get("INPUT_ACT", False)))
 
 
 def _itemsize(args: dict) -> int:

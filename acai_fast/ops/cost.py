@@ -276,7 +276,9 @@ class ConvShape:
 
     N: images of the launch (fwd: input images; dx: gradient images NG; dw: saved images NS);
     H, W: the conv's resolution (after the 2x upsample when UPSAMPLE); CIN, COUT, KS: the weight;
-    flags as the kernels' constexprs; runs: models of an array (grid axis 1);
+    flags as the kernels' constexprs (GRAD_IS_DZ, dx/dW: the gradient read is dL/dz already, no sign
+    beside it; INPUT_ACT, dx: the epilogue reads x once per output element for the derivative of
+    the previous block's leaky ReLU); runs: models of an array (grid axis 1);
     itemsize: the compute dtype (activations, gradients, y); x_itemsize: the block input x as read
     (an fp32 image batch feeding bf16 layers: 4); w_itemsize: the weight as read (fp32 master
     weights: 4; a bf16 copy: 2); pix_per_split, reduce_group: dw's pixels per split and partials per
@@ -292,6 +294,8 @@ class ConvShape:
     ACT: bool = True
     SIGN_FROM_OUT: bool = False
     SAVE_SIGN: bool = False
+    GRAD_IS_DZ: bool = False
+    INPUT_ACT: bool = False
     HAS_BIAS: bool = True
     NEED_DB: bool = True
     runs: int = 1
@@ -318,7 +322,8 @@ class ConvShape:
         return self.W // 2 if self.UPSAMPLE else self.W
 
     def label(self) -> str:
-        flags = "".join(f" {f}" for f, on in (("up", self.UPSAMPLE), ("pool", self.POOL)) if on)
+        flags = "".join(f" {f}" for f, on in (("up", self.UPSAMPLE), ("pool", self.POOL), ("dz-in", self.GRAD_IS_DZ),
+                                              ("dz-out", self.INPUT_ACT)) if on)
         runs = f" x{self.runs} runs" if self.runs > 1 else ""
         return f"N{self.N} {self.H}x{self.W} {self.CIN}->{self.COUT} k{self.KS}{flags}{runs}"
 
@@ -355,7 +360,9 @@ def conv_shape(kind: str, args: dict) -> ConvShape:
         return ConvShape(
             N=int(args["N"]), H=int(args["H"]), W=int(args["W"]), CIN=int(args["CIN"]), COUT=int(args["COUT"]),
             KS=int(args.get("KS", 3)), UPSAMPLE=bool(args.get("UPSAMPLE", False)), POOL=pool, ACT=act,
-            SIGN_FROM_OUT=act and not pool, SAVE_SIGN=kind == "fwd" and act and pool, runs=int(args.get("RUNS", 1)),
+            SIGN_FROM_OUT=act and not pool, SAVE_SIGN=kind == "fwd" and act and pool,
+            GRAD_IS_DZ=kind != "fwd" and bool(args.get("GRAD_IS_DZ", False)),
+            INPUT_ACT=kind == "dx" and bool(args.get("INPUT_ACT", False)), runs=int(args.get("RUNS", 1)),
             itemsize=isz, x_itemsize=isz, w_itemsize=_dtype_size(args.get("weight_dtype"), isz),
             reduce_group=None)
     if kind == "fwd":
@@ -378,6 +385,8 @@ def conv_shape(kind: str, args: dict) -> ConvShape:
         N=int(args["N"]), H=int(args["H"]), W=int(args["W"]), CIN=int(args["CIN"]), COUT=int(args["COUT"]),
         KS=int(args.get("KS", 3)), UPSAMPLE=bool(args.get("UPSAMPLE", False)), POOL=bool(args.get("POOL", False)),
         ACT=act, SIGN_FROM_OUT=sign_from_out, SAVE_SIGN=bool(args.get("SAVE_SIGN", False)),
+        GRAD_IS_DZ=kind != "fwd" and bool(args.get("GRAD_IS_DZ", False)),
+        INPUT_ACT=kind == "dx" and bool(args.get("INPUT_ACT", False)),
         HAS_BIAS=bool(args.get("HAS_BIAS", True)), NEED_DB=bool(args.get("NEED_DB", True)), runs=runs,
         itemsize=itemsize, x_itemsize=_itemsize(x, itemsize), w_itemsize=_itemsize(w, 4) if w is not None else 4,
         pix_per_split=int(pps) if pps is not None else None, reduce_group=int(group) if group is not None else None)
@@ -441,12 +450,15 @@ def conv_cost(kind: str, shape, config, gpu=None, constants: Constants = FIT) ->
       L2 = A re-gathered per tap by every column tile + B (the weights, w_itemsize) re-streamed by
            every row tile + the outputs (+ the partials, written and read once, when S > 1);
       HBM = input, weights, outputs once.
+      dx's A element is dz, rebuilt from G and the sign of z (itemsize + the sign's bytes: y's
+      itemsize, or 1 for the int8 map) unless GRAD_IS_DZ (G is dz: itemsize alone); INPUT_ACT
+      adds one read of x per output element (the epilogue's derivative of the input's activation).
     dw (reduction over the P = N*H*W pixels; one program per (tap group, Cin tile, Cout tile,
     split); TAPS = KS^2 loads dz once per pixel chunk for all taps; SPLITS pixel splits, today
     from the launch's PIX_PER_SPLIT; REDUCE_GROUP: two-level sum of the partials):
       CTAs = KS^2/TAPS * ceil(Cin/BCI) * ceil(Cout/BCO) * runs * splits;
-      L2 = dz (G and the sign) re-read by every (tap group, Cin tile) + u re-read per tap by every
-           Cout tile + the partials.
+      L2 = dz (G and the sign; G alone with GRAD_IS_DZ) re-read by every (tap group, Cin tile) + u
+           re-read per tap by every Cout tile + the partials.
     time = gap + fixed + max(latency, compute, L2, HBM) + tail, where latency = ceil(waves) * K
     steps per program * step_us; compute = the busiest SM's issued FLOPs at mma_eff of its peak
     share (fp32 compute dtypes: the FMA peak); tail = the serial sum of the partials by the last
@@ -461,7 +473,8 @@ def conv_cost(kind: str, shape, config, gpu=None, constants: Constants = FIT) ->
     slots = gpu.sms * per_sm
     peak = gpu.bf16_flops if isz <= 2 else gpu.fp32_flops
     sm_flops = peak / gpu.sms * constants.mma_eff
-    sign_size = (isz if s.SIGN_FROM_OUT else 1) if s.ACT else 0  # bytes of the sign of z per element
+    # bytes of the sign of z per gathered gradient element (none when the gradient is dz already)
+    sign_size = (isz if s.SIGN_FROM_OUT else 1) if s.ACT and not s.GRAD_IS_DZ else 0
     weight_bytes = R * KK * s.CIN * s.COUT * wsz
     tail = 0.0
 
@@ -480,9 +493,11 @@ def conv_cost(kind: str, shape, config, gpu=None, constants: Constants = FIT) ->
             ncols, kc = s.CIN, s.COUT
             a_bytes_per_elem = isz + sign_size                  # dz rebuilt from G and the sign per tap
             ns = s.N  # the saved images may be fewer (NS); the sign map is at most the gradient's size
+            dx_elems = R * s.N * s.HX * s.WX * s.CIN
+            x_act = dx_elems * xsz * s.INPUT_ACT  # the epilogue's read of x, once per output element
             hbm = (R * s.N * s.HO * s.WO * s.COUT * isz + R * ns * s.H * s.W * s.COUT * sign_size
-                   + weight_bytes + R * s.N * s.HX * s.WX * s.CIN * xsz)
-            out_bytes = R * s.N * s.HX * s.WX * s.CIN * xsz
+                   + weight_bytes + dx_elems * xsz + x_act)
+            out_bytes = dx_elems * xsz + x_act
         tiles_m, tiles_n = -(-M // BM), -(-ncols // BN)
         k_steps = KK * -(-kc // BK)
         k_per = -(-k_steps // split)
