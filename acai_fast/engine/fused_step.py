@@ -20,16 +20,15 @@ Backward:
     decoder: input and weight gradients over the 2N images [ae; x_mix]
     mix backward: dz = g_z[:, :N] + mix_bwd(g_z[:, N:]) (accumulated in place: one launch)
     encoder: weight gradients, and input gradients where a block has a predecessor
-    (The trainer then runs Adam, PyTorch's fused one, over both groups and the probe.)
-The weight gradients are written, split reduction included, straight into the parameters'
-persistent fp32 .grad tensors; the kernels read the fp32 master weights (kept channels_last) and
-cast them as they load, so no cast, copy, concatenation or gradient sum runs as a launch of its own.
+    (The trainer then runs Adam, one launch over the flat buffers of both groups and the probe.)
+The weight gradients are written, split reduction included, straight into the parameters' fp32
+gradient views (acai_fast.parameters); the kernels read the weights channels_last, as the bf16
+copy Adam writes (fp32 master weights for an fp32 step), and cast as they load, so no cast, copy,
+concatenation or gradient sum runs as a launch of its own.
 """
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable
-
 import torch
 
 from ..ops.acai_loss import critic_loss_fwd_runs, image_loss_fwd_runs
@@ -56,30 +55,21 @@ def _nhwc(t: torch.Tensor) -> torch.Tensor:
     return t.permute(0, 1, 3, 4, 2)
 
 
-def channels_last_like(t: torch.Tensor) -> torch.Tensor:
-    """The values of a conv weight (Cout, Cin, k, k) or an array's (R, Cout, Cin, k, k), laid out
-    with Cin contiguous in each run (coalesced weight tiles for the kernels)."""
-    if t.dim() == 4:
-        return t.contiguous(memory_format=torch.channels_last)
-    return t.permute(0, 1, 3, 4, 2).contiguous().permute(0, 1, 4, 2, 3)
-
-
 class FusedACAIStep:
-    """The fused ACAI step of one model's runs.
+    """The fused ACAI step of K runs of one model (one run is the array of one).
 
-    model: the ACAI model (its block structure; and, for one run, its parameters).
-    stacked: for an array of R runs, {parameter name: (R, ...) tensor with a persistent .grad of
-        the same layout} (conv weights channels_last per run); None: one run, the model's own
-        parameters (given persistent .grad tensors and channels_last weights here).
-    alpha_states: the (R, 3) int64 Philox states (one run: a (1, 3) view of the trainer's state).
-    advweight, reg: floats, or fp32 (R,) tensors when they differ between runs.
-    on_layout_change: called after the parameters' layout changed (the trainer re-lays Adam's state).
-    The per-step outputs of an array have a leading run axis; one run's do not.
+    model: the ACAI model (its block structure). params: the trainer's acai_fast.parameters.
+        RunParameters: (K, ...) views over the runs of every parameter (conv weights channels_last
+        per run) and of its gradient, which the kernels write in place; the kernels read the conv
+        weights from `params.kernel_weights` (the bf16 copy Adam refreshes for a bf16 step, else
+        the fp32 values) and the biases in fp32.
+    alpha_states: the (K, 3) int64 Philox states.
+    advweight, reg: floats, or fp32 (K,) tensors when they differ between runs.
+    Every per-step input and output has a leading run axis.
     Holds the tile counters of the weight-gradient reductions and the loss reductions (zeroed once;
     every launch leaves them at zero)."""
 
-    def __init__(self, model, *, dtype, device, alpha_states, advweight, reg, stacked=None,
-                 on_layout_change: Callable[[], None] | None = None):
+    def __init__(self, model, *, dtype, device, alpha_states, advweight, reg, params):
         self.model = model
         self.config = model.config
         self.dtype = dtype
@@ -87,15 +77,12 @@ class FusedACAIStep:
         self.alpha_states = alpha_states
         self.runs = alpha_states.shape[0]
         self.advweight, self.reg = advweight, reg
-        self.stacked = stacked
-        self.on_layout_change = on_layout_change
+        self.params = params
         # The mix/loss ops: CUDA or Triton on a GPU (their own choice); Triton (interpreted) on the CPU.
         self.op_backend = "auto" if self.device.type == "cuda" else "triton"
         # net -> its blocks as (parameter-name prefix, ConvBlock), in order
         self.nets = {net: [(f"{net}.blocks.{i}", b) for i, b in enumerate(getattr(model, net).blocks)]
                      for net in ("encoder", "decoder", "critic")}
-        if stacked is None:
-            self.reload_parameters()
         self._counters = {}  # block name -> the int32 tile counters of its dW reduction
         for blocks in self.nets.values():
             for name, b in blocks:
@@ -104,38 +91,18 @@ class FusedACAIStep:
                                                    dtype=torch.int32, device=self.device)
         self._loss_counters = torch.zeros(2, self.runs, dtype=torch.int32, device=self.device)
 
-    def reload_parameters(self) -> None:
-        """One run: lay the conv weights out channels_last (Cin contiguous: coalesced weight tiles)
-        and give every parameter a persistent .grad that the kernels write in place. Call after the
-        parameters were replaced (a loaded checkpoint keeps the layout: load_state_dict copies)."""
-        if self.stacked is not None:
-            return
-        with torch.no_grad():
-            for blocks in self.nets.values():
-                for _, block in blocks:
-                    w = block.weight
-                    if not w.is_contiguous(memory_format=torch.channels_last):
-                        w.data = channels_last_like(w.data)
-                    for p in (block.weight, block.bias):
-                        if p.grad is None or p.grad.stride() != p.stride():
-                            p.grad = torch.zeros_like(p)
-        if self.on_layout_change is not None:
-            self.on_layout_change()
-
-    def _param(self, name: str, block, which: str):
-        """(value, grad) of a block's weight or bias with a leading run axis."""
-        if self.stacked is None:
-            p = getattr(block, which)
-            return p.unsqueeze(0), p.grad.unsqueeze(0)
-        p = self.stacked[f"{name}.{which}"]
-        return p, p.grad
+    def _param(self, name: str, which: str):
+        """(what the kernels read, the gradient) of a block's weight or bias, with the run axis."""
+        key = f"{name}.{which}"
+        value = self.params.kernel_weights[key] if which == "weight" else self.params.stacked[key]
+        return value, self.params.stacked_grads[key]
 
     # ------------------------------------------------------------------ building blocks
     def _forward(self, blocks, h, out=None) -> tuple[torch.Tensor, list[_Saved]]:
         """Run a chain of blocks on h; the last block writes into `out` when given."""
         saved = []
         for i, (name, b) in enumerate(blocks):
-            (w, _), (bias, _) = self._param(name, b, "weight"), self._param(name, b, "bias")
+            (w, _), (bias, _) = self._param(name, "weight"), self._param(name, "bias")
             y, sign = conv_fwd(h, w, bias, upsample_input=b.upsample_input, leaky_slope=b.leaky_slope,
                                pool_output=b.pool_output, out=out if i == len(blocks) - 1 else None,
                                out_dtype=self.dtype)
@@ -146,8 +113,8 @@ class FusedACAIStep:
     def _block_bwd(self, entry, s: _Saved, g, *, need_dx=True, need_dw=True, dx_out=None):
         """One block's backward; entry: (name, ConvBlock) as in self.nets."""
         name, b = entry
-        (w, dw), (bias, db) = self._param(name, b, "weight"), self._param(name, b, "bias")
-        dx, _, _ = conv_bwd(g, s.x, w, s.y, s.sign, weight_dtype=w.dtype, bias_dtype=bias.dtype,
+        (w, dw), (bias, db) = self._param(name, "weight"), self._param(name, "bias")
+        dx, _, _ = conv_bwd(g, s.x, w, s.y, s.sign, weight_dtype=dw.dtype, bias_dtype=db.dtype,
                             upsample_input=b.upsample_input, leaky_slope=b.leaky_slope,
                             pool_output=b.pool_output, need_dx=need_dx, need_dw=need_dw,
                             need_db=need_dw, dx_out=dx_out, dw_out=dw, db_out=db,
@@ -163,23 +130,17 @@ class FusedACAIStep:
 
     # ------------------------------------------------------------------ the step
     def gradients(self, x: torch.Tensor):
-        """The forward and backward of one ACAI step on x ((R,) N, colors, 32, 32) fp32: writes every
-        conv parameter's .grad (each objective's gradient into its own parameters) and returns
-        ({loss_ae, loss_ae_disc, loss_disc, loss_disc_real}, z) with z the ((R,) N, latent, w, w)
-        latent. The trainer then steps Adam."""
-        single = self.stacked is None
-        if single:
-            x = x.contiguous(memory_format=torch.channels_last).unsqueeze(0)  # fp32: the exact target
+        """The forward and backward of one ACAI step on x (K, N, colors, 32, 32) fp32, channels_last
+        per run: writes every conv parameter's gradient (each objective's gradient into its own
+        parameters) and returns ({loss_ae, loss_ae_disc, loss_disc, loss_disc_real} as (K,)
+        tensors, z) with z the (K, N, latent, w, w) latent. The trainer then steps Adam."""
         with phase("forward"):  # profiler marks (acai_fast.profiling); nearly free otherwise
             f = self._forward_pass(x)
         with phase("backward"):
             self._backward_pass(f)
         losses = dict(loss_ae=f.img.loss_ae, loss_ae_disc=f.crit.loss_ae_disc, loss_disc=f.crit.loss_disc,
                       loss_disc_real=f.crit.loss_disc_real)
-        z = f.zz[:, :f.n]
-        if single:
-            return {k: v[0] for k, v in losses.items()}, z[0]
-        return losses, z
+        return losses, f.zz[:, :f.n]
 
     def _forward_pass(self, x) -> "_Forward":
         cfg, dt, dev, ops, R = self.config, self.dtype, self.device, self.op_backend, self.runs

@@ -59,6 +59,7 @@ def probe_loss_ref(z, weight, bias, labels, *, upcast: bool = True) -> ProbeLoss
 @triton.jit
 def _probe_loss_kernel(Z_ptr, W_ptr, B_ptr, L_ptr, DW_ptr, DB_ptr, Out_ptr,
                        N, C, D, HW, WD, stride_zn, stride_zc, stride_zh, stride_zw, stride_zr,
+                       stride_wr, stride_br, stride_dwr, stride_dbr,
                        BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr):
     """One program. For each block of BLOCK_N rows: logits = z @ W^T + b over D in BLOCK_D chunks
     (z gathered through its strides: feature d = (c, h, w) with d = c*HW + h*WD + w), softmax,
@@ -66,14 +67,15 @@ def _probe_loss_kernel(Z_ptr, W_ptr, B_ptr, L_ptr, DW_ptr, DB_ptr, Out_ptr,
     db += sum_i g; dW += g^T @ z (a second pass over the chunks, read-add-write: the rows blocks
     run in order, so the sums are deterministic). Out = [mean loss, accuracy].
     Runs: one program per run (grid axis 0), each with its own latent rows (run stride), labels,
-    dense layer and outputs (contiguous per run)."""
+    dense layer and outputs (contiguous per run; the run strides are arguments: the trainer's
+    probe parameters are views of rows of its flat buffers)."""
     run = tl.program_id(0).to(tl.int64)
     Z_ptr += run * stride_zr
-    W_ptr += run * C * D
-    B_ptr += run * C
+    W_ptr += run * stride_wr
+    B_ptr += run * stride_br
     L_ptr += run * N
-    DW_ptr += run * C * D
-    DB_ptr += run * C
+    DW_ptr += run * stride_dwr
+    DB_ptr += run * stride_dbr
     Out_ptr += run * 2
     cls = tl.arange(0, BLOCK_C)
     c_ok = cls < C
@@ -190,17 +192,27 @@ def probe_loss(z: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, labels
     classes = weight.shape[-2]
     z5 = z5 if z5.dim() == 5 else z5.reshape(*z5.shape[:2], -1, 1, 1)  # (R, N, D) -> (R, N, D, 1, 1)
     _, _, ch, h, w = z5.shape
-    if not (dw.is_contiguous() and dw.shape == weight.shape and dw.dtype == torch.float32
-            and db.is_contiguous() and db.shape == bias.shape and db.dtype == torch.float32):
-        raise ValueError("probe_loss: d_weight_out / d_bias_out must be contiguous fp32 tensors of the "
-                         "parameters' shapes")
-    weight, bias = weight.contiguous(), bias.contiguous()
+    def per_run_contiguous(t):
+        return t.is_contiguous() if not runs else all(t[r].is_contiguous() for r in range(t.shape[0]))
+
+    if not (per_run_contiguous(dw) and dw.shape == weight.shape and dw.dtype == torch.float32
+            and per_run_contiguous(db) and db.shape == bias.shape and db.dtype == torch.float32):
+        raise ValueError("probe_loss: d_weight_out / d_bias_out must be fp32 tensors of the parameters' "
+                         "shapes, contiguous within each run")
+    if not per_run_contiguous(weight):
+        weight = weight.contiguous()
+    if not per_run_contiguous(bias):
+        bias = bias.contiguous()
+
+    def run_stride(t):
+        return t.stride(0) if runs else 0
     out = torch.empty(z5.shape[0], 2, dtype=torch.float32, device=z.device)
     block_c = max(16, triton.next_power_of_2(classes))
     block_n = 16 if n <= 16 else 32
     block_d = 64 if block_c <= 32 else 32
     with torch.cuda.device(z.device) if z.is_cuda else contextlib.nullcontext():
         _probe_loss_kernel[(z5.shape[0],)](z5, weight, bias, labels, dw, db, out, n, classes, d, h * w, w,
-                                           *z5.stride()[1:], z5.stride(0),
+                                           *z5.stride()[1:], z5.stride(0), run_stride(weight),
+                                           run_stride(bias), run_stride(dw), run_stride(db),
                                            BLOCK_N=block_n, BLOCK_C=block_c, BLOCK_D=block_d)
     return ProbeLoss(out[:, 0] if runs else out[0, 0], out[:, 1] if runs else out[0, 1], dw, db)
