@@ -252,7 +252,16 @@ def test_nonfinite_loss_skip_policy_skips_that_update_only(tmp_path):
     assert int(trainer.optimizer.state[p]["step"]) == 4  # Adam took 4 of the 5 steps
 
 
-def test_a_signal_finishes_the_step_writes_a_checkpoint_and_stops(tmp_path):
+@pytest.fixture
+def python_sigint():
+    """SIGINT handled as Python's default (KeyboardInterrupt) for the test, whatever the launcher did:
+    a shell starts background jobs with SIGINT ignored, and Python then keeps it ignored."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)
+
+
+def test_a_signal_finishes_the_step_writes_a_checkpoint_and_stops(tmp_path, python_sigint):
     trainer = tiny_trainer(seed=4)
     x, y = images()
 
@@ -270,7 +279,7 @@ def test_a_signal_finishes_the_step_writes_a_checkpoint_and_stops(tmp_path):
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handlers given back
 
 
-def test_a_second_ctrl_c_exits_at_once(tmp_path):
+def test_a_second_ctrl_c_exits_at_once(tmp_path, python_sigint):
     trainer = tiny_trainer(seed=4)
 
     def second_ctrl_c(module, args):
