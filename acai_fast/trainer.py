@@ -32,123 +32,29 @@ import copy
 import dataclasses
 import logging
 import math
-import numbers
 import os
 
 import torch
 import torch.nn.functional as F
 
-from . import _ext
 from .checkpoint import FORMAT_VERSION, CheckpointError, load_checkpoint, package_version, save_checkpoint
 from .config import ACAIConfig
+from .data.common import to_unit_range
 from .distributed import local_batch, rank_seed
 from .models import Randomness, build_model
 from .networks import LinearProbe
+from .ops.acai_loss import LOSS_NAMES  # noqa: F401 (kept importable from here)
 from .ops.mix import draw_alpha, make_rng_state, make_rng_states
 from .ops.probe_loss import probe_loss
 from .parameters import FlatAdam, RunParameters
+from .options import (AUTO_PICKS_FUSED, BACKENDS, DTYPES, RUN_FIELDS, resolve_backend,  # noqa: F401
+                      resolve_cuda_graph, resolve_dtype, resolve_setup, run_settings)
 from .profiling import phase
 
 log = logging.getLogger("acai_fast")
 
-BACKENDS = ("auto", "reference", "fused")
-# "auto" picks "fused" on a GPU only once the fused step has been checked there against the
-# reference (tests -m gpu), timed (bench/throughput.py) and shown to train as well
-# (scripts/gpu_check.sh quality); until then the reference is the default everywhere and "fused"
-# must be asked for by name.
-AUTO_PICKS_FUSED = False
-DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16}
 CHECKPOINT_VERSION = FORMAT_VERSION  # the file format is acai_fast.checkpoint's
 INPUT_RANGE_SLACK = 1e-5  # training images must lie in [-1 - slack, 1 + slack] (float rounding)
-RUN_FIELDS = ("seed", "advweight", "reg", "lr")  # what may differ between the runs of one array
-LOSS_NAMES = ("loss_ae", "loss_ae_disc", "loss_disc", "loss_disc_real")
-
-
-# ------------------------------------------------------------------------------------------------
-# What a trainer is asked for
-# ------------------------------------------------------------------------------------------------
-
-
-def resolve_backend(backend: str, device: torch.device) -> str:
-    """The backend that `backend` means on `device` ("auto" -> the fastest one verified there)."""
-    if backend not in BACKENDS:
-        raise ValueError(f"unknown backend {backend!r}; valid backends: {', '.join(BACKENDS)}")
-    if backend == "auto":
-        fused_ok = AUTO_PICKS_FUSED and device.type == "cuda" and _ext.HAS_TRITON
-        return "fused" if fused_ok else "reference"
-    if backend == "fused":
-        if not _ext.HAS_TRITON:
-            raise ValueError("backend 'fused' needs triton (pip install 'acai_fast[triton]'); "
-                             "use backend='reference'")
-        if device.type != "cuda" and not _ext.INTERPRET:
-            raise ValueError(f"backend 'fused' runs on a CUDA GPU, not on {device.type} (on the CPU "
-                             f"only under TRITON_INTERPRET=1, slowly, for tests); use backend='reference'")
-    return backend
-
-
-def resolve_dtype(dtype, backend: str, device: torch.device) -> torch.dtype:
-    """The activation dtype of the step: fp32 for "reference"; bf16 for "fused" on a GPU (fp32
-    under the CPU interpreter, which has no bf16 arithmetic) unless fp32 is asked for."""
-    if dtype is None:
-        return torch.bfloat16 if backend == "fused" and device.type == "cuda" else torch.float32
-    resolved = DTYPES.get(dtype) if isinstance(dtype, str) else dtype
-    if resolved not in (torch.float32, torch.bfloat16):
-        raise ValueError(f"dtype must be one of {', '.join(DTYPES)} (or torch.float32 / torch.bfloat16), "
-                         f"got {dtype!r}")
-    if resolved == torch.bfloat16 and backend != "fused":
-        raise ValueError("dtype bf16 needs backend='fused'; the reference backend computes in fp32")
-    if resolved == torch.bfloat16 and device.type != "cuda":
-        raise ValueError("dtype bf16 runs on a GPU only (the CPU interpreter has no bf16 arithmetic)")
-    return resolved
-
-
-def resolve_cuda_graph(cuda_graph, backend: str, device: torch.device) -> bool:
-    """None -> on for the fused backend on a GPU, off elsewhere; True needs fused on a GPU."""
-    if cuda_graph is None:
-        return backend == "fused" and device.type == "cuda"
-    if cuda_graph and (backend != "fused" or device.type != "cuda"):
-        raise ValueError(f"cuda_graph=True needs backend='fused' on a CUDA device, got backend "
-                         f"{backend!r} on {device}")
-    return bool(cuda_graph)
-
-
-def resolve_setup(device, backend: str, dtype, cuda_graph):
-    """(device, backend, dtype, cuda_graph) of a trainer from what was asked (None: the defaults)."""
-    device = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError("device 'cuda' was asked for but no CUDA GPU is available")
-    backend = resolve_backend(backend, device)
-    return device, backend, resolve_dtype(dtype, backend, device), resolve_cuda_graph(cuda_graph, backend, device)
-
-
-def run_settings(runs, config: ACAIConfig, seed: int = 0) -> list[dict]:
-    """The runs of an array as a list of {seed, advweight, reg, lr} dicts.
-
-    runs: K (seeds seed, seed+1, ..., the config's hyper-parameters) or a list of dicts with any
-    of RUN_FIELDS (missing seeds: seed + index; missing hyper-parameters: the config's)."""
-    if isinstance(runs, bool) or not isinstance(runs, (int, list, tuple)):
-        raise ValueError(f"runs must be a positive int or a list of dicts, got {runs!r}")
-    if isinstance(runs, int):
-        if runs < 1:
-            raise ValueError(f"runs must be >= 1, got {runs}")
-        runs = [{} for _ in range(runs)]
-    if not runs:
-        raise ValueError("runs is an empty list")
-    settings = []
-    for k, r in enumerate(runs):
-        if not isinstance(r, dict) or set(r) - set(RUN_FIELDS):
-            raise ValueError(f"run {k}: a dict with keys among {RUN_FIELDS}, got {r!r}")
-        s = {**dict(seed=seed + k, advweight=config.advweight, reg=config.reg, lr=config.lr), **r}
-        if not isinstance(s["seed"], int) or isinstance(s["seed"], bool) or not 0 <= s["seed"] < 2 ** 63:
-            raise ValueError(f"{'run %d: ' % k if len(runs) > 1 else ''}seed must be an int in [0, 2^63), "
-                             f"got {s['seed']!r}")
-        for key in ("advweight", "reg", "lr"):
-            if not isinstance(s[key], numbers.Real) or isinstance(s[key], bool):
-                raise ValueError(f"run {k}: {key} must be a number, got {s[key]!r}")
-            s[key] = float(s[key])
-        dataclasses.replace(config, **{k: s[k] for k in ("advweight", "reg", "lr")})  # validates
-        settings.append(s)
-    return settings
 
 
 # ------------------------------------------------------------------------------------------------
@@ -491,12 +397,21 @@ class ACAITrainer:
     # ------------------------------------------------------------------ inference (one run)
     @torch.no_grad()
     def encode(self, x: torch.Tensor, batch_size: int = 512) -> torch.Tensor:
-        """Latents of images x (N, colors, 32, 32): -> (N, latent, w, w) on the trainer's device."""
+        """Latents of images x (N, colors, 32, 32), floats in [-1, 1] or uint8 pixels (scaled as the
+        data loaders scale them), on any device: -> (N, latent, w, w) on the trainer's device.
+        Moved and scaled `batch_size` images at a time, so a whole dataset can be passed."""
         self._single("encode")
-        x, _ = self._check_batch(x, None)
+        if not isinstance(x, torch.Tensor):
+            raise ValueError(f"x must be a torch.Tensor, got {type(x).__name__}")
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
         self.model.eval()
         with self._fp32_inference():
-            return torch.cat([self.model.encode(b) for b in x[0].split(batch_size)])
+            chunks = [self.model.encode(self._check_batch(to_unit_range(b), None)[0][0])
+                      for b in x.split(batch_size)]
+        if not chunks:
+            raise ValueError("x must hold at least one image")
+        return torch.cat(chunks)
 
     @torch.no_grad()
     def decode(self, z: torch.Tensor, batch_size: int = 512) -> torch.Tensor:

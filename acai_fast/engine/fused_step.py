@@ -28,10 +28,12 @@ concatenation or gradient sum runs as a launch of its own.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+
 import torch
 
-from ..ops.acai_loss import critic_loss_fwd_runs, image_loss_fwd_runs
+from ..ops.acai_loss import LOSS_NAMES, critic_loss_fwd_runs, image_loss_fwd_runs
 from ..ops.conv_block import conv_bwd, conv_fwd, dw_counter_size, empty_activation
 from ..ops.mix import mix_bwd_runs, mix_fwd_runs
 from ..profiling import phase
@@ -90,6 +92,7 @@ class FusedACAIStep:
                 self._counters[name] = torch.zeros(dw_counter_size(k, cin, cout, runs=self.runs),
                                                    dtype=torch.int32, device=self.device)
         self._loss_counters = torch.zeros(2, self.runs, dtype=torch.int32, device=self.device)
+        self._side = _SideStream(self.device)
 
     def _param(self, name: str, which: str):
         """(what the kernels read, the gradient) of a block's weight or bias, with the run axis."""
@@ -111,15 +114,24 @@ class FusedACAIStep:
         return h, saved
 
     def _block_bwd(self, entry, s: _Saved, g, *, need_dx=True, need_dw=True, dx_out=None):
-        """One block's backward; entry: (name, ConvBlock) as in self.nets."""
+        """One block's backward; entry: (name, ConvBlock) as in self.nets. On a GPU the weight
+        gradient runs on the side stream (only Adam waits for it), the input gradient on the
+        current stream, where the next block's backward waits for it."""
         name, b = entry
-        (w, dw), (bias, db) = self._param(name, "weight"), self._param(name, "bias")
-        dx, _, _ = conv_bwd(g, s.x, w, s.y, s.sign, weight_dtype=dw.dtype, bias_dtype=db.dtype,
-                            upsample_input=b.upsample_input, leaky_slope=b.leaky_slope,
-                            pool_output=b.pool_output, need_dx=need_dx, need_dw=need_dw,
-                            need_db=need_dw, dx_out=dx_out, dw_out=dw, db_out=db,
-                            dw_counter=self._counters[name])
-        return dx
+        (w, dw), (_, db) = self._param(name, "weight"), self._param(name, "bias")
+
+        def run(dx_, dw_):
+            out, _, _ = conv_bwd(g, s.x, w, s.y, s.sign, weight_dtype=dw.dtype, bias_dtype=db.dtype,
+                                 upsample_input=b.upsample_input, leaky_slope=b.leaky_slope,
+                                 pool_output=b.pool_output, need_dx=dx_, need_dw=dw_, need_db=dw_,
+                                 dx_out=dx_out, dw_out=dw, db_out=db, dw_counter=self._counters[name])
+            return out
+
+        if not (need_dw and self._side.forks):
+            return run(need_dx, need_dw)
+        with self._side.fork(g, s.x, s.y, s.sign):
+            run(False, True)
+        return run(True, False) if need_dx else None
 
     def _backward(self, blocks, saved, g, *, first_dx=True):
         """Input and weight gradients of a chain from g = dL/d(output); the first block's input
@@ -129,13 +141,27 @@ class FusedACAIStep:
         return g
 
     # ------------------------------------------------------------------ the step
-    def gradients(self, x: torch.Tensor):
+    def gradients(self, x: torch.Tensor, terms=None):
         """The forward and backward of one ACAI step on x (K, N, colors, 32, 32) fp32, channels_last
         per run: writes every conv parameter's gradient (each objective's gradient into its own
         parameters) and returns ({loss_ae, loss_ae_disc, loss_disc, loss_disc_real} as (K,)
-        tensors, z) with z the (K, N, latent, w, w) latent. The trainer then steps Adam."""
+        tensors, z) with z the (K, N, latent, w, w) latent. The trainer then steps Adam.
+
+        terms: None (the step), or a subset of LOSS_NAMES: the gradients of those terms of the two
+        objectives alone (advweight * loss_ae_disc for "loss_ae_disc"), for tests that compare each
+        term on its own scale: the upstream gradients of the other terms are zeroed after the
+        forward (one extra launch each), the backward schedule is unchanged."""
+        if terms is not None and not set(terms) <= set(LOSS_NAMES):
+            raise ValueError(f"terms must be a subset of {LOSS_NAMES}, got {sorted(terms)}")
         with phase("forward"):  # profiler marks (acai_fast.profiling); nearly free otherwise
             f = self._forward_pass(x)
+        if terms is not None:
+            n = f.n
+            upstream = dict(loss_ae=f.g_dec[:, :n], loss_disc=f.g_crit[:, :n],
+                            loss_disc_real=f.g_crit[:, n:2 * n], loss_ae_disc=f.g_crit[:, 2 * n:])
+            for name, g in upstream.items():
+                if name not in terms:
+                    g.zero_()
         with phase("backward"):
             self._backward_pass(f)
         losses = dict(loss_ae=f.img.loss_ae, loss_ae_disc=f.crit.loss_ae_disc, loss_disc=f.crit.loss_disc,
@@ -165,7 +191,8 @@ class FusedACAIStep:
 
     def _backward_pass(self, f: "_Forward") -> None:
         """The critic (both objectives' input gradients, the critic's weight gradients), then the
-        decoder on [ae; x_mix], the mix, the encoder."""
+        decoder on [ae; x_mix], the mix, the encoder; the weight gradients join the current stream
+        at the end (before the probe and Adam)."""
         n, critic = f.n, self.nets["critic"]
         g = f.g_crit
         for i in range(len(critic) - 1, 0, -1):
@@ -176,6 +203,38 @@ class FusedACAIStep:
         g_z = self._backward(self.nets["decoder"], f.dec_saved, f.g_dec)
         mix_bwd_runs(_nhwc(g_z[:, n:]), f.alpha, dz=_nhwc(g_z[:, :n]), backend=self.op_backend)
         self._backward(self.nets["encoder"], f.enc_saved, g_z[:, :n], first_dx=False)
+        self._side.join()
+
+
+class _SideStream:
+    """A second CUDA stream for the weight gradients, so that the chain of input gradients (each
+    block's dx waits for the next block's) does not also wait for every dW (the modelled critical
+    path of a lines step loses ~0.16 ms of 0.9, ANCHORS.md). `fork(*tensors)` runs its body on the
+    side stream after everything queued so far on the current one, holding the tensors it reads
+    until `join()`, which makes the current stream wait for the side stream (inside a CUDA-graph
+    capture: a forked and re-joined capture, as PyTorch requires). No streams on the CPU: the body
+    runs in place and the order is the eager one. Nothing numerical changes: the same launches on
+    the same inputs, each dW still writing its own gradient with its own tile counters."""
+
+    def __init__(self, device: torch.device):
+        self.stream = torch.cuda.Stream(device) if device.type == "cuda" else None
+        self._held = []
+
+    @property
+    def forks(self) -> bool:
+        return self.stream is not None
+
+    @contextlib.contextmanager
+    def fork(self, *tensors):
+        self.stream.wait_stream(torch.cuda.current_stream(self.stream.device))
+        self._held.extend(t for t in tensors if t is not None)
+        with torch.cuda.stream(self.stream):
+            yield
+
+    def join(self) -> None:
+        if self.stream is not None:
+            torch.cuda.current_stream(self.stream.device).wait_stream(self.stream)
+            self._held.clear()  # freed after the wait: later work on this stream is ordered after it
 
 
 @dataclasses.dataclass
