@@ -160,6 +160,32 @@ def check_output_folder(folder: str | os.PathLike, need_bytes: int = 0) -> None:
                               f"written); free some space or choose another --out")
 
 
+def check_output_file(path: str | os.PathLike) -> Path:
+    """Fail early, before any work, if the file `path` cannot be written: its folder is missing (a
+    typo must not cost an hour of work, nor silently create folders), is not a folder or is not
+    writable (a file is created, fsync'ed and removed there), or `path` is a folder. Raises
+    CheckpointError (one line); returns the path. An existing file is overwritten later."""
+    path = Path(path)
+    folder = path.parent
+    if path.is_dir():
+        raise CheckpointError(f"{path} is a folder; give a file name")
+    if not folder.exists():
+        raise CheckpointError(f"{path}: the folder {folder} does not exist")
+    if not folder.is_dir():
+        raise CheckpointError(f"{path}: {folder} is not a folder")
+    probe = folder / f".acai_fast_write_test.{os.getpid()}"
+    try:
+        with open(probe, "wb") as f:
+            f.write(b"\0")
+            os.fsync(f.fileno())
+    except OSError as exc:
+        reason = "the disk is full" if exc.errno == errno.ENOSPC else (exc.strerror or str(exc))
+        raise CheckpointError(f"{path}: the folder {folder} is not writable ({reason})") from None
+    finally:
+        probe.unlink(missing_ok=True)
+    return path
+
+
 # ------------------------------------------------------------------------------------------------
 
 

@@ -254,9 +254,9 @@ def tensor_batches(images: torch.Tensor, labels: torch.Tensor | None = None, *, 
 
 
 def _progress(total: int, initial: int, enabled: bool):
-    from tqdm.auto import tqdm
-    return tqdm(total=total, initial=initial, unit="img", unit_scale=True, disable=not enabled,
-                dynamic_ncols=True, desc="train")
+    """A bar on a terminal; in a log, one line per evaluation (acai_fast.progress)."""
+    from .progress import progress
+    return progress(total, initial=initial, unit="img", unit_scale=True, enabled=enabled, desc="train")
 
 
 # ------------------------------------------------------------------------------------------------

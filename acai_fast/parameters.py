@@ -21,6 +21,7 @@ the buffers were flat load as they did, and tests written against torch.optim ke
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 
 import torch
@@ -128,9 +129,19 @@ class RunParameters:
             with torch.no_grad():
                 self.lowp.copy_(self.values)
 
-    def segment_slice(self, name: str) -> slice:
-        s = self.segments[name]
-        return slice(s.offset, s.offset + s.numel)
+    @contextlib.contextmanager
+    def lowp_copy(self, dtype):
+        """Within this scope, a `dtype` copy of the weights for the kernels (if there is none): how
+        a launch trace on the CPU (acai_fast.engine.launches, dry run) sees the weights a bf16 step
+        reads on a GPU. Restores the previous state after."""
+        saved = (self.lowp, self.kernel_weights)
+        if self.lowp is None or self.lowp.dtype != dtype:
+            self.lowp = torch.empty(self.runs, self.size, device=self.device, dtype=dtype)
+            self.kernel_weights = {n: _view(self.lowp, s) for n, s in self.segments.items()}
+        try:
+            yield
+        finally:
+            self.lowp, self.kernel_weights = saved
 
     def check_grads(self, k: int) -> None:
         """After autograd accumulated run k's gradients (the reference path): every parameter and

@@ -1,4 +1,4 @@
-"""Pictures: grids of interpolations, like the paper's figures."""
+"""Pictures: grids of interpolations, like the paper's figures, and their back-and-forth GIF."""
 from __future__ import annotations
 
 import os
@@ -31,4 +31,23 @@ def save_interpolation_grid(images: torch.Tensor, path: str | os.PathLike, scale
     grid = grid.repeat(scale, axis=0).repeat(scale, axis=1)
     tmp = f"{path}.tmp.png"
     matplotlib.image.imsave(tmp, grid, cmap="gray" if grid.ndim == 2 else None, vmin=0, vmax=255)
+    os.replace(tmp, path)
+
+
+def save_interpolation_gif(images: torch.Tensor, path: str | os.PathLike, scale: int = 4,
+                           frame_ms: int = 100, hold_ms: int = 600) -> None:
+    """Write (rows, steps, colors, H, W) interpolations in [-1, 1] as an animated GIF that plays
+    back and forth (steps 0 .. S-1 .. 1, looping): frame t shows step t of every row, stacked as
+    in the grid, each pixel `scale`x`scale`; the two ends are held `hold_ms`, the others `frame_ms`."""
+    from PIL import Image
+
+    steps = images.shape[1]
+    order = list(range(steps)) + list(range(steps - 2, 0, -1))
+    frames = []
+    for t in order:
+        frame = interpolation_grid(images[:, t:t + 1]).repeat(scale, axis=0).repeat(scale, axis=1)
+        frames.append(Image.fromarray(frame))
+    durations = [hold_ms if t in (0, steps - 1) else frame_ms for t in order]
+    tmp = f"{path}.tmp.gif"
+    frames[0].save(tmp, format="GIF", save_all=True, append_images=frames[1:], duration=durations, loop=0)
     os.replace(tmp, path)

@@ -207,11 +207,17 @@ class GpuSampler:
         `reason` says why (logged once, as a warning) and nothing is recorded.
     csv_path: every sample is also appended to this CSV (header CSV_COLUMNS when the file is new),
         flushed as it is written so that a killed run keeps its samples.
-    clock: the monotonic clock of the sample times (`time_s` in each sample; default time.monotonic).
+    clock: the monotonic clock of the sample times and of the schedule (`time_s` in each sample;
+        default time.monotonic); tests inject a fake one and drive the sampler by hand (below).
     A reader that raises stops the sampling (reason recorded, logged once), never the caller.
 
-    Use as a context manager, or start()/stop(). `begin_interval()` / `end_interval()` give the
-    summary of the samples between two calls: the hook `acai_fast.loop.fit(monitor=...)` calls."""
+    Use as a context manager, or start()/stop(). start() takes the first sample at once (in the
+    caller's thread: a run shorter than one interval still has one, a failing reader shows at once),
+    then a background thread calls take_sample() on the schedule it returns: readings at
+    t0 + k * interval_s, a late one followed by the next on time (no burst of catch-up readings).
+    start(background=False) opens the reader and the CSV without a thread: the caller calls
+    take_sample() itself. `begin_interval()` / `end_interval()` give the summary of the samples
+    between two calls: the hook `acai_fast.loop.fit(monitor=...)` calls."""
 
     def __init__(self, interval_s: float = 0.5, *, reader: Callable[[], dict] | None = None, device=None,
                  csv_path: str | os.PathLike | None = None, clock: Callable[[], float] = time.monotonic):
@@ -227,12 +233,14 @@ class GpuSampler:
         self.source: str | None = None
         self._reader = reader
         self._thread: threading.Thread | None = None
-        self._stop = threading.Event()
+        self._stop = threading.Event()  # set while not started, and by stop()
+        self._stop.set()
         self._lock = threading.Lock()
         self._file = None
         self._writer = None
         self._t0 = 0.0
         self._unix0 = 0.0
+        self._next_t = 0.0
         self._interval_start = 0
 
     @property
@@ -249,8 +257,10 @@ class GpuSampler:
     def __exit__(self, *exc) -> None:
         self.stop()
 
-    def start(self) -> "GpuSampler":
-        if self.running:
+    def start(self, background: bool = True) -> "GpuSampler":
+        """Open the reader (and the CSV), take the first sample, then (background) sample in a
+        thread until stop(). Started already: nothing more."""
+        if self.running or not self._stop.is_set():
             return self
         if self._reader is None:
             try:
@@ -270,8 +280,12 @@ class GpuSampler:
                 self._file.flush()
         self._stop.clear()
         self._t0, self._unix0 = self.clock(), time.time()
-        self._thread = threading.Thread(target=self._run, name="acai-gpu-sampler", daemon=True)
-        self._thread.start()
+        self._next_t = self._t0
+        delay = self.take_sample()
+        if background and delay is not None:
+            self._thread = threading.Thread(target=self._run, args=(delay,), name="acai-gpu-sampler",
+                                            daemon=True)
+            self._thread.start()
         return self
 
     def stop(self) -> None:
@@ -292,27 +306,37 @@ class GpuSampler:
             self.reason = reason
             log.warning("GPU sampling off: %s", reason)
 
-    def _run(self) -> None:
-        next_t = self.clock()
-        while not self._stop.is_set():
-            try:
-                values = self._reader()
-            except Exception as exc:  # a failing reader ends the sampling, never the run
-                self._off(f"the reader failed: {type(exc).__name__}: {exc}")
+    def take_sample(self) -> float | None:
+        """Read once and record the sample (and its CSV row); returns the seconds to wait until the
+        next reading on the schedule t0 + k * interval_s (0 when late: the schedule restarts from
+        now, no burst of catch-up readings), or None when the reader failed (sampling is over:
+        reason recorded and logged once) or the sampler is stopped."""
+        if not self.available or self._stop.is_set():
+            return None
+        try:
+            values = self._reader()
+        except Exception as exc:  # a failing reader ends the sampling, never the run
+            self._off(f"the reader failed: {type(exc).__name__}: {exc}")
+            return None
+        now = self.clock()
+        sample = dict(time_s=now, elapsed_s=now - self._t0, unix_time=self._unix0 + (now - self._t0))
+        sample.update({k: values.get(k) for k in FIELDS})
+        with self._lock:
+            self.samples.append(sample)
+            if self._writer is not None:
+                self._writer.writerow([_csv_value(sample[k]) for k in CSV_COLUMNS])
+                self._file.flush()
+        self._next_t += self.interval_s
+        delay = self._next_t - self.clock()
+        if delay < 0:  # fell behind (a slow reading): the schedule restarts from now
+            self._next_t, delay = self.clock(), 0.0
+        return delay
+
+    def _run(self, delay: float) -> None:
+        while not self._stop.wait(delay):
+            delay = self.take_sample()
+            if delay is None:
                 return
-            now = self.clock()
-            sample = dict(time_s=now, elapsed_s=now - self._t0, unix_time=self._unix0 + (now - self._t0))
-            sample.update({k: values.get(k) for k in FIELDS})
-            with self._lock:
-                self.samples.append(sample)
-                if self._writer is not None:
-                    self._writer.writerow([_csv_value(sample[k]) for k in CSV_COLUMNS])
-                    self._file.flush()
-            next_t += self.interval_s
-            delay = next_t - self.clock()
-            if delay < 0:  # fell behind (a slow reading): no burst of catch-up samples
-                next_t, delay = self.clock(), 0.0
-            self._stop.wait(delay)
 
     def window(self, start: float, end: float | None = None) -> list[dict]:
         """The samples taken between clock times start and end (default: now)."""
@@ -672,4 +696,134 @@ def format_report(report: ProfileReport) -> str:
     lines.append(f"trace: {report.trace} (open in https://ui.perfetto.dev or chrome://tracing)")
     if report.png:
         lines.append(f"picture: {report.png}")
+    return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------------------------
+# The modelled profile (`acai-fast profile --model GPU`): every launch of a traced step as the cost
+# model (acai_fast.ops.cost) sees it on a GPU; rows from acai_fast.engine.launches.model_launches
+# ------------------------------------------------------------------------------------------------
+
+MODEL_COLUMNS = ("index", "layer", "pass", "kernel", "shape", "config", "config_source", "ctas", "waves",
+                 "gflop", "useful_gflop", "hbm_mb", "l2_mb", "smem_kb", "us", "bound")
+
+
+def model_table(rows: list[dict]) -> list[dict]:
+    """Modelled launches in display units (MODEL_COLUMNS): GFLOP, MB, KB, microseconds."""
+    return [dict(index=r["index"], layer=r["layer"], **{"pass": r["pass"]}, kernel=r["kernel"], shape=r["shape"],
+                 config=r["config"], config_source=r["config_source"], ctas=r["ctas"], waves=r["waves"],
+                 gflop=round(r["flops"] / 1e9, 4), useful_gflop=round(r["useful_flops"] / 1e9, 4),
+                 hbm_mb=round(r["hbm_bytes"] / 1e6, 3), l2_mb=round(r["l2_bytes"] / 1e6, 3),
+                 smem_kb=round(r["smem"] / 1024, 1), us=round(r["time_us"], 2), bound=r["bound"]) for r in rows]
+
+
+def model_summary(rows: list[dict], *, model_to_wall: float, peak_flops: float | None = None) -> dict:
+    """Totals of a modelled step: launches, modelled us, ~wall us (modelled / model_to_wall), FLOPs
+    (issued, useful), HBM and L2 bytes, us by bound and by pass, launches that do not fit the GPU
+    (no_fit: left out of the times, which are then those of the launches that fit), and the FLOP
+    floor (useful FLOPs at `peak_flops`)."""
+    fit = [r for r in rows if math.isfinite(r["time_us"])]  # a launch over the GPU's limits: inf
+
+    def by(key):
+        out: dict[str, float] = {}
+        for r in fit:
+            out[r[key]] = out.get(r[key], 0.0) + r["time_us"]
+        return dict(sorted(out.items(), key=lambda kv: -kv[1]))
+
+    total = sum(r["time_us"] for r in fit)
+    useful = sum(r["useful_flops"] for r in rows)
+    return dict(launches=len(rows), model_us=total, wall_us=total / model_to_wall, model_to_wall=model_to_wall,
+                flops=sum(r["flops"] for r in rows), useful_flops=useful,
+                hbm_bytes=sum(r["hbm_bytes"] for r in rows), l2_bytes=sum(r["l2_bytes"] for r in rows),
+                by_bound=by("bound"), by_pass=by("pass"), no_fit=sum(r["bound"] == "no fit" for r in rows),
+                flop_floor_us=useful / peak_flops * 1e6 if peak_flops else None)
+
+
+def format_model_report(rows: list[dict], summary: dict, *, title: str, top: int = 10) -> str:
+    """What `acai-fast profile --model` prints: every launch in order, the totals, the largest."""
+    table = model_table(rows)
+    widths = dict(index=3, layer=17, **{"pass": 11}, shape=34, config=32)
+    head = (f"{'#':>3} {'layer':<17} {'pass':<11} {'shape':<34} {'config':<32} {'CTAs':>6} {'waves':>6} "
+            f"{'GFLOP':>7} {'HBM MB':>7} {'L2 MB':>8} {'us':>8}  bound")
+
+    def line(r):
+        cut = {k: (str(r[k]) if len(str(r[k])) <= w else str(r[k])[:w - 1] + "~") for k, w in widths.items()}
+        return (f"{r['index']:>3} {cut['layer'] or '-':<17} {cut['pass']:<11} {cut['shape']:<34} {cut['config']:<32} "
+                f"{r['ctas']:>6} {r['waves']:>6.2f} {r['gflop']:>7.3f} {r['hbm_mb']:>7.2f} {r['l2_mb']:>8.1f} "
+                f"{r['us']:>8.1f}  {r['bound']}")
+
+    s = summary
+    fits = f" (the {s['launches'] - s['no_fit']} that fit this GPU)" if s["no_fit"] else ""
+    out = [f"{title}",
+           f"MODEL, not a measurement: {s['launches']} launches, {s['model_us'] / 1e3:.3f} ms per step modelled{fits} "
+           f"(~{s['wall_us'] / 1e3:.3f} ms wall at the model-to-wall factor {s['model_to_wall']}: wall ~ model / "
+           f"{s['model_to_wall']}); "
+           f"{s['useful_flops'] / 1e9:.2f} GFLOP useful ({s['flops'] / 1e9:.2f} issued), "
+           f"{s['hbm_bytes'] / 1e6:.1f} MB HBM, {s['l2_bytes'] / 1e6:.1f} MB L2"
+           + (f"; FLOP floor {s['flop_floor_us'] / 1e3:.3f} ms" if s.get("flop_floor_us") else ""),
+           "", head]
+    out += [line(r) for r in table]
+    if s["no_fit"]:
+        out.append(f"\n{s['no_fit']} launch(es) marked 'no fit': their configs need more shared memory (as "
+                   f"cost.smem_estimate bounds what Triton allocates) than this GPU allows per block: they would "
+                   f"fail to launch; the step's time above leaves them out")
+    share = lambda us: f"{us / 1e3:8.3f} ms {100 * us / (s['model_us'] or 1):5.1f}%"  # noqa: E731
+    out += ["", "by bound:  " + ";  ".join(f"{k} {share(v).strip()}" for k, v in s["by_bound"].items()),
+            "by pass:   " + ";  ".join(f"{k} {share(v).strip()}" for k, v in s["by_pass"].items()),
+            "", f"largest {min(top, len(table))} launches:"]
+    out += [line(r) for r in sorted(table, key=lambda r: -r["us"] if math.isfinite(r["us"]) else 0.0)[:top]]
+    out.append("\nbounds: launch = the ~1 us graph gap + fixed cost; latency = the K loop's chain of "
+               "dependent steps over the waves; compute = tensor-core/FMA time; l2 / hbm = bytes at the "
+               "fitted bandwidths; tail = serial split reductions (acai_fast/ops/cost.py)")
+    return "\n".join(out)
+
+
+def write_model_outputs(rows: list[dict], summary: dict, meta: dict, *, json_path=None, csv_path=None) -> None:
+    """The modelled profile as JSON ({meta, summary, launches (with every term)}) and/or CSV (one
+    row per launch, MODEL_COLUMNS)."""
+    if json_path is not None:
+        launches = [dict(t, terms=r["terms"]) for t, r in zip(model_table(rows), rows)]
+        clean = json.loads(json.dumps(dict(meta=meta, summary=summary, launches=launches),
+                                      default=str).replace("Infinity", "null"))
+        Path(json_path).write_text(json.dumps(clean, indent=1) + "\n")
+    if csv_path is not None:
+        with open(csv_path, "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=MODEL_COLUMNS)
+            writer.writeheader()
+            writer.writerows(model_table(rows))
+
+
+def measured_vs_model(events: list[dict], model_rows: list[dict], steps: int) -> list[dict]:
+    """Per kernel, the measured GPU time of a profile (trace events of `steps` steps) beside the
+    modelled time of one step: [{kernel, calls, measured_us, model_calls, model_us}] per step.
+    Matched by name (a measured kernel whose name starts with the modelled kernel's name; best
+    effort: PyTorch's fused ops show under their CUDA kernels' names and stay unmatched)."""
+    measured = {r["name"]: r for r in top_kernels(events, n=10 ** 6)}
+    model: dict[str, list] = {}
+    for r in model_rows:
+        model.setdefault(r["kernel"], []).append(r["time_us"])
+    out, used = [], set()
+    for kernel, times in model.items():
+        hits = [name for name in measured if name.startswith(kernel) and name not in used]
+        used.update(hits)
+        calls = sum(measured[n]["calls"] for n in hits) / steps
+        us = sum(measured[n]["total_us"] for n in hits) / steps
+        out.append(dict(kernel=kernel, calls=calls, measured_us=us if hits else None, model_calls=len(times),
+                        model_us=sum(times)))
+    for name, r in measured.items():
+        if name not in used:
+            out.append(dict(kernel=name, calls=r["calls"] / steps, measured_us=r["total_us"] / steps,
+                            model_calls=0, model_us=None))
+    return sorted(out, key=lambda r: -max(r["measured_us"] or 0.0, r["model_us"] or 0.0))
+
+
+def format_measured_vs_model(rows: list[dict], gpu_name: str) -> str:
+    lines = [f"measured beside modelled ({gpu_name}), per step; the model excludes host and graph overheads",
+             f"{'kernel':<48} {'calls':>6} {'measured us':>12} {'model calls':>11} {'model us':>9} {'model/meas':>10}"]
+    for r in rows:
+        name = r["kernel"] if len(r["kernel"]) <= 48 else r["kernel"][:45] + "..."
+        meas = f"{r['measured_us']:.1f}" if r["measured_us"] is not None else "-"
+        mod = f"{r['model_us']:.1f}" if r["model_us"] is not None else "-"
+        ratio = f"{r['model_us'] / r['measured_us']:.2f}" if r["measured_us"] and r["model_us"] is not None else "-"
+        lines.append(f"{name:<48} {r['calls']:>6.1f} {meas:>12} {r['model_calls']:>11} {mod:>9} {ratio:>10}")
     return "\n".join(lines)

@@ -45,6 +45,7 @@ from .models import Randomness, build_model
 from .networks import LinearProbe
 from .ops.acai_loss import LOSS_NAMES  # noqa: F401 (kept importable from here)
 from .ops.mix import draw_alpha, make_rng_state, make_rng_states
+from .ops.probe_loss import counter_size as probe_counter_size
 from .ops.probe_loss import probe_loss
 from .parameters import FlatAdam, RunParameters
 from .options import (AUTO_PICKS_FUSED, BACKENDS, DTYPES, RUN_FIELDS, resolve_backend,  # noqa: F401
@@ -148,6 +149,7 @@ class ACAITrainer:
         self._labels_checked = False
         self.nimg = 0  # images trained on, per run
         self.steps = 0
+        self._probe_counter = None
 
         self.engine = None  # the fused schedule (ACAI on "fused"), else the models' autograd step
         if fused_acai:
@@ -306,8 +308,12 @@ class ACAITrainer:
         w, b = self.stacked["probe.dense.weight"], self.stacked["probe.dense.bias"]
         dw, db = self.parameters.stacked_grads["probe.dense.weight"], self.parameters.stacked_grads["probe.dense.bias"]
         if self.backend == "fused":
+            if self._probe_counter is None:  # the probe's reduction counter, this trainer's own
+                self._probe_counter = torch.zeros(probe_counter_size(self.runs), dtype=torch.int32,
+                                                  device=self.device)
             out = probe_loss(z, w, b, labels, d_weight_out=dw, d_bias_out=db, runs=True,
-                             backend="auto" if self.device.type == "cuda" else "triton")
+                             backend="auto" if self.device.type == "cuda" else "triton",
+                             counter=self._probe_counter)
             return dict(probe_loss=out.loss, probe_accuracy=out.accuracy)
         losses, accuracies = [], []
         for k, probe in enumerate(self.probes):

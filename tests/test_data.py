@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from acai_fast.data import (DATASETS, DeviceBatches, data_folder, load_dataset, load_pixels,
                             resize_bicubic, to_unit_range)
 from acai_fast.data.celeba import bicubic_weights, prepare_celeba
+from helpers import write_idx, write_jpegs, write_svhn
 
 
 def scaled(pixels):
@@ -24,25 +25,6 @@ def scaled(pixels):
 
 
 # ---------------------------------------------------------------- MNIST / Fashion-MNIST (IDX)
-def idx_bytes(magic, array):
-    header = magic.to_bytes(4, "big") + b"".join(d.to_bytes(4, "big") for d in array.shape)
-    return header + array.tobytes()
-
-
-def write_idx(folder, prefix, n, rng, compress=True):
-    folder.mkdir(parents=True, exist_ok=True)
-    images = rng.integers(0, 256, size=(n, 28, 28), dtype=np.uint8)
-    labels = rng.integers(0, 10, size=n, dtype=np.uint8)
-    for kind, magic, data in (("images-idx3", 2051, images), ("labels-idx1", 2049, labels)):
-        name = f"{prefix}-{kind}-ubyte"
-        if compress:
-            with gzip.open(folder / f"{name}.gz", "wb") as f:
-                f.write(idx_bytes(magic, data))
-        else:
-            (folder / name).write_bytes(idx_bytes(magic, data))
-    return images, labels
-
-
 @pytest.mark.parametrize("name, compress", [("mnist", True), ("fashion_mnist", False)])
 def test_idx_pixels_padding_labels(tmp_path, name, compress):
     rng = np.random.default_rng(0)
@@ -103,16 +85,6 @@ def test_verify_compares_official_md5(tmp_path):
 
 
 # ---------------------------------------------------------------- SVHN (.mat)
-def write_svhn(folder, name, n, rng):
-    import scipy.io
-
-    x = rng.integers(0, 256, size=(32, 32, 3, n), dtype=np.uint8)
-    y = rng.integers(1, 11, size=(n, 1)).astype(np.uint8)
-    y[0] = 10  # always one digit 0
-    scipy.io.savemat(folder / name, {"X": x, "y": y})
-    return x, y[:, 0]
-
-
 def test_svhn_train_is_train_plus_extra(tmp_path):
     rng = np.random.default_rng(4)
     x_tr, y_tr = write_svhn(tmp_path, "train_32x32.mat", 5, rng)
@@ -280,15 +252,6 @@ def test_resize_bicubic_tf1_and_half_pixel():
     assert bicubic_weights(146, 32)[0, 0] == 1 and bicubic_weights(146, 32)[16, 73] == 1
     with pytest.raises(ValueError, match="coordinates"):
         bicubic_weights(146, 32, "align_corners")
-
-
-def write_jpegs(folder, n, rng, size=(178, 218)):
-    from PIL import Image
-
-    folder.mkdir(parents=True)
-    for i in range(n):
-        pixels = rng.integers(0, 256, size=(size[1], size[0], 3), dtype=np.uint8)
-        Image.fromarray(pixels).save(folder / f"{i + 1:06d}.jpg", quality=95)
 
 
 def test_celeba_crop_and_resize(tmp_path):

@@ -14,21 +14,10 @@ from acai_fast.data.lines import angle_labels, draw_lines, random_angles
 from acai_fast.models import MODELS, Randomness, build_model
 from acai_fast.models.vqvae import EMA_DECAY, EMA_EPSILON, nearest_code
 from acai_fast.ops.mix import philox_alpha_ref
-from helpers import assert_close
+from helpers import TINY, assert_close
 
-# A tiny config: 32 -> 8 latent width (2 scales), narrow layers; latent_dims = 3 * 8 * 8 = 192.
-TINY = dict(depth=4, latent=3, latent_width=8, advdepth=5, batch=6)
+pytestmark = pytest.mark.usefixtures("one_thread")
 NEW_MODELS = ("baseline", "dropout", "denoising", "vae", "aae", "vqvae", "vae_acai")
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny tensors gain nothing from intra-op threads; on a shared 2-core machine two threads per
-    process made a tiny ACAI step 13x slower (0.65 s against 0.048 s)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def tiny_trainer(model, seed=0, **overrides):

@@ -153,7 +153,7 @@ def test_defaults_of_the_config_the_loop_and_the_command_line():
     assert (c.batch, c.advweight, c.reg, c.lr) == (64, 0.5, 0.2, 1e-4)
     args = build_parser().parse_args(["train", "--out", "x"])
     assert args.kimg == 16384 and args.eval_kimg == 64  # 2^24 images; an evaluation every 64 kimg
-    assert args.batch is None and args.preset == "lines"  # None: the preset's 64
+    assert args.batch is None and args.preset is None  # None: the preset's 64; lines (a new run) or the checkpoint's
     params = inspect.signature(fit).parameters
     assert params["kimg"].default == 16384 and params["eval_kimg"].default == 64
     assert 16384 * 1024 == 2 ** 24 and 16384 * 1024 // 64 == 262_144  # the SPEC's arithmetic

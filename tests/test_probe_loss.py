@@ -1,16 +1,21 @@
 """probe_loss: the one-launch probe pass (Triton, under the interpreter on the CPU) against the
 autograd reference: loss, accuracy and both gradients, latents in NCHW / channels_last / 2-D, odd
-sizes, and bad input."""
+sizes, arrays of runs, the in-launch reduction (bit-repeatable, counters left at zero), bad input,
+and the kernel compiled for sm_80 / sm_90."""
 import pytest
 import torch
 
-from acai_fast.ops.probe_loss import ProbeLoss, probe_loss, probe_loss_ref
+from acai_fast.ops import aot
+from acai_fast.ops.probe_loss import ProbeLoss, counter_size, launch_shape, probe_loss, probe_loss_ref
 from helpers import assert_close
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
-# (N, C, H, W, classes): the lines latent at batch 64, an odd one, a wide one over several row blocks
-SHAPES = {"lines": (64, 16, 2, 2, 10), "odd": (5, 3, 3, 1, 7), "wide": (37, 64, 4, 4, 10)}
+# (N, C, H, W, classes): the lines latent at batch 64 (2 row blocks, 1 feature chunk), an odd one
+# (1 program), a wide one (2 row blocks, the second of 5 rows, x 8 feature chunks), a ragged one
+# (45 rows, D = 105: 2 chunks of 64, the last of 41)
+SHAPES = {"lines": (64, 16, 2, 2, 10), "odd": (5, 3, 3, 1, 7), "wide": (37, 64, 4, 4, 10),
+          "ragged": (45, 5, 3, 7, 3)}
 
 
 @pytest.mark.parametrize("shape", list(SHAPES))
@@ -52,14 +57,23 @@ def test_reference_is_cross_entropy(seed):
     assert_close(ref.d_bias, g.sum(0), atol=1e-6, rtol=1e-5, name="closed form db")
 
 
+def test_launch_shape():
+    """The grid the docstrings promise: row blocks x feature chunks of whole BLOCK_D tiles."""
+    assert launch_shape(1024, 10, 1024) == (16, 32, 64, 128)  # cifar1024 at batch 1024: 32 x 8 programs
+    assert launch_shape(64, 10, 64) == (16, 32, 64, 64)  # lines at batch 64: 2 x 1
+    assert launch_shape(45, 3, 105) == (16, 32, 64, 64)  # 2 x 2, ragged in both
+    assert launch_shape(8, 100, 4096)[0] == 128 and launch_shape(8, 100, 4096)[3] == 512  # 8 chunks
+
+
 @pytest.mark.parametrize("backend", ("triton", "reference"))
-def test_array_of_runs_equals_single_runs(backend, seed):
+@pytest.mark.parametrize("n, c", ((6, 4), (40, 8)))  # 1 program per run; 2 row blocks x 2 chunks
+def test_array_of_runs_equals_single_runs(backend, n, c, seed):
     """runs=True: R=3 probes on their own latents (row blocks of a channels_last buffer), labels and
-    weights in one launch equal R single calls."""
-    runs, n = 3, 6
-    big = torch.randn(runs, 2 * n, 2, 2, 4, device=DEVICE).permute(0, 1, 4, 2, 3)  # channels_last runs
+    weights in one launch equal R single calls, bit for bit."""
+    runs = 3
+    big = torch.randn(runs, 2 * n, 4, 4, c, device=DEVICE).permute(0, 1, 4, 2, 3)  # channels_last runs
     z = big[:, n:]
-    weight = torch.randn(runs, 10, 16, device=DEVICE)
+    weight = torch.randn(runs, 10, 16 * c, device=DEVICE)
     bias = torch.randn(runs, 10, device=DEVICE)
     labels = torch.randint(0, 10, (runs, n), device=DEVICE)
     out = probe_loss(z, weight, bias, labels, runs=True, backend=backend)
@@ -68,6 +82,26 @@ def test_array_of_runs_equals_single_runs(backend, seed):
         one = probe_loss(z[r], weight[r], bias[r], labels[r], backend=backend)
         for f in ProbeLoss._fields:
             assert_close(getattr(out, f)[r], getattr(one, f), atol=0, rtol=0, name=f"run {r} {f}")
+
+
+def test_reduction_is_repeatable_and_leaves_counter_at_zero(seed):
+    """The in-launch reduction sums the partials in a fixed order: two launches give the same bits
+    (on a GPU the programs finish in a different order each time), and the counter is left at 0,
+    so a persistent one can be passed on every step."""
+    n, c, h, w, classes = 37, 8, 4, 4, 10  # 2 row blocks x 2 feature chunks per run
+    z = torch.randn(2, n, c, h, w, device=DEVICE)
+    weight = torch.randn(2, classes, c * h * w, device=DEVICE) * 0.1
+    bias = torch.randn(2, classes, device=DEVICE)
+    labels = torch.randint(0, classes, (2, n), device=DEVICE)
+    counter = torch.zeros(counter_size(2), dtype=torch.int32, device=DEVICE)
+    first = probe_loss(z, weight, bias, labels, runs=True, backend="triton", counter=counter)
+    assert not counter.any()
+    second = probe_loss(z, weight, bias, labels, runs=True, backend="triton", counter=counter)
+    assert not counter.any()
+    for f in ProbeLoss._fields:
+        assert torch.equal(getattr(first, f), getattr(second, f)), f
+    with pytest.raises(ValueError, match="counter must be"):
+        probe_loss(z, weight, bias, labels, runs=True, backend="triton", counter=counter[:3])
 
 
 def test_bad_input():
@@ -82,25 +116,37 @@ def test_bad_input():
         probe_loss(z, weight, bias, labels, backend="cuda")
 
 
-def compile_sm90():
-    """Compile the probe kernel for sm_90 (interpreter off; see test_kernel_compiles_for_sm90):
-    catches what only the GPU compiler rejects (dot tile sizes)."""
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
+# ------------------------------------------------------------------------------------------------
+# Compiled for the GPUs (Triton's compiler, no GPU needed)
+# ------------------------------------------------------------------------------------------------
 
-    from acai_fast.ops.probe_loss import _probe_loss_kernel
-    for zdt in ("fp32", "bf16"):
-        constexprs = dict(BLOCK_N=32, BLOCK_C=16, BLOCK_D=64)
-        signature = dict(Z_ptr="*" + zdt, W_ptr="*fp32", B_ptr="*fp32", L_ptr="*i64", DW_ptr="*fp32",
-                         DB_ptr="*fp32", Out_ptr="*fp32",
-                         **{k: "i32" for k in "N C D HW WD stride_zn stride_zc stride_zh stride_zw stride_zr".split()},
-                         **{k: "constexpr" for k in constexprs})
-        triton.compile(ASTSource(fn=_probe_loss_kernel, signature=signature, constexprs=constexprs),
-                       target=GPUTarget("cuda", 90, 32), options=dict(num_warps=4))
+# (N, C, H, W, classes): the cifar1024 latent at batch 1024 (8 feature chunks), and the widest
+# layer the op accepts (128 classes). tests/test_compile_targets.py compiles every preset's launch.
+COMPILE_SHAPES = ((1024, 64, 4, 4, 10), (16, 16, 4, 4, 128))
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the GPU tests run the kernel")
-def test_kernel_compiles_for_sm90():
-    from helpers import compile_sm90_in_subprocess
-    compile_sm90_in_subprocess("test_probe_loss")
+def test_kernel_compiles_for_gpus():
+    """The launches of COMPILE_SHAPES, fp32 and bf16 latents, compiled for sm_80 and sm_90: no
+    compile error, shared memory far below any GPU's limit (64 KB), and no register spills but for
+    the 128-class fp32 kernel (20 B on sm_90: 128 x 32 fp32 tiles; no preset has over 10 classes)."""
+    specs = []
+    for n, c, h, w, classes in COMPILE_SHAPES:
+        for dtype in (torch.float32, torch.bfloat16):
+            z = torch.randn(n, c, h, w).to(dtype).contiguous(memory_format=torch.channels_last)
+            with aot.recording_launches() as launches:  # recorded, not run
+                probe_loss(z, torch.randn(classes, c * h * w), torch.randn(classes),
+                           torch.zeros(n, dtype=torch.long), backend="triton")
+            assert len(launches) == 1
+            specs += [launches[0].specialise(arch) for arch in aot.TARGETS]
+    try:
+        reports = aot.compile_in_subprocess(specs, jobs=2)
+    except RuntimeError as exc:
+        if "no NVIDIA backend" in str(exc):
+            pytest.skip(str(exc))
+        raise
+    for r in reports:
+        assert r.error is None, r.error
+        assert r.smem_total <= 64 * 1024, r.summary()
+        if r.spec.constexpr("BLOCK_C") <= 16 or dict(r.spec.signature)["Z_ptr"] == "*bf16":
+            assert r.spill_bytes == 0, r.summary()

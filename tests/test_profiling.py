@@ -2,7 +2,6 @@
 this machine), the trace analysis (top kernels, phase split) on synthetic GPU traces and a real CPU
 trace, `acai-fast profile` and `acai-fast train --profile` on the CPU, and fit(monitor=...)."""
 import csv
-import gzip
 import json
 import logging
 import threading
@@ -17,15 +16,9 @@ from acai_fast.loop import fit
 from acai_fast.profiling import (CSV_COLUMNS, FIELDS, GpuSampler, NvmlUnavailable, format_phase_table,
                                  format_report, format_top_table, open_nvml, phase_split, profile_trainer,
                                  summarize_samples, top_kernels)
+from helpers import write_idx
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny sizes run on one intra-op thread: on a shared 2-core machine two OpenMP threads spin-wait
-    for each other (measured here: 80 ms for a 2x16x32x32 conv that takes 0.2 ms on one thread)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny sizes: one intra-op thread (conftest.py)
 
 
 HAS_NVML = True
@@ -56,71 +49,125 @@ class FakeReader:
         self.closed = True
 
 
-def test_sampler_interval_stop_and_csv(tmp_path):
+class FakeClock:
+    """A clock the test moves: the sampler's schedule and sample times without wall-clock time."""
+
+    def __init__(self, t=1000.0):
+        self.t = t
+
+    def __call__(self):
+        return self.t
+
+
+def wait_until(condition, what, limit_s=60.0):
+    """Poll `condition` until it holds; fail after limit_s. Not a timing assertion: a loaded machine
+    only makes this wait longer, and the limit is there so that a broken sampler fails, not hangs."""
+    deadline = time.monotonic() + limit_s
+    while not condition():
+        assert time.monotonic() < deadline, f"gave up after {limit_s} s waiting for {what}"
+        time.sleep(0.005)
+
+
+def test_sampler_schedule_and_csv_on_a_fake_clock(tmp_path):
+    """The schedule (readings due at t0 + k * interval; after a late one the next is one interval
+    later, no burst of catch-up readings), the samples' times and the CSV, driven by hand on a fake
+    clock: wait the returned delay, then read; each reading takes `latency` seconds of the clock."""
     path = tmp_path / "gpu_samples.csv"
+    clock = FakeClock()
+    latency = iter([0.0, 0.1, 0.1, 1.2, 0.1, 0.0])  # reading 3 stalls past its successor's due time
+
+    class SlowReader(FakeReader):
+        def __call__(self):
+            clock.t += next(latency)
+            return super().__call__()
+
+    reader = SlowReader()
+    sampler = GpuSampler(0.5, reader=reader, csv_path=path, clock=clock).start(background=False)
+    assert not sampler.running and sampler.available and reader.calls == 1  # start() read once, at t0
+    delays, delay = [], 0.5
+    for _ in range(5):
+        clock.t += delay
+        delay = sampler.take_sample()
+        delays.append(delay)
+    # Due at t0 + 0.5, + 1.0, + 1.5 (read at +1.5, done at +2.7: late, so the schedule restarts from
+    # +2.7), then +3.2, +3.7.
+    assert delays == pytest.approx([0.4, 0.4, 0.0, 0.4, 0.5])
+    times = [s["time_s"] for s in sampler.samples]
+    assert times == pytest.approx([1000.0, 1000.6, 1001.1, 1002.7, 1002.8, 1003.2])
+    assert [s["elapsed_s"] for s in sampler.samples] == pytest.approx([t - 1000.0 for t in times])
+    n = len(sampler.samples)
+    assert n == reader.calls == 6
+    sampler.stop()
+    assert reader.closed and sampler.take_sample() is None and reader.calls == n  # nothing after stop()
+    # CSV: the header, then one row per sample with the reader's values in order.
+    rows = list(csv.reader(path.open()))
+    assert tuple(rows[0]) == CSV_COLUMNS and len(rows) == n + 1
+    col = {name: i for i, name in enumerate(CSV_COLUMNS)}
+    assert [int(r[col["gpu_util_pct"]]) for r in rows[1:]] == list(range(n))
+    assert [float(r[col["power_w"]]) for r in rows[1:]] == [100.0 + k for k in range(n)]
+    assert [float(r[col["elapsed_s"]]) for r in rows[1:]] == pytest.approx([t - 1000.0 for t in times])
+    # A second run appends without a second header.
+    GpuSampler(0.5, reader=FakeReader(), csv_path=path, clock=clock).start(background=False).stop()
+    rows = list(csv.reader(path.open()))
+    assert sum(tuple(r) == CSV_COLUMNS for r in rows) == 1 and len(rows) == n + 2
+
+
+def test_sampler_thread_samples_and_stops_cleanly():
+    """The background thread samples until stop(); afterwards it is gone and nothing is read. (No
+    assertion on how fast: it waits for three readings however loaded the machine is.)"""
     reader = FakeReader()
-    interval = 0.02
-    with GpuSampler(interval, reader=reader, csv_path=path) as sampler:
+    with GpuSampler(0.01, reader=reader) as sampler:
         assert sampler.running and sampler.available
-        time.sleep(0.3)
-    # Clean stop: the thread is gone, NVML closed, and nothing is sampled afterwards.
+        wait_until(lambda: reader.calls >= 3, "three readings")
     assert not sampler.running
     assert not any(t.name == "acai-gpu-sampler" for t in threading.enumerate())
     assert reader.closed
     n = len(sampler.samples)
-    time.sleep(0.06)
-    assert len(sampler.samples) == n == reader.calls
-    # The interval: ~0.3 s / 0.02 s = 15 samples (a loaded 2-core machine may be late, never early
-    # by much: the schedule is absolute, so no burst follows a late sample).
-    assert 5 <= n <= 17, n
-    gaps = [b["time_s"] - a["time_s"] for a, b in zip(sampler.samples, sampler.samples[1:])]
-    assert sorted(gaps)[len(gaps) // 2] == pytest.approx(interval, abs=0.012)
-    assert min(gaps) > interval / 2
-    # CSV: the header, then one row per sample with the reader's values in order.
-    rows = list(csv.reader(path.open()))
-    assert tuple(rows[0]) == CSV_COLUMNS
-    assert len(rows) == n + 1
-    col = {name: i for i, name in enumerate(CSV_COLUMNS)}
-    assert [int(r[col["gpu_util_pct"]]) for r in rows[1:]] == list(range(n))
-    assert [float(r[col["power_w"]]) for r in rows[1:]] == [100.0 + k for k in range(n)]
-    elapsed = [float(r[col["elapsed_s"]]) for r in rows[1:]]
-    assert elapsed == sorted(elapsed) and elapsed[0] < interval
-    # A second run appends without a second header.
-    with GpuSampler(interval, reader=FakeReader(), csv_path=path):
-        time.sleep(0.05)
-    rows = list(csv.reader(path.open()))
-    assert sum(tuple(r) == CSV_COLUMNS for r in rows) == 1 and len(rows) > n + 1
+    assert n == reader.calls >= 3
+    assert sampler.take_sample() is None and reader.calls == n
+    times = [s["time_s"] for s in sampler.samples]
+    assert times == sorted(times)
 
 
 def test_sampler_intervals_and_summary():
-    reader = FakeReader()
-    sampler = GpuSampler(0.01, reader=reader).start()
-    time.sleep(0.08)
-    sampler.begin_interval()
-    time.sleep(0.08)
+    reader, clock = FakeReader(), FakeClock()
+    sampler = GpuSampler(0.01, reader=reader, clock=clock).start(background=False)
+    for _ in range(2):
+        clock.t += 0.01
+        sampler.take_sample()
+    sampler.begin_interval()  # samples 0-2 before; 3-6 in the interval
+    for _ in range(4):
+        clock.t += 0.01
+        sampler.take_sample()
     sampler.stop()
     out = sampler.end_interval()
     n = len(sampler.samples)
-    start = n - out["gpu_samples"]  # sample k has gpu_util_pct k
-    assert out["gpu_samples"] >= 2 and start >= 2  # only the interval's samples, not the earlier ones
-    assert out["gpu_util_mean"] == pytest.approx((start + n - 1) / 2, abs=0.01)
-    assert out["gpu_power_w_mean"] == pytest.approx(100 + out["gpu_util_mean"], abs=0.01)
-    assert out["gpu_mem_used_mib_max"] == 1000.0 + n - 1
-    assert out["gpu_temperature_c_max"] == 40 + n - 1 and out["gpu_sm_clock_mhz_mean"] == 1980
+    assert n == 7 and out["gpu_samples"] == 4  # only the interval's samples, not the earlier ones
+    assert out["gpu_util_mean"] == pytest.approx((3 + 4 + 5 + 6) / 4)  # sample k has gpu_util_pct k
+    assert out["gpu_power_w_mean"] == pytest.approx(100 + out["gpu_util_mean"])
+    assert out["gpu_mem_used_mib_max"] == 1000.0 + 6
+    assert out["gpu_temperature_c_max"] == 40 + 6 and out["gpu_sm_clock_mhz_mean"] == 1980
     assert set(FIELDS) <= set(sampler.samples[0])
     assert sampler.summary()["gpu_samples"] == n
+    assert sampler.summary(1000.02, 1000.045)["gpu_samples"] == 3  # samples at 1000.02, .03, .04
     assert summarize_samples([])["gpu_util_mean"] is None
 
 
 def test_failing_reader_stops_sampling_not_the_run(caplog):
     with caplog.at_level(logging.WARNING, logger="acai_fast"):
-        with GpuSampler(0.005, reader=FakeReader(fail_after=3)) as sampler:
-            time.sleep(0.1)
-            assert not sampler.running
-    assert len(sampler.samples) == 3
-    assert "fell off the bus" in sampler.reason and not sampler.available
-    assert sampler.end_interval() == {}
-    assert sum("GPU sampling off" in r.message for r in caplog.records) == 1
+        sampler = GpuSampler(0.005, reader=FakeReader(fail_after=3), clock=FakeClock()).start(background=False)
+        assert sampler.take_sample() is not None and sampler.take_sample() is not None
+        assert sampler.take_sample() is None  # the fourth reading raises: sampling is over
+        assert sampler.take_sample() is None
+        sampler.stop()
+        # The same in the background thread: it ends by itself after the third reading.
+        with GpuSampler(0.005, reader=FakeReader(fail_after=3)) as threaded:
+            wait_until(lambda: not threaded.running, "the thread to end")
+    for s in (sampler, threaded):
+        assert len(s.samples) == 3
+        assert "fell off the bus" in s.reason and not s.available
+        assert s.end_interval() == {}
+    assert sum("GPU sampling off" in r.message for r in caplog.records) == 2  # once per sampler
 
 
 @pytest.mark.skipif(HAS_NVML, reason="this machine has NVML: the no-NVML path is for machines without a GPU")
@@ -235,31 +282,36 @@ def test_profile_command_cpu(tmp_path, capsys):
 
 
 def test_fit_monitor_adds_interval_means(tmp_path):
+    """fit(monitor=...) adds each interval's summary to its record. The sampler is driven by the
+    steps (two readings per step, on a fake clock), so each interval's samples are known exactly."""
     trainer = ACAITrainer(ACAIConfig.preset("lines", batch=2), backend="reference", device="cpu")
     x = torch.rand(2, 1, 32, 32) * 2 - 1
     path = tmp_path / "gpu_samples.csv"
-    with GpuSampler(0.005, reader=FakeReader(), csv_path=path) as sampler:
-        history = fit(trainer, iter([x] * 2), kimg=4 / 1024, eval_kimg=2 / 1024, out_dir=tmp_path,
+    clock = FakeClock()
+    sampler = GpuSampler(0.005, reader=FakeReader(), csv_path=path, clock=clock).start(background=False)
+
+    def batches():  # readings 1-2 during step 1, 3-4 during step 2 (reading 0: start())
+        for _ in range(2):
+            for _ in range(2):
+                clock.t += 0.005
+                sampler.take_sample()
+            yield x
+
+    with sampler:  # (started already: only stop() at the end)
+        history = fit(trainer, batches(), kimg=4 / 1024, eval_kimg=2 / 1024, out_dir=tmp_path,
                       evaluate=lambda t: {}, progress=False, monitor=sampler)
     lines = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert len(history) == len(lines) == 2
+    assert [r["gpu_samples"] for r in lines] == [2, 2]  # begin_interval() came after reading 0
+    assert [r["gpu_util_mean"] for r in lines] == [1.5, 3.5]  # each interval's own samples only
     for record in lines:
-        assert record["gpu_samples"] >= 1 and record["gpu_util_mean"] is not None
-        assert record["gpu_power_w_mean"] == pytest.approx(100 + record["gpu_util_mean"], abs=0.01)
-    assert lines[1]["gpu_util_mean"] > lines[0]["gpu_util_mean"]  # the second interval's samples only
-    assert len(list(csv.reader(path.open()))) == len(sampler.samples) + 1
+        assert record["gpu_power_w_mean"] == pytest.approx(100 + record["gpu_util_mean"])
+    assert len(list(csv.reader(path.open()))) == len(sampler.samples) + 1 == 6
 
 
 def _write_idx(folder, prefix, n):
     """A tiny MNIST-format data set (IDX .gz): the cheapest preset to train from the command line."""
-    gen = torch.Generator().manual_seed(0)
-    images = torch.randint(0, 256, (n, 28, 28), generator=gen, dtype=torch.uint8).numpy()
-    labels = torch.randint(0, 10, (n,), generator=gen, dtype=torch.uint8).numpy()
-    header = lambda magic, dims: magic.to_bytes(4, "big") + b"".join(d.to_bytes(4, "big") for d in dims)
-    with gzip.open(folder / f"{prefix}-images-idx3-ubyte.gz", "wb") as f:
-        f.write(header(2051, (n, 28, 28)) + images.tobytes())
-    with gzip.open(folder / f"{prefix}-labels-idx1-ubyte.gz", "wb") as f:
-        f.write(header(2049, (n,)) + labels.tobytes())
+    write_idx(folder, prefix, n, rng=0)
 
 
 @pytest.mark.skipif(HAS_NVML, reason="checks the no-NVML behaviour of train --profile")
@@ -282,8 +334,21 @@ def test_profile_trainer_with_a_reader(tmp_path):
     summary, the samples' CSV and the utilisation picture drawn from samples."""
     trainer = ACAITrainer(ACAIConfig.preset("lines", batch=2), backend="reference", device="cpu")
     x = torch.rand(2, 1, 32, 32) * 2 - 1
+    reader = FakeReader()
+    step = trainer.step
+
+    def step_with_readings(*args):
+        """A step that lasts until the sampler's thread has begun two more readings: the first of
+        them finished inside the step, so the sampled window holds a sample however loaded the
+        machine is (no assertion on how fast the thread is)."""
+        calls = reader.calls
+        out = step(*args)
+        wait_until(lambda: reader.calls >= calls + 2, "two readings during a step")
+        return out
+
+    trainer.step = step_with_readings
     report = profile_trainer(trainer, x, None, steps=1, warmup=0, out_dir=tmp_path, sample_seconds=0.05,
-                             interval_s=0.005, reader=FakeReader())
+                             interval_s=0.005, reader=reader)
     assert report.gpu["available"] and report.gpu["name"] == "Fake GPU"
     assert report.gpu["sampled_window"]["gpu_samples"] >= 1
     assert trainer.steps >= 2  # the profiled step, then steps while sampling (on the CPU: one at a time)

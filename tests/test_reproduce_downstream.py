@@ -15,19 +15,12 @@ from acai_fast.cli import main
 from acai_fast.data import DeviceBatches
 from acai_fast.data.common import to_unit_range
 from acai_fast.eval.probe import probe_accuracy
-from acai_fast.reproduce.downstream import evaluation_points, load_data, preset_for, reproduce_downstream
-from test_data import write_idx, write_jpegs, write_svhn
+from acai_fast.reproduce.downstream import (DownstreamData, evaluation_points, load_data, preset_for,
+                                            reproduce_downstream)
+from helpers import read_jsonl, window_evaluations, write_idx, write_jpegs, write_run_folder, write_svhn
 
-TINY = dict(depth=4, advdepth=5, batch=16)
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny tensors gain nothing from intra-op threads (and lose much to them on a shared 2-core box)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
+TINY = dict(depth=4, advdepth=5, batch=16)  # on mnist32's networks (latent 2 x 4 x 4)
 
 
 @pytest.fixture(scope="module")
@@ -37,10 +30,6 @@ def mnist_folder(tmp_path_factory):
     write_idx(folder, "train", 96, rng)
     write_idx(folder, "t10k", 40, rng)
     return folder
-
-
-def read_jsonl(path):
-    return [json.loads(line) for line in path.read_text().splitlines()]
 
 
 def test_probe_then_cluster_tables_figure_and_reused_runs(mnist_folder, tmp_path):
@@ -89,6 +78,37 @@ def test_probe_then_cluster_tables_figure_and_reused_runs(mnist_folder, tmp_path
 
     with pytest.raises(ValueError, match="holds another run"):  # another configuration, same folder
         reproduce_downstream("probe", "mnist", 32, mnist_folder, out, **{**args, "config_overrides": dict(TINY, depth=8)})
+
+
+def test_probe_table_is_the_median_of_the_last_20_then_mean_and_population_std(tmp_path):
+    """What the README says the probe table computes, on hand-made run folders (finished, so
+    nothing trains; each with a checkpoint of its seed, as a trained run has): per run the median of
+    its probe test accuracy over its last 20 evaluations (window_evaluations: the last 19 or 21, all
+    of them, their mean or the last one would each give another number), then the mean and the
+    population standard deviation (ddof=0, numpy's default) over the model's runs, in %; a run
+    stopped by a non-finite loss is left out of both and named. Seeds 0 and 1 score 0.5 and 0.7:
+    60.00 ± 10.00 (ddof=1 would give ± 14.14); seed 2 stopped (0.1 left out)."""
+    config = ACAIConfig.preset("mnist32", **TINY)
+    for seed, value in ((0, 0.5), (1, 0.7), (2, 0.1)):
+        folder = tmp_path / "runs" / "mnist32" / "acai" / f"seed{seed}"
+        stopped = dict(state="nonfinite", message="non-finite loss_ae (nan) at step 3") if seed == 2 else {}
+        write_run_folder(folder, {"test_probe_accuracy": window_evaluations(value)}, nimg=25 * 16, **stopped)
+        if not stopped:
+            ACAITrainer(config, backend="reference", device="cpu", seed=seed).save(folder / "checkpoint.pt")
+    g = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (32, 1, 32, 32), dtype=torch.uint8, generator=g)
+    labels = torch.randint(0, 10, (32,), generator=g)
+    data = DownstreamData(images[:16], labels[:16], images[16:], labels[16:])
+    record = reproduce_downstream("probe", "mnist", 32, data, tmp_path, models="acai", kimg=25 * 16 / 1024, runs=3,
+                                  eval_kimg=16 / 1024, device="cpu", config_overrides=TINY, progress=False)
+    values = [r["value"] for r in record["runs"]]
+    assert values[:2] == pytest.approx([0.5, 0.7], rel=1e-12) and np.isnan(values[2])
+    assert record["summary"]["acai"]["mean"] == pytest.approx(0.6, rel=1e-12)
+    assert record["summary"]["acai"]["std"] == pytest.approx(0.1, rel=1e-12)
+    table = (tmp_path / "probe_mnist32_table.md").read_text()
+    assert "| acai | mnist | 32 | 60.00 ± 10.00 | 98.25 |" in table
+    assert "median of the last 20 evaluations per run" in table and "mean ± std over runs" in table
+    assert "left out of the means: acai seed 2" in table
 
 
 def test_arguments_and_presets():

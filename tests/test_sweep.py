@@ -3,15 +3,14 @@ one folder per run, the summary; a stopped sweep resumes exactly and a finished 
 retrained; a run whose loss turns non-finite stops alone; image data; TensorBoard events; the
 command line and a real 2-process torchrun job. CPU, reference backend, tiny networks."""
 import csv
-import gzip
 import json
+import math
 import os
 import signal
 import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 
@@ -22,27 +21,16 @@ from acai_fast.eval.lines import evaluate_lines
 from acai_fast.eval.probe import probe_accuracy
 from acai_fast.loop import TrainingStopped
 from acai_fast.sweep import (CPU_ARRAY, Run, SweepArgumentError, default_array_size, describe, parameter_count,
-                             plan_runs, rank_share, run_memory_bytes, sweep)
-from helpers import assert_close
+                             plan_runs, rank_share, run_memory_bytes, summarize, sweep)
+from helpers import ROOT, TINY, assert_close, read_jsonl, window_evaluations, write_idx, write_run_folder
 
-ROOT = Path(__file__).resolve().parents[1]
-TINY = dict(depth=4, latent=3, latent_width=8, advdepth=5, batch=6)
+pytestmark = pytest.mark.usefixtures("one_thread")
 STEP = 6 / 1024  # kimg of one step of a TINY run
 COMMON = dict(kimg=3 * STEP, eval_kimg=2 * STEP, backend="reference", device="cpu", overrides=TINY, progress=False)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One intra-op thread: these tiny networks gain nothing from more, and on a shared, loaded
-    machine two threads contending for the cores made a step ~100x slower (6.4 s vs 0.06 s)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def records(folder: Path) -> list[dict]:
-    return [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
+    return read_jsonl(folder / "metrics.jsonl")
 
 
 def status(folder: Path) -> dict:
@@ -160,6 +148,59 @@ def test_nonfinite_run_stops_alone(tmp_path, capsys):
     assert (out / "summary_mean_distance_vs_lr.png").is_file()
 
 
+def test_summary_is_the_median_of_the_last_20_then_mean_and_population_std(tmp_path):
+    """What the README says summary.md and summary.csv hold, on hand-made run folders: per run the
+    median of its last 20 evaluations of each metric (window_evaluations: the last 19 or 21, all of
+    them, their mean or the last one would each give another number), then per setting the mean and
+    the population standard deviation (ddof=0, numpy's default: sqrt(sum (x - mean)^2 / n)) over
+    its finished runs. A run stopped by a non-finite loss and an unfinished run are counted, not
+    averaged; a metric no run has (rmse here) gets no column.
+
+    advweight 0.5: seeds 0 and 1 score Mean Distance 1e-3 and 3e-3 (mean 2e-3, std 1e-3; ddof=1
+    would give 1.414e-3), Smoothness 0.2 and 0.4, probe 0.5 and 0.7; seed 2 stopped (its 50e-3
+    left out). advweight 1: seeds 0 and 1 score alike (std 0); seed 2 is still training."""
+    config = ACAIConfig.preset("lines", **TINY)
+    runs = plan_runs(config, [0, 1, 2], advweight=[0.5, 1.0])
+    total = 25 * 6
+    scores = {(0.5, 0): (1e-3, 0.2, 0.5), (0.5, 1): (3e-3, 0.4, 0.7), (0.5, 2): (50e-3, 0.9, 0.1),
+              (1.0, 0): (2e-3, 0.1, 0.9), (1.0, 1): (2e-3, 0.1, 0.9), (1.0, 2): (9e-3, 0.9, 0.1)}
+    state = {(0.5, 2): dict(state="nonfinite", message="non-finite loss_ae (nan) at step 3"),
+             (1.0, 2): dict(state="training", nimg=total // 2)}
+    for run in runs:
+        key = (run.advweight, run.seed)
+        metrics = {name: window_evaluations(v) for name, v in
+                   zip(("mean_distance", "mean_smoothness", "probe_accuracy"), scores[key])}
+        write_run_folder(tmp_path / run.name, metrics, **{"nimg": total, **state.get(key, {})})
+    meta = dict(preset="lines", model="acai", config=config.to_dict(), seeds=[0, 1, 2], advweight=[0.5, 1.0],
+                reg=[0.2], lr=[1e-4], kimg=total / 1024, eval_kimg=6 / 1024, total_img=total, pairs=4, window=20,
+                runs=[r.as_dict() for r in runs])
+    (tmp_path / "sweep.json").write_text(json.dumps(meta))
+
+    result = summarize(tmp_path)
+    assert result["runs"][runs[0].name]["mean_distance"] == pytest.approx(1e-3, rel=1e-12)  # the run's median
+    rows = list(csv.DictReader(open(tmp_path / "summary.csv")))
+    assert list(rows[0]) == ["advweight", "reg", "lr", "runs", "finished", "nonfinite", "unfinished",
+                             "mean_distance_mean", "mean_distance_std", "mean_smoothness_mean",
+                             "mean_smoothness_std", "probe_accuracy_mean", "probe_accuracy_std"]
+    expected = [dict(advweight=0.5, runs=3, finished=2, nonfinite=1, unfinished=0,
+                     mean_distance=(2e-3, 1e-3), mean_smoothness=(0.3, 0.1), probe_accuracy=(0.6, 0.1)),
+                dict(advweight=1.0, runs=3, finished=2, nonfinite=0, unfinished=1,
+                     mean_distance=(2e-3, 0.0), mean_smoothness=(0.1, 0.0), probe_accuracy=(0.9, 0.0))]
+    for row, want in zip(rows, expected, strict=True):
+        assert (float(row["advweight"]), float(row["reg"]), float(row["lr"])) == (want["advweight"], 0.2, 1e-4)
+        assert [int(row[k]) for k in ("runs", "finished", "nonfinite", "unfinished")] == \
+            [want[k] for k in ("runs", "finished", "nonfinite", "unfinished")]
+        for metric in ("mean_distance", "mean_smoothness", "probe_accuracy"):
+            mean, std = want[metric]
+            assert float(row[f"{metric}_mean"]) == pytest.approx(mean, rel=1e-12, abs=1e-15), metric
+            assert float(row[f"{metric}_std"]) == pytest.approx(std, rel=1e-12, abs=1e-15), metric
+    assert float(rows[0]["mean_distance_std"]) != pytest.approx(math.sqrt(2) * 1e-3)  # not ddof=1
+    md = (tmp_path / "summary.md").read_text()
+    assert "Per run the median of its last 20 evaluations" in md and "RMSE" not in md
+    assert "| 0.5 | 0.2 | 0.0001 | 2/3 | 2.000 ± 1.000 | 0.300 ± 0.100 | 60.0 ± 10.0 | seeds 2 |" in md
+    assert "| 1 | 0.2 | 0.0001 | 2/3 (1 unfinished) | 2.000 ± 0.000 | 0.100 ± 0.000 | 90.0 ± 0.0 |  |" in md
+
+
 def test_image_data_runs_score_the_probe(tmp_path):
     """An image preset on in-memory data: each run trains on its own seeded DeviceBatches order and
     its records carry the linear probe's test accuracy (that of its saved checkpoint)."""
@@ -218,16 +259,6 @@ def test_cli_sweep_runs_resumes_and_refuses_bad_values(tmp_path, capsys):
         assert exc.value.code == 2 and message in err, (bad, err)
 
 
-def write_idx(folder: Path, prefix: str, n: int, seed: int) -> None:
-    """MNIST-format .gz files of n random 28x28 digits (what `--preset mnist32 --data` reads)."""
-    rng = np.random.default_rng(seed)
-    header = lambda magic, dims: magic.to_bytes(4, "big") + b"".join(d.to_bytes(4, "big") for d in dims)
-    with gzip.open(folder / f"{prefix}-images-idx3-ubyte.gz", "wb") as f:
-        f.write(header(2051, (n, 28, 28)) + rng.integers(0, 256, (n, 28, 28), dtype=np.uint8).tobytes())
-    with gzip.open(folder / f"{prefix}-labels-idx1-ubyte.gz", "wb") as f:
-        f.write(header(2049, (n,)) + rng.integers(0, 10, n, dtype=np.uint8).tobytes())
-
-
 def test_train_tensorboard_flag(tmp_path):
     """`acai-fast train --tensorboard` (mnist32 format files: the probe is the evaluation): each
     evaluation's scalars and the interpolation grid as events in OUT."""
@@ -244,7 +275,7 @@ def test_train_tensorboard_flag(tmp_path):
     board = EventAccumulator(str(out))
     board.Reload()
     assert [e.step for e in board.Scalars("train/loss_ae")] == [6, 12]
-    probe = [json.loads(line)["probe_accuracy"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+    probe = [r["probe_accuracy"] for r in read_jsonl(out / "metrics.jsonl")]
     assert [e.value for e in board.Scalars("eval/probe_accuracy")] == pytest.approx(probe)
     assert board.Tags()["images"] == ["interpolations"]
 

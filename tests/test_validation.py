@@ -10,8 +10,7 @@ from hypothesis import strategies as st
 from acai_fast import ACAIConfig, ACAITrainer
 from acai_fast.cli import main
 from acai_fast.loop import fit
-
-TINY = dict(depth=4, latent=3, latent_width=8, advdepth=5, batch=6)
+from helpers import TINY
 SETTINGS = settings(max_examples=40, deadline=None, derandomize=True,
                     suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
 

@@ -116,12 +116,12 @@ def load_celeba(folder: str | os.PathLike, split: str = "train", *, limit: int |
     if split not in ("train", "test"):
         raise ValueError(f"split must be 'train' or 'test' (the same images), got {split!r}")
     files = sorted(_image_folder(check_folder(folder)).glob("*.jpg"))[:limit]
-    from tqdm.auto import tqdm
+    from ..progress import progress as progress_report
 
     out = []
     workers = min(8, os.cpu_count() or 1)
-    with ThreadPoolExecutor(workers) as pool, tqdm(total=len(files), unit="img", desc="celeba",
-                                                    disable=not progress or len(files) < chunk) as bar:
+    with ThreadPoolExecutor(workers) as pool, progress_report(len(files), unit="img", desc="celeba",
+                                                               enabled=progress and len(files) >= chunk) as bar:
         for start in range(0, len(files), chunk):
             block = np.stack(list(pool.map(_read_jpeg, files[start:start + chunk])))
             pixels = torch.from_numpy(block).permute(0, 3, 1, 2)  # (B, 218, 178, 3) -> (B, 3, 218, 178)

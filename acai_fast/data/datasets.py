@@ -5,7 +5,9 @@ split)`, and which dataset a preset trains on.
     pixels, labels = load_pixels("svhn", "/data/svhn", "train")      # the same as uint8 bytes
 
 `folder` may hold the files or a subfolder named after the dataset (mnist/, fashion-mnist/, svhn/,
-cifar10/, celeba/), so one root (--data or ACAI_FAST_DATA) can serve every preset.
+cifar10/, celeba/), so one root (--data or ACAI_FAST_DATA) can serve every preset. `is_official`
+recognises such a folder by its official file names; any other folder of images, or an .npy/.npz
+array, is the user's own data (acai_fast.data.images).
 """
 from __future__ import annotations
 
@@ -24,6 +26,28 @@ _SUBFOLDERS = {"mnist": ("mnist", "MNIST"), "fashion_mnist": ("fashion-mnist", "
 # ACAIConfig.dataset (a preset's family) -> the dataset it trains on by default
 PRESET_DATASETS = {"mnist": "mnist", "svhn": "svhn", "cifar": "cifar10", "celeba": "celeba"}
 DATA_ENV = "ACAI_FAST_DATA"
+
+
+# Names that mark a folder as one of the paper's datasets (acai_fast.data.load_dataset), in the
+# folder or a subfolder named after the dataset.
+OFFICIAL_NAMES = (
+    *(f"{s}-{k}-idx{d}-ubyte{z}" for s in ("train", "t10k") for k, d in (("images", 3), ("labels", 1))
+      for z in ("", ".gz")),                                              # MNIST, Fashion-MNIST
+    "train_32x32.mat", "test_32x32.mat", "extra_32x32.mat",               # SVHN
+    *(f"data_batch_{i}" for i in range(1, 6)), "test_batch", "cifar-10-python.tar.gz",
+    "cifar-10-batches-py",                                                # CIFAR-10
+    "img_align_celeba", "000001.jpg",                                     # CelebA
+)
+
+
+def is_official(folder: str | os.PathLike) -> bool:
+    """Whether `folder` holds one of the paper's datasets: it is named img_align_celeba, or it or
+    one of its dataset-named subfolders (mnist/, svhn/, ...) holds an official file name."""
+    folder = Path(folder)
+    if folder.name == "img_align_celeba":
+        return True
+    places = [folder] + [folder / s for subs in _SUBFOLDERS.values() for s in subs]
+    return any((place / name).exists() for place in places if place.is_dir() for name in OFFICIAL_NAMES)
 
 
 def dataset_of_preset(family: str) -> str:

@@ -80,12 +80,12 @@ def kmeans(x: torch.Tensor, k: int, restarts: int = 1000, seed: int = 0, *, max_
     chunk = chunk or max(1, min(restarts, budget // (n * k)))
     tol_abs = tol * float(x.double().var(0, unbiased=False).mean())
     x64 = x.double()
-    from tqdm.auto import tqdm
+    from ..progress import progress as progress_report
 
     best = None
     inertias = torch.empty(restarts, dtype=torch.float64)
-    with tqdm(total=restarts, desc=f"k-means (k={k}, N={n}, D={x.shape[1]})", unit="restart",
-              disable=not progress) as bar:
+    with progress_report(restarts, desc=f"k-means (k={k}, N={n}, D={x.shape[1]})", unit="restart",
+                         enabled=progress) as bar:
         for start in range(0, restarts, chunk):
             block = range(start, min(restarts, start + chunk))
             centers = x[_init_indices(n, k, block, seed).to(x.device)]  # (C, K, D)

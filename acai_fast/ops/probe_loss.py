@@ -2,8 +2,9 @@
 flattened latent, softmax cross-entropy, accuracy, and the gradients of the dense layer.
 
 The probe reads the detached latent, so its pass is independent of the networks' backward: one
-Triton program computes the loss, the accuracy and dW/db (written into the parameters' .grad) where
-plain PyTorch needs ~13 launches. One program, rows in fixed blocks: deterministic. Reference in
+Triton launch computes the loss, the accuracy and dW/db (written into the parameters' .grad) where
+plain PyTorch needs ~13 launches. Many programs per run (row blocks x chunks of the feature
+dimension), reduced in-launch in a fixed order: deterministic and bit-repeatable. Reference in
 plain PyTorch (`probe_loss_ref`). Limits: at most 128 classes; the latent in any layout and fp32/bf16.
 """
 from __future__ import annotations
@@ -57,19 +58,31 @@ def probe_loss_ref(z, weight, bias, labels, *, upcast: bool = True) -> ProbeLoss
 
 
 @triton.jit
-def _probe_loss_kernel(Z_ptr, W_ptr, B_ptr, L_ptr, DW_ptr, DB_ptr, Out_ptr,
-                       N, C, D, HW, WD, stride_zn, stride_zc, stride_zh, stride_zw, stride_zr,
+def _probe_loss_kernel(Z_ptr, W_ptr, B_ptr, L_ptr, DW_ptr, DB_ptr, Out_ptr, WS_ptr, WSS_ptr, Counter_ptr,
+                       N, C, D, HW, WD, D_CHUNK, stride_zn, stride_zc, stride_zh, stride_zw, stride_zr,
                        stride_wr, stride_br, stride_dwr, stride_dbr,
                        BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr):
-    """One program. For each block of BLOCK_N rows: logits = z @ W^T + b over D in BLOCK_D chunks
-    (z gathered through its strides: feature d = (c, h, w) with d = c*HW + h*WD + w), softmax,
-    loss_i = logsumexp - logit[label], correct_i = argmax == label, g = (softmax - onehot) / N;
-    db += sum_i g; dW += g^T @ z (a second pass over the chunks, read-add-write: the rows blocks
-    run in order, so the sums are deterministic). Out = [mean loss, accuracy].
-    Runs: one program per run (grid axis 0), each with its own latent rows (run stride), labels,
-    dense layer and outputs (contiguous per run; the run strides are arguments: the trainer's
-    probe parameters are views of rows of its flat buffers)."""
-    run = tl.program_id(0).to(tl.int64)
+    """Program (row block i, feature chunk j, run r). Rows R_i = [i*BLOCK_N, (i+1)*BLOCK_N) of N:
+    logits = z[R_i] @ W^T + b over all of D in BLOCK_D chunks (z gathered through its strides:
+    feature d = (c, h, w) with d = c*HW + h*WD + w), softmax, loss_n = logsumexp - logit[label],
+    correct_n = (argmax == label), g = (softmax - onehot) / N (zero on padded rows and classes);
+    then this row block's partial dW_i[:, J_j] = g^T @ z[R_i, J_j] over the feature chunk
+    J_j = [j*D_CHUNK, (j+1)*D_CHUNK) only (every chunk's programs recompute the row block's logits:
+    a read of BLOCK_N x D of z, so that no program waits for another).
+    Deterministic two-level reduction in this launch: every program stores its fp32 partial to WS
+    (runs, row blocks, C, D) (the j = 0 programs also [db_i (BLOCK_C) | sum loss_n, sum correct_n]
+    to WSS (runs, row blocks, 2*BLOCK_C)), passes a barrier and takes a ticket from the counter
+    of (r, j) (acq_rel); the program holding the last ticket sums the partials of chunk j over the
+    row blocks in order 0, 1, ... (and for j = 0 the losses, accuracies and db), writes them, and
+    resets the counter to 0. The result depends on the shapes only, never on which program
+    finished last. Out = [mean loss, accuracy] per run.
+    Runs: grid axis 2, each with its own latent rows, labels, dense layer, outputs, partials and
+    counters; the dense layer and its gradients are contiguous within a run, with run strides as
+    arguments (the trainer's probe parameters are views of rows of its flat buffers)."""
+    pid_n = tl.program_id(0)
+    pid_d = tl.program_id(1)
+    run = tl.program_id(2).to(tl.int64)
+    num_n = tl.num_programs(0)
     Z_ptr += run * stride_zr
     W_ptr += run * stride_wr
     B_ptr += run * stride_br
@@ -77,60 +90,126 @@ def _probe_loss_kernel(Z_ptr, W_ptr, B_ptr, L_ptr, DW_ptr, DB_ptr, Out_ptr,
     DW_ptr += run * stride_dwr
     DB_ptr += run * stride_dbr
     Out_ptr += run * 2
+    WS_ptr += run * num_n * C * D
+    WSS_ptr += run * num_n * (2 * BLOCK_C)
+    Counter_ptr += run * tl.num_programs(1) + pid_d
     cls = tl.arange(0, BLOCK_C)
     c_ok = cls < C
     bias = tl.load(B_ptr + cls, mask=c_ok, other=0.0).to(tl.float32)
-    loss_sum = tl.zeros([BLOCK_N], dtype=tl.float32)
-    correct = tl.zeros([BLOCK_N], dtype=tl.float32)
-    db = tl.zeros([BLOCK_C], dtype=tl.float32)
-    for r0 in range(0, N, BLOCK_N):
-        rows = r0 + tl.arange(0, BLOCK_N)
-        r_ok = rows < N
-        z_rows = Z_ptr + rows.to(tl.int64) * stride_zn
-        logits = tl.zeros([BLOCK_N, BLOCK_C], dtype=tl.float32)
-        for d0 in range(0, D, BLOCK_D):
+    rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    r_ok = rows < N
+    z_rows = Z_ptr + rows.to(tl.int64) * stride_zn
+
+    logits = tl.zeros([BLOCK_N, BLOCK_C], dtype=tl.float32)
+    for d0 in range(0, D, BLOCK_D):
+        d = d0 + tl.arange(0, BLOCK_D)
+        d_ok = d < D
+        zoff = (d // HW) * stride_zc + ((d % HW) // WD) * stride_zh + (d % WD) * stride_zw
+        zt = tl.load(z_rows[:, None] + zoff[None, :], mask=r_ok[:, None] & d_ok[None, :],
+                     other=0.0).to(tl.float32)
+        wt = tl.load(W_ptr + cls[:, None] * D + d[None, :], mask=c_ok[:, None] & d_ok[None, :],
+                     other=0.0).to(tl.float32)
+        logits = tl.dot(zt, tl.trans(wt), logits, input_precision="ieee")
+    logits = logits + bias[None, :]
+    logits = tl.where(c_ok[None, :], logits, float("-inf"))
+    m = tl.max(logits, axis=1)
+    e = tl.exp(logits - m[:, None])
+    s = tl.sum(e, axis=1)
+    lab = tl.load(L_ptr + rows, mask=r_ok, other=0).to(tl.int32)
+    onehot = cls[None, :] == lab[:, None]
+    picked = tl.sum(tl.where(onehot, logits, 0.0), axis=1)
+    g = (e / s[:, None] - tl.where(onehot, 1.0, 0.0)) / N
+    g = tl.where(r_ok[:, None] & c_ok[None, :], g, 0.0)
+
+    # this row block's partial of dW over this program's feature chunk
+    d_lo = pid_d * D_CHUNK
+    d_hi = tl.minimum(d_lo + D_CHUNK, D)
+    for d0 in range(d_lo, d_hi, BLOCK_D):
+        d = d0 + tl.arange(0, BLOCK_D)
+        d_ok = d < d_hi
+        zoff = (d // HW) * stride_zc + ((d % HW) // WD) * stride_zh + (d % WD) * stride_zw
+        zt = tl.load(z_rows[:, None] + zoff[None, :], mask=r_ok[:, None] & d_ok[None, :],
+                     other=0.0).to(tl.float32)
+        part = tl.dot(tl.trans(g), zt, input_precision="ieee")  # (BLOCK_C, BLOCK_D)
+        tl.store(WS_ptr + pid_n * C * D + cls[:, None] * D + d[None, :], part,
+                 mask=c_ok[:, None] & d_ok[None, :])
+    pair = tl.arange(0, 2)
+    if pid_d == 0:
+        loss_i = tl.sum(tl.where(r_ok, m + tl.log(s) - picked, 0.0), axis=0)
+        correct_i = tl.sum(tl.where(r_ok & (tl.argmax(logits, axis=1) == lab), 1.0, 0.0), axis=0)
+        rec = WSS_ptr + pid_n * (2 * BLOCK_C)
+        tl.store(rec + cls, tl.sum(g, axis=0))
+        tl.store(rec + BLOCK_C + pair, tl.where(pair == 0, loss_i, correct_i))
+
+    tl.debug_barrier()  # every thread's partials are stored before the ticket is taken
+    ticket = tl.atomic_add(Counter_ptr, 1, sem="acq_rel")
+    if ticket == num_n - 1:
+        for d0 in range(d_lo, d_hi, BLOCK_D):
             d = d0 + tl.arange(0, BLOCK_D)
-            d_ok = d < D
-            zoff = (d // HW) * stride_zc + ((d % HW) // WD) * stride_zh + (d % WD) * stride_zw
-            zt = tl.load(z_rows[:, None] + zoff[None, :], mask=r_ok[:, None] & d_ok[None, :],
-                         other=0.0).to(tl.float32)
-            wt = tl.load(W_ptr + cls[:, None] * D + d[None, :], mask=c_ok[:, None] & d_ok[None, :],
-                         other=0.0).to(tl.float32)
-            logits = tl.dot(zt, tl.trans(wt), logits, input_precision="ieee")
-        logits = logits + bias[None, :]
-        logits = tl.where(c_ok[None, :], logits, float("-inf"))
-        m = tl.max(logits, axis=1)
-        e = tl.exp(logits - m[:, None])
-        s = tl.sum(e, axis=1)
-        lab = tl.load(L_ptr + rows, mask=r_ok, other=0).to(tl.int32)
-        onehot = cls[None, :] == lab[:, None]
-        picked = tl.sum(tl.where(onehot, logits, 0.0), axis=1)
-        loss_sum += tl.where(r_ok, m + tl.log(s) - picked, 0.0)
-        top = tl.argmax(logits, axis=1)
-        correct += tl.where(r_ok & (top == lab), 1.0, 0.0)
-        g = (e / s[:, None] - tl.where(onehot, 1.0, 0.0)) / N
-        g = tl.where(r_ok[:, None] & c_ok[None, :], g, 0.0)
-        db += tl.sum(g, axis=0)
-        for d0 in range(0, D, BLOCK_D):
-            d = d0 + tl.arange(0, BLOCK_D)
-            d_ok = d < D
-            zoff = (d // HW) * stride_zc + ((d % HW) // WD) * stride_zh + (d % WD) * stride_zw
-            zt = tl.load(z_rows[:, None] + zoff[None, :], mask=r_ok[:, None] & d_ok[None, :],
-                         other=0.0).to(tl.float32)
-            dw_ptrs = DW_ptr + cls[:, None] * D + d[None, :]
-            dw_mask = c_ok[:, None] & d_ok[None, :]
-            part = tl.dot(tl.trans(g), zt, input_precision="ieee")  # (BLOCK_C, BLOCK_D)
-            if r0 > 0:
-                part += tl.load(dw_ptrs, mask=dw_mask, other=0.0)
-            tl.store(dw_ptrs, part, mask=dw_mask)
-    tl.store(DB_ptr + cls, db, mask=c_ok)
-    tl.store(Out_ptr, tl.sum(loss_sum, axis=0) / N)
-    tl.store(Out_ptr + 1, tl.sum(correct, axis=0) / N)
+            mask = c_ok[:, None] & (d < d_hi)[None, :]
+            total = tl.zeros([BLOCK_C, BLOCK_D], dtype=tl.float32)
+            for i in range(0, num_n):
+                total += tl.load(WS_ptr + i * C * D + cls[:, None] * D + d[None, :], mask=mask, other=0.0,
+                                 cache_modifier=".cg")
+            tl.store(DW_ptr + cls[:, None] * D + d[None, :], total, mask=mask)
+        if pid_d == 0:
+            db = tl.zeros([BLOCK_C], dtype=tl.float32)
+            sums = tl.zeros([2], dtype=tl.float32)
+            for i in range(0, num_n):
+                rec = WSS_ptr + i * (2 * BLOCK_C)
+                db += tl.load(rec + cls, cache_modifier=".cg")
+                sums += tl.load(rec + BLOCK_C + pair, cache_modifier=".cg")
+            tl.store(DB_ptr + cls, db, mask=c_ok)
+            tl.store(Out_ptr + pair, sums / N)
+        tl.store(Counter_ptr, 0)
 
 
 # ------------------------------------------------------------------------------------------------
 # Launcher and the functional op
 # ------------------------------------------------------------------------------------------------
+
+
+MAX_CHUNKS = 8  # feature chunks per row block: programs whose dW partials one program sums
+# 8 warps: with 4, ptxas spills 12 B (96 registers) for a bf16 latent on sm_90a (32 x 16 x 64
+# tiles; tests/test_compile_targets.py compiles the launches for sm_80 and sm_90).
+NUM_WARPS = 8
+
+
+def launch_shape(n: int, classes: int, d: int) -> tuple[int, int, int, int]:
+    """(BLOCK_C, BLOCK_N, BLOCK_D, D_CHUNK) of a launch: rows in blocks of 32 (16 for tiny batches),
+    features in up to MAX_CHUNKS chunks of whole BLOCK_D tiles. cifar1024 at batch 1024 (D = 1024):
+    32 row blocks x 8 chunks = 256 programs, each summing 32 partials of 10 x 128 (was 1 program)."""
+    block_c = max(16, triton.next_power_of_2(classes))
+    block_n = 16 if n <= 16 else 32
+    block_d = 64 if block_c <= 32 else 32
+    tiles = triton.cdiv(d, block_d)
+    d_chunk = triton.cdiv(tiles, min(MAX_CHUNKS, tiles)) * block_d
+    return block_c, block_n, block_d, d_chunk
+
+
+def counter_size(runs: int = 1) -> int:
+    """Elements of the int32 counter a launch over `runs` runs needs (see probe_loss's counter)."""
+    return runs * MAX_CHUNKS
+
+
+_counters: dict[torch.device, torch.Tensor] = {}
+
+
+def _default_counter(device: torch.device, size: int) -> torch.Tensor:
+    """The per-device counter of launches that pass none (as acai_fast._ext.reduction_counter):
+    zeroed when created or grown (never inside a CUDA graph capture), left at zero by every launch."""
+    counter = _counters.get(device)
+    if counter is None or counter.numel() < size:
+        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            raise RuntimeError("probe_loss: its reduction counter would be created inside CUDA graph capture; "
+                               "run the op once before capturing, or pass counter=")
+        counter = _counters[device] = torch.zeros(max(size, 16 * MAX_CHUNKS), dtype=torch.int32, device=device)
+    return counter
+
+
+def _runs_contiguous(t: torch.Tensor) -> bool:
+    """Every run t[r] of an (R, ...) tensor is contiguous (any run stride)."""
+    return all(t[r].is_contiguous() for r in range(t.shape[0]))
 
 
 def _check_inputs(z, weight, bias, labels, runs=None):
@@ -160,15 +239,18 @@ def _check_inputs(z, weight, bias, labels, runs=None):
 
 def probe_loss(z: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, labels: torch.Tensor, *,
                d_weight_out: torch.Tensor | None = None, d_bias_out: torch.Tensor | None = None,
-               runs: bool = False, backend: str = "auto") -> ProbeLoss:
+               runs: bool = False, backend: str = "auto", counter: torch.Tensor | None = None) -> ProbeLoss:
     """The probe's loss, accuracy and gradients (see ProbeLoss) for the latent z (N, C, H, W) or
     (N, D) in any layout, the dense layer (weight (classes, D), bias) and integer labels, in one
     launch. d_weight_out / d_bias_out: contiguous fp32 tensors to write the gradients into (e.g.
     the probe parameters' persistent .grad). runs=True: an array of R runs, every argument with a
-    leading run axis (z (R, N, ...) with any run stride, weight (R, classes, D) contiguous, labels
-    (R, N)); losses and accuracies come out (R,). backend: "auto" (triton for CUDA tensors, else
-    reference), "triton" (CUDA, or the CPU interpreter) or "reference". Labels outside
-    [0, classes) are not checked here (the trainer checks them once)."""
+    leading run axis (z (R, N, ...) with any run stride; weight (R, classes, D), bias and the
+    gradient outputs contiguous within each run, any run stride; labels (R, N)); losses and accuracies come out (R,). backend: "auto" (triton for CUDA tensors, else
+    reference), "triton" (CUDA, or the CPU interpreter) or "reference". counter: int32 zeros of at
+    least `counter_size(R)` elements on z's device that the launch uses for its in-kernel reduction
+    and leaves at zero; default: one per device that this module keeps (safe for launches on one
+    stream; launches that may run concurrently on different streams must each pass their own).
+    Labels outside [0, classes) are not checked here (the trainer checks them once)."""
     R = z.shape[0] if runs and isinstance(z, torch.Tensor) else None
     _check_inputs(z, weight, bias, labels, R)
     if backend == "auto":
@@ -192,27 +274,29 @@ def probe_loss(z: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, labels
     classes = weight.shape[-2]
     z5 = z5 if z5.dim() == 5 else z5.reshape(*z5.shape[:2], -1, 1, 1)  # (R, N, D) -> (R, N, D, 1, 1)
     _, _, ch, h, w = z5.shape
-    def per_run_contiguous(t):
-        return t.is_contiguous() if not runs else all(t[r].is_contiguous() for r in range(t.shape[0]))
-
-    if not (per_run_contiguous(dw) and dw.shape == weight.shape and dw.dtype == torch.float32
-            and per_run_contiguous(db) and db.shape == bias.shape and db.dtype == torch.float32):
+    w3, b2, dw3, db2 = (t if runs else t.unsqueeze(0) for t in (weight, bias, dw, db))
+    if not (_runs_contiguous(dw3) and dw.shape == weight.shape and dw.dtype == torch.float32
+            and _runs_contiguous(db2) and db.shape == bias.shape and db.dtype == torch.float32):
         raise ValueError("probe_loss: d_weight_out / d_bias_out must be fp32 tensors of the parameters' "
                          "shapes, contiguous within each run")
-    if not per_run_contiguous(weight):
-        weight = weight.contiguous()
-    if not per_run_contiguous(bias):
-        bias = bias.contiguous()
-
-    def run_stride(t):
-        return t.stride(0) if runs else 0
-    out = torch.empty(z5.shape[0], 2, dtype=torch.float32, device=z.device)
-    block_c = max(16, triton.next_power_of_2(classes))
-    block_n = 16 if n <= 16 else 32
-    block_d = 64 if block_c <= 32 else 32
+    w3 = w3 if _runs_contiguous(w3) else w3.contiguous()
+    b2 = b2 if _runs_contiguous(b2) else b2.contiguous()
+    R = z5.shape[0]
+    if counter is None:
+        counter = _default_counter(z.device, counter_size(R))
+    elif not (counter.dtype == torch.int32 and counter.is_contiguous() and counter.numel() >= counter_size(R)
+              and counter.device == z.device):
+        raise ValueError(f"probe_loss: counter must be a contiguous int32 tensor of at least {counter_size(R)} "
+                         f"zeros on {z.device}, got {tuple(counter.shape)} {counter.dtype} on {counter.device}")
+    block_c, block_n, block_d, d_chunk = launch_shape(n, classes, d)
+    row_blocks, chunks = triton.cdiv(n, block_n), triton.cdiv(d, d_chunk)
+    out = torch.empty(R, 2, dtype=torch.float32, device=z.device)
+    partials = torch.empty(R * row_blocks * classes * d, dtype=torch.float32, device=z.device)
+    sums = torch.empty(R * row_blocks * 2 * block_c, dtype=torch.float32, device=z.device)
     with torch.cuda.device(z.device) if z.is_cuda else contextlib.nullcontext():
-        _probe_loss_kernel[(z5.shape[0],)](z5, weight, bias, labels, dw, db, out, n, classes, d, h * w, w,
-                                           *z5.stride()[1:], z5.stride(0), run_stride(weight),
-                                           run_stride(bias), run_stride(dw), run_stride(db),
-                                           BLOCK_N=block_n, BLOCK_C=block_c, BLOCK_D=block_d)
+        _probe_loss_kernel[(row_blocks, chunks, R)](z5, w3, b2, labels, dw3, db2, out, partials, sums, counter,
+                                                    n, classes, d, h * w, w, d_chunk, *z5.stride()[1:],
+                                                    z5.stride(0), w3.stride(0), b2.stride(0), dw3.stride(0),
+                                                    db2.stride(0), BLOCK_N=block_n, BLOCK_C=block_c,
+                                                    BLOCK_D=block_d, num_warps=NUM_WARPS)
     return ProbeLoss(out[:, 0] if runs else out[0, 0], out[:, 1] if runs else out[0, 1], dw, db)

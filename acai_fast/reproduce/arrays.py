@@ -86,8 +86,9 @@ def check_array(array) -> None:
 
 
 class WeightedBar:
-    """A tqdm bar advanced by `weight` x each update (sweep.train_arrays counts images): models of
-    unequal step cost share one bar whose time-left estimate holds across them."""
+    """A progress report (acai_fast.progress) advanced by `weight` x each update (sweep.train_arrays
+    counts images): models of unequal step cost share one bar whose time-left estimate holds across
+    them."""
 
     def __init__(self, bar, weight: int):
         self.bar, self.weight = bar, weight

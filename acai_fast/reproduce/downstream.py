@@ -131,7 +131,7 @@ def reproduce_downstream(task: str, dataset: str, latent: int, data: str | os.Pa
                          out: str | os.PathLike, *, models="all", kimg: float = 16384, runs: int = 1,
                          eval_kimg: float = 64, restarts: int = 1000, backend: str = "auto",
                          device=None, seed: int = 0, config_overrides: dict | None = None,
-                         progress: bool = True, array: int | None = None) -> dict:
+                         progress: bool = True, array: int | None = None, data_name: str | None = None) -> dict:
     """Train `runs` runs of each model on `dataset` at `latent` dims for `kimg` thousand (x1024)
     images, score them for `task` ("probe" or "cluster") as the paper does and write the table, the
     figure and per-run folders into `out` (see the module docstring). Run r has seed `seed + r`.
@@ -140,13 +140,15 @@ def reproduce_downstream(task: str, dataset: str, latent: int, data: str | os.Pa
     single run with its seed.
 
     data: the dataset folder (acai_fast.data.load_dataset) or its load_data(); restarts: K-means initialisations
-    (cluster); config_overrides: ACAIConfig fields to change (tests use tiny networks).
+    (cluster); config_overrides: ACAIConfig fields to change (tests use tiny networks; your own
+    images' class count as nclass). data_name: `data` is your own images (acai_fast.data.images, as a
+    DownstreamData) of this name: `dataset` and `latent` only choose the architecture, and the table
+    names the data and quotes no paper numbers.
     Returns the dict written to TASK_P_results.json."""
-    from tqdm.auto import tqdm
-
     from ..checkpoint import check_output_folder
     from ..data.common import to_unit_range
     from ..eval.probe import probe_accuracy
+    from ..progress import progress as progress_report
     from ..sweep import RunData, checkpoint_room, images_left, train_arrays
     from ..trainer import ACAITrainer, resolve_backend
     from .arrays import check_array, model_job, outcome, plan, resolve_device, reruns
@@ -163,7 +165,8 @@ def reproduce_downstream(task: str, dataset: str, latent: int, data: str | os.Pa
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     first_scored = evaluation_points(total_img, eval_img)[0]
-    preview = (to_unit_range(x_test[:SHOW_PAIRS]), to_unit_range(x_test[SHOW_PAIRS:2 * SHOW_PAIRS]))
+    shown_pairs = min(SHOW_PAIRS, x_test.shape[0] // 2)  # a small test split of your own images: fewer rows
+    preview = (to_unit_range(x_test[:shown_pairs]), to_unit_range(x_test[shown_pairs:2 * shown_pairs]))
     test_x = to_unit_range(x_test.to(dev))
 
     def evaluate(t):
@@ -182,9 +185,8 @@ def reproduce_downstream(task: str, dataset: str, latent: int, data: str | os.Pa
         plans[name] = plan(jobs[name], reruns_of[name], array)
     check_output_folder(out, sum(checkpoint_room(config, m, sum(len(g) for _, g in plans[m])) for m in names))
 
-    bar = tqdm(total=sum(images_left(jobs[m], plans[m]) for m in names), disable=not progress,
-               dynamic_ncols=True, unit="img", unit_scale=True,
-               bar_format="{desc} {percentage:3.0f}%|{bar}| [{elapsed} elapsed, {remaining} left]")
+    bar = progress_report(sum(images_left(jobs[m], plans[m]) for m in names), enabled=progress, unit="img",
+                          unit_scale=True, counts=False)
     results: dict[str, list[DownstreamRun]] = {m: [] for m in names}
     shown: dict[str, torch.Tensor] = {}
     try:
@@ -220,7 +222,8 @@ def reproduce_downstream(task: str, dataset: str, latent: int, data: str | os.Pa
     finally:
         bar.close()
 
-    settings = dict(task=task, dataset=dataset, latent=latent, preset=preset, kimg=kimg, runs=runs,
+    settings = dict(task=task, dataset=data_name or dataset, own_data=data_name is not None, latent=latent,
+                    preset=preset, kimg=kimg, runs=runs,
                     eval_kimg=eval_kimg, window=WINDOW, restarts=restarts if task == "cluster" else None,
                     seed=seed, device=str(dev), config=config.to_dict(),
                     train_images=int(x_train.shape[0]), test_images=int(x_test.shape[0]))
@@ -248,7 +251,7 @@ def downstream_table(summary: dict, settings: dict, runs: list[dict] | None = No
     header = ["model", "dataset", "latent dims", f"{what} (%), ours", "paper (%)"]
     rows = []
     for model, s in summary.items():
-        paper = PAPER[task].get((model, dataset, latent))
+        paper = None if settings.get("own_data") else PAPER[task].get((model, dataset, latent))
         rows.append([model, dataset, latent, format_mean_std(s["mean"], s["std"], scale=100),
                      f"{paper:.2f}" if paper is not None else "n/a"])
     how = (f"median of the last {settings['window']} evaluations per run (every {settings['eval_kimg']:g} kimg)"

@@ -110,10 +110,9 @@ def reproduce_lines(out: str | os.PathLike, models="all", kimg: float = 16384, r
     config: the networks and step (default: the lines preset); pairs: test pairs per evaluation
     (the paper: 256; fewer only to make tests quick); window: evaluations per run median (20).
     Returns the dict written to lines_results.json."""
-    from tqdm.auto import tqdm
-
     from ..checkpoint import check_output_folder
     from ..eval.lines import evaluate_lines
+    from ..progress import progress as progress_report
     from ..sweep import RunData, checkpoint_room, images_left, train_arrays
     from ..trainer import resolve_backend
     from .arrays import WeightedBar, check_array, model_job, outcome, plan, resolve_device, reruns
@@ -149,8 +148,7 @@ def reproduce_lines(out: str | os.PathLike, models="all", kimg: float = 16384, r
     check_output_folder(out, sum(checkpoint_room(config, m, sum(len(g) for _, g in plans[m])) for m in names))
 
     work = sum(STEP_COST.get(m, DEFAULT_COST) * images_left(jobs[m], plans[m]) for m in names)
-    bar = tqdm(total=work, disable=not progress, dynamic_ncols=True,
-               bar_format="{desc} {percentage:3.0f}%|{bar}| [{elapsed} elapsed, {remaining} left]")
+    bar = progress_report(work, enabled=progress, counts=False)  # weighted work units: no counts shown
     results: dict[str, list[LinesRun]] = {m: [] for m in names}
     try:
         for name in names:
@@ -268,7 +266,9 @@ def _grid_layout(n: int) -> tuple[int, int]:
 
 def save_interpolation_figure(images: dict[str, torch.Tensor], path, pairs: int = SHOW_PAIRS) -> None:
     """One panel per model: its first `pairs` test interpolations (rows), 16 steps each, the same
-    test pairs for every model."""
+    test pairs for every model. No images (no model has a checkpoint): no figure."""
+    if not images:
+        return
     import matplotlib
     matplotlib.use("Agg", force=False)
     import matplotlib.pyplot as plt
@@ -290,7 +290,9 @@ def save_interpolation_figure(images: dict[str, torch.Tensor], path, pairs: int 
 def save_angle_figure(images: dict[str, torch.Tensor], path, pairs: int = ANGLE_PAIRS) -> None:
     """One panel per model: the angle of the nearest reference line of each decoded step (unwrapped,
     degrees) for `pairs` interpolations; dashed: the evenly spaced path between the two ends that a
-    perfectly smooth interpolation would follow."""
+    perfectly smooth interpolation would follow. No images: no figure."""
+    if not images:
+        return
     import matplotlib
     matplotlib.use("Agg", force=False)
     import matplotlib.pyplot as plt
