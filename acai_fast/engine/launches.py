@@ -462,8 +462,10 @@ def _launch_cost(launch: Launch, gpu, policy: str):
 def model_launches(trace: LaunchTrace, gpu="h100", *, configs: str = "chooser",
                    exclude: tuple = CPU_ONLY_OPS) -> list[dict]:
     """The modelled cost of every launch of a trace on `gpu` (acai_fast.ops.cost): one dict per
-    launch, in order: index, layer, pass, kernel, shape, config, config_source, ctas, waves, flops
-    (issued), useful_flops, hbm_bytes, l2_bytes, smem, time_us, bound, terms. Conv launches get the config
+    launch, in order: index, layer, pass, stream, kernel, shape, config, config_source, ctas, waves,
+    flops (issued), useful_flops, hbm_bytes, l2_bytes, smem, time_us, bound, terms. stream: "side"
+    for the conv weight gradients, which the fused engine runs on a second CUDA stream on a GPU
+    (engine.fused_step._SideStream; a CPU trace runs them in order), else "main". Conv launches get the config
     `target_config(..., policy=configs)` gives for that GPU. aten ops in `exclude` (the CPU-only
     input checks) are left out."""
     rows = []
@@ -471,7 +473,9 @@ def model_launches(trace: LaunchTrace, gpu="h100", *, configs: str = "chooser",
         if launch.source == "torch" and launch.kernel in exclude:
             continue
         c, shape, config, source = _launch_cost(launch, gpu, configs)
-        rows.append({"index": len(rows), "layer": launch.layer or "", "pass": _pass_name(launch),
+        pass_name = _pass_name(launch)
+        rows.append({"index": len(rows), "layer": launch.layer or "", "pass": pass_name,
+                     "stream": "side" if pass_name == "dW" else "main",
                      "kernel": launch.kernel, "shape": shape, "config": config, "config_source": source,
                      "ctas": c.ctas, "waves": round(c.waves, 3), "flops": c.flops, "useful_flops": c.useful_flops,
                      "hbm_bytes": c.hbm_bytes, "l2_bytes": c.l2_bytes, "smem": c.smem, "time_us": c.time_us,
