@@ -58,8 +58,8 @@ def _device_arg(parser: argparse.ArgumentParser, args) -> str | None:
 # ------------------------------------------------------------------------------------------------
 
 # CPU threads of a CPU run when neither --threads nor OMP_NUM_THREADS says otherwise. Measured on a
-# shared 2-core machine (README, "CPU threads"): with PyTorch's default of one thread per core the
-# quick start fell from ~260 to ~5 images/s when other jobs ran; one thread held up.
+# 2-core machine kept busy by other jobs (README, "CPU threads"): the quick start ran at 11-32
+# images/s on one thread and 3.6-5.8 on two (PyTorch's default there); quiet, two win 262 to 174.
 CPU_THREADS = 1
 
 EXAMPLES = {  # each sub-command's --help ends with these
