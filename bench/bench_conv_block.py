@@ -12,6 +12,9 @@ Weights are bf16 for every backend (the fused block's arrangement is cached, as 
 optimizer steps). FLOPs: forward 2*N*H*W*Cout*Cin*k*k at the conv's resolution (after any upsample),
 backward twice that (dx and dW), both three times; TFLOP/s = FLOPs / median time.
 
+A last column gives the cost model's time of the fused launches with the configs the package
+chooses on this GPU (acai_fast.ops.cost: a MODEL, printed beside the measurement to check it).
+
 Target (issue 3, H100, one run): fused forward+backward faster than `graph` on every layer shape, and
 >= 1.5x faster summed over the cifar1024 layers at batch 64. The summary checks both, for `fused`
 and for `fused_graph`.
@@ -36,6 +39,7 @@ from acai_fast import ACAIConfig  # noqa: E402
 from acai_fast.networks import build_networks  # noqa: E402
 
 BACKENDS = ("eager", "graph", "fused", "fused_graph")
+GPU_KEY = None  # the cost.GPUS key of this GPU (set in main), for the modelled column
 DIRECTIONS = ("fwd", "bwd", "fwd_bwd")
 
 
@@ -84,6 +88,7 @@ class Result:
     ms_p20: float | None = None
     ms_p80: float | None = None
     tflops: float | None = None
+    model_ms: float | None = None  # fused backends: acai_fast.ops.cost's time of the launches (a model)
     skipped: str | None = None
 
 
@@ -110,6 +115,26 @@ def flops(layer: Layer, batch: int, direction: str) -> int:
     """Analytic FLOPs of the conv (the bias, activation, pool and upsample are not counted)."""
     fwd = 2 * batch * layer.conv_size ** 2 * layer.cout * layer.cin * layer.k ** 2
     return {"fwd": fwd, "bwd": 2 * fwd, "fwd_bwd": 3 * fwd}[direction]
+
+
+def modelled_ms(layer: Layer, batch: int, direction: str, gpu: str, weight_dtype=torch.bfloat16) -> float | None:
+    """The cost model's time (ms, a MODEL) of the fused launches of one direction (fwd: the forward;
+    bwd: dx + dW; fwd_bwd: all three) in bf16 with the configs conv_configs chooses for `gpu`
+    (a cost.GPUS key); None without the model."""
+    try:
+        from acai_fast.ops import conv_configs, cost
+    except ImportError:
+        return None
+    h = layer.conv_size
+    kinds = {"fwd": ("fwd",), "bwd": ("dx", "dw"), "fwd_bwd": ("fwd", "dx", "dw")}[direction]
+    total = 0.0
+    for kind in kinds:
+        shape = conv_configs.launch_shape(kind, N=batch, H=h, W=h, CIN=layer.cin, COUT=layer.cout, KS=layer.k,
+                                          UPSAMPLE=layer.upsample_input, ACT=layer.leaky_slope is not None,
+                                          POOL=layer.pool_output, dtype=torch.bfloat16, weight_dtype=weight_dtype)
+        config, _ = conv_configs.choose_config(kind, shape, gpu=gpu)
+        total += cost.conv_cost(kind, shape, config, gpu).time_us
+    return total / 1000
 
 
 def eager_block(x, w, b, layer: Layer):
@@ -185,7 +210,8 @@ def run_layer(layer: Layer, batch: int, backends, *, warmup: int, reps: int, inn
             except Exception as e:
                 results.append(Result(**base, skipped=f"{type(e).__name__}: {e}"))
                 continue
-            results.append(Result(**base, ms_median=med, ms_p20=p20, ms_p80=p80, tflops=gflop / med))
+            model = modelled_ms(layer, batch, direction, GPU_KEY) if backend.startswith("fused") and GPU_KEY else None
+            results.append(Result(**base, ms_median=med, ms_p20=p20, ms_p80=p80, tflops=gflop / med, model_ms=model))
         del fns
         torch.cuda.synchronize()
         torch.cuda.empty_cache()
@@ -230,6 +256,8 @@ def print_table(results: list[Result]) -> None:
             r = by.get(b)
             cells.append(f" {'skipped':>22}" if r is None or r.ms_median is None
                          else f" {r.ms_median:>11.4f} ({r.tflops:>6.1f})  ")
+        model = next((r.model_ms for r in by.values() if r.model_ms is not None), None)
+        cells.append(f"   model {model:.4f} ms" if model is not None else "")
         print(f"{preset:<10} {batch:>5} {layer:<28} {direction:<7} {gflop:>8.3f}" + "".join(cells))
 
 
@@ -256,6 +284,9 @@ def main(argv=None) -> int:
         ACAIConfig.preset(p)  # validates the name
     require_cuda("bench_conv_block")
     torch.backends.cudnn.benchmark = True
+    global GPU_KEY
+    from acai_fast.ops.conv_configs import gpu_of
+    GPU_KEY = gpu_of(torch.device("cuda"))  # None on a GPU the cost model does not know
 
     env = environment()
     print(f"# {env['gpu']} | torch {env['torch']} | triton {env['triton']} | CUDA {env['cuda']}")

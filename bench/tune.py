@@ -2,11 +2,14 @@
 (acai_fast/ops/tuned/sm<major><minor>.json), so that users' first steps compile each kernel once and
 benchmark nothing.
 
-For each preset and batch: a fused trainer takes two steps with ACAI_FAST_AUTOTUNE=1 (Triton's
-autotuner times every config of FWD/DX/DW_CONFIGS on every layer shape); the configs it picked are
-recorded under conv_block.shape_key and merged into the table (existing entries for other shapes
-are kept). Then, for every recorded launch, the tuned config and the shape heuristic are timed
-against each other (CUDA events, median of 20), so the table's gain over the heuristic is printed.
+For each preset and batch: a fused trainer takes two steps with ACAI_FAST_AUTOTUNE=1: every conv
+launch times the candidates `conv_configs.candidates` lists for its shape (tile configs, their
+split-K variants, dW taps per program and split counts with their reduction groups), each as the
+whole planned launch (workspace and counters included) with triton.testing.do_bench, and keeps the
+fastest (`conv_configs.AUTOTUNED`). Then, for every recorded launch, the tuned config, the cost
+model's pick (`conv_configs.model_config`) and the fallback heuristic are timed against each other,
+each printed beside its modelled time (acai_fast.ops.cost, labelled "model"), and the tuned
+configs are merged into the table (existing entries for other shapes are kept).
 
     python bench/tune.py [--presets lines,mnist256,svhn256,cifar1024] [--batches 64,1024] [--dry-run]
 """
@@ -19,28 +22,25 @@ import os
 import sys
 import time
 
-os.environ["ACAI_FAST_AUTOTUNE"] = "1"  # read by acai_fast.ops.conv_block at import
+os.environ["ACAI_FAST_AUTOTUNE"] = "1"  # read by acai_fast.ops.conv_configs at import
 
 import torch  # noqa: E402
 
 import acai_fast.ops.conv_block as cbm  # noqa: E402
+import acai_fast.ops.conv_configs as ccfg  # noqa: E402
 from acai_fast import ACAIConfig, ACAITrainer  # noqa: E402
 
 
 def record_launches(presets, batches):
-    """{shape key: (kernel name, config, a replay closure)} for every conv launch of the steps."""
+    """{shape key: (kernel name, tuned config, launch shape, run)} for every conv launch of the
+    steps; run(config) replays the launch (same tensors) with another config."""
     seen = {}
     original = cbm._launch
 
-    def recording(name, config, grid, *args, **constexprs):
-        used, source = original(name, config, grid, *args, **constexprs)
+    def recording(name, shape, config, device, run):
+        used, source = original(name, shape, config, device, run)
         if source == "autotune":
-            named = dict(zip(cbm._KERNELS[name].arg_names, args))
-            key = cbm.shape_key(name, named)
-
-            def replay(cfg, name=name, grid=grid, args=args, constexprs=constexprs):
-                return original(name, cfg, grid, *args, **constexprs)
-            seen[key] = (name, used, named, replay)
+            seen[ccfg.shape_key(name, shape)] = (name, used, shape, run)
         return used, source
 
     cbm._launch = recording
@@ -62,18 +62,20 @@ def record_launches(presets, batches):
     return seen
 
 
-def time_config(replay, cfg, reps=20):
-    times = []
-    for _ in range(3):
-        replay(cfg)
-    for _ in range(reps):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        replay(cfg)
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) * 1000)
-    return sorted(times)[len(times) // 2]
+def time_us(run, cfg) -> float:
+    """Median microseconds of one planned launch (triton.testing.do_bench clears the L2 between
+    repeats and keeps the GPU busy while Python launches, so small launches are timed fairly)."""
+    import triton
+
+    return 1000 * triton.testing.do_bench(lambda: run(cfg), warmup=10, rep=50)
+
+
+def modelled_us(name, shape, cfg, gpu) -> float | None:
+    try:
+        from acai_fast.ops import cost
+        return cost.conv_cost(name, shape, cfg, gpu).time_us
+    except Exception:  # noqa: BLE001 - no model for this GPU
+        return None
 
 
 def main(argv=None) -> int:
@@ -88,19 +90,25 @@ def main(argv=None) -> int:
     presets = args.presets.split(",")
     batches = [int(b) for b in args.batches.split(",")]
     seen = record_launches(presets, batches)
+    gpu = ccfg.gpu_of(torch.device("cuda"))
 
-    configs, gain_tuned, gain_heur = {}, 0.0, 0.0
-    print(f"{'shape':<90} {'tuned us':>9} {'heuristic us':>12}")
-    for key, (name, cfg, named, replay) in sorted(seen.items()):
-        t_tuned = time_config(replay, cfg)
-        t_heur = time_config(replay, cbm.heuristic_config(name, named))
-        gain_tuned, gain_heur = gain_tuned + t_tuned, gain_heur + t_heur
-        print(f"{key:<90} {t_tuned:9.1f} {t_heur:12.1f}")
-        configs[key] = dict(cfg.kwargs, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
-    print(f"sum over {len(seen)} shapes: tuned {gain_tuned:.0f} us, heuristic {gain_heur:.0f} us")
+    configs, totals = {}, dict(tuned=0.0, model=0.0, heuristic=0.0)
+    print(f"{'shape':<96} {'tuned us':>9} {'model-pick us':>13} {'heuristic us':>12}   modelled us (tuned)")
+    for key, (name, cfg, shape, run) in sorted(seen.items()):
+        model_cfg = ccfg.model_config(name, shape, gpu) if gpu else None
+        row = dict(tuned=time_us(run, cfg), heuristic=time_us(run, ccfg.heuristic_config(name, shape)))
+        row["model"] = time_us(run, model_cfg) if model_cfg is not None else float("nan")
+        for k in totals:
+            totals[k] += row[k] if row[k] == row[k] else row["heuristic"]
+        m = modelled_us(name, shape, cfg, gpu)
+        print(f"{key:<96} {row['tuned']:9.1f} {row['model']:13.1f} {row['heuristic']:12.1f}   "
+              f"{'' if m is None else f'{m:.1f} (model)'}  {cfg.kwargs} w{cfg.num_warps} s{cfg.num_stages}")
+        configs[key] = ccfg.to_entry(cfg)
+    print(f"sum over {len(seen)} shapes: tuned {totals['tuned']:.0f} us, model's pick {totals['model']:.0f} us, "
+          f"heuristic {totals['heuristic']:.0f} us")
 
     major, minor = torch.cuda.get_device_capability()
-    path = cbm.TUNED_DIR / f"sm{major}{minor}.json"
+    path = ccfg.TUNED_DIR / f"sm{major}{minor}.json"
     table = json.loads(path.read_text()) if path.is_file() else {"configs": {}}
     table["configs"].update(configs)
     table.update(gpu=torch.cuda.get_device_name(), triton=__import__("triton").__version__,

@@ -4,7 +4,10 @@ CPU (TRITON_INTERPRET=1, fp32): output and the gradients of x, weight and bias f
 combination, kernel sizes 1 and 3, tiny / odd / realistic shapes; every autotune config on odd
 shapes with poisoned outputs; weights in any layout and dtype; the launcher options the fused engine
 uses (outputs written into blocks of bigger buffers, gradients of more images than the forward saved,
-the in-kernel split reduction into strided fp32 gradients); dispatch and bad input; the kernels compile for sm_90 (no GPU needed); the benchmark's shape and FLOP bookkeeping.
+the in-kernel split reduction into strided fp32 gradients); the split paths (fwd/dx split-K, dW with
+all taps per program and a two-level reduction: reference, bitwise repeatability, counters, runs);
+a bf16 weight copy; dispatch and bad input; config choice (table, cost model, heuristic, candidates);
+the kernels compile for sm_90 and sm_80 (no GPU needed); the benchmark's bookkeeping.
 GPU (marked `gpu`): bf16 under the flash-attention rule on every layer shape of every preset at
 batch 64 and 1024, every config with poisoned outputs in bf16 and fp32, fp32 master weights, CUDA
 graph capture.
@@ -24,11 +27,13 @@ import torch
 triton = pytest.importorskip("triton")
 
 import acai_fast.ops.conv_block as cbm  # noqa: E402
+import acai_fast.ops.conv_configs as ccfg  # noqa: E402
 from acai_fast import ACAIConfig
 from acai_fast.config import PRESETS
 from acai_fast.networks import Decoder, Encoder, build_networks
 from acai_fast.ops.conv_block import (DW_CONFIGS, DX_CONFIGS, FWD_CONFIGS, conv_block, conv_block_ref,
                                       conv_bwd, conv_fwd, kernel_weight, resolve_backend)
+from acai_fast.ops.conv_configs import dwc, mnk
 from helpers import assert_close, assert_close_lowp, compile_sm90_in_subprocess
 
 HAS_GPU = torch.cuda.is_available()
@@ -140,8 +145,7 @@ def test_memory_formats_and_layouts(seed):
 def test_several_dw_splits(seed):
     """Enough pixels for the dW reduction to be split (partials summed in a fixed order)."""
     n, size = 2, 32
-    splits, per_split = cbm._dw_splits(n * size * size, 3, 2, 3)
-    assert splits > 1
+    assert ccfg.dw_heuristic_splits(n * size * size, 3, 2, 3) > 1  # the interpreter's config splits
     x, w, b = make_inputs(n, 2, 3, size, 3)
     _, (dx, dw, db) = check_block(x, w, b, dict(upsample_input=False, leaky_slope=0.2, pool_output=True))
     # Deterministic: no atomics, so a second backward is bitwise identical.
@@ -153,11 +157,16 @@ def test_several_dw_splits(seed):
 
 
 @pytest.mark.parametrize("p", (1, 255, 256, 1000, 2048, 65536, 1 << 20))
-@pytest.mark.parametrize("cin,cout", ((1, 16), (64, 64), (256, 512)))
-def test_dw_split_plan(p, cin, cout):
-    splits, per_split = cbm._dw_splits(p, 3, cin, cout)
-    assert per_split % cbm._MAX_BLOCK_P == 0 and all(per_split % c.kwargs["BLOCK_P"] == 0 for c in DW_CONFIGS)
-    assert splits * per_split >= p > (splits - 1) * per_split  # every split has pixels, all covered
+@pytest.mark.parametrize("asked", (1, 3, 7, 132, 5000))
+@pytest.mark.parametrize("block_p", (16, 128))
+def test_dw_split_plan(p, asked, block_p):
+    """The chunks are dealt to the splits in contiguous ranges of whole chunks, none empty, all
+    covered, never more splits than asked or than chunks (so any count, e.g. whole waves, runs)."""
+    splits, chunks = ccfg.dw_split_plan(p, asked, block_p)
+    assert chunks == -(-p // block_p) and splits == min(asked, chunks)
+    bounds = [s * chunks // splits for s in range(splits + 1)]  # as the kernel computes them
+    assert bounds[0] == 0 and bounds[-1] == chunks and all(b < c for b, c in zip(bounds, bounds[1:]))
+    assert max(c - b for b, c in zip(bounds, bounds[1:])) == -(-chunks // splits)
 
 
 def test_only_some_gradients(seed):
@@ -226,71 +235,119 @@ def test_every_config_interpreter():
     """Every config of the three lists (and smaller ones) under the interpreter, outputs poisoned."""
     shapes = [(2, 17, 20, 6, 3, dict(upsample_input=False, leaky_slope=0.2, pool_output=True)),
               (2, 5, 3, 3, 3, dict(upsample_input=True, leaky_slope=0.2, pool_output=False))]
-    run_configs(FWD_CONFIGS + SMALL_MNK, DX_CONFIGS + SMALL_MNK, DW_CONFIGS + SMALL_DW,
+    one_tap = [c for c in DW_CONFIGS if c.kwargs["TAPS"] == 1]  # all-taps: one here, more in the split tests
+    run_configs(FWD_CONFIGS + SMALL_MNK, DX_CONFIGS + SMALL_MNK, one_tap + DW_CONFIGS[-1:] + SMALL_DW,
                 dtype=torch.float32, device=DEVICE, shapes=shapes, check=fp32_check)
 
 
+def _legal(name, c):
+    """tl.dot needs every tile dimension >= 16 on a GPU (the interpreter does not check) and Triton
+    powers of two; the pool / upsample epilogues need BLOCK_M % 4 == 0; TAPS is 1 or all 9."""
+    k = ccfg.normalized(name, c).kwargs
+    tiles = [k[n] for n in (("BLOCK_CI", "BLOCK_CO", "BLOCK_P") if name == "dw" else ("BLOCK_M", "BLOCK_N", "BLOCK_K"))]
+    ok = min(tiles) >= 16 and all(v & (v - 1) == 0 for v in tiles)
+    if name == "dw":
+        return ok and k["TAPS"] in (1, 9) and k["SPLITS"] >= 1 and k["REDUCE_GROUP"] >= 0
+    return ok and k["BLOCK_M"] % 4 == 0 and k["SPLIT_K"] >= 1
+
+
 def test_config_lists_fit_the_gpu_rules():
-    """tl.dot needs every tile dimension >= 16 on a GPU (the interpreter does not check); the pool /
-    upsample epilogues need BLOCK_M % 4 == 0; the dW splits need BLOCK_P | _MAX_BLOCK_P."""
-    for c in FWD_CONFIGS + DX_CONFIGS + [cbm.INTERPRET_FWD_CONFIG, cbm.INTERPRET_DX_CONFIG]:
-        m, n, k = (c.kwargs[name] for name in ("BLOCK_M", "BLOCK_N", "BLOCK_K"))
-        assert min(m, n, k) >= 16 and m % 4 == 0 and all(v & (v - 1) == 0 for v in (m, n, k)), c
-    for c in DW_CONFIGS + [cbm.INTERPRET_DW_CONFIG]:
-        ci, co, p = (c.kwargs[name] for name in ("BLOCK_CI", "BLOCK_CO", "BLOCK_P"))
-        assert min(ci, co, p) >= 16 and cbm._MAX_BLOCK_P % p == 0 and all(v & (v - 1) == 0 for v in (ci, co, p)), c
+    for c in FWD_CONFIGS + DX_CONFIGS + [ccfg.INTERPRET_FWD_CONFIG, ccfg.INTERPRET_DX_CONFIG]:
+        assert _legal("fwd", c), c
+    for c in DW_CONFIGS + [ccfg.INTERPRET_DW_CONFIG]:
+        assert _legal("dw", c), c
+        k = c.kwargs  # 9 accumulators of CI x CO fp32 over 32 * warps threads: <= 72 registers
+        assert k["TAPS"] == 1 or 9 * k["BLOCK_CI"] * k["BLOCK_CO"] <= 72 * 32 * c.num_warps, c
 
 
-@pytest.mark.parametrize("cin,cout", ((1, 16), (3, 64), (16, 1), (64, 64), (256, 512)))
-def test_autotune_pruning(cin, cout):
-    """Pruning drops only tiles far wider than the channels, and never empties the list."""
-    fwd = cbm._prune_mnk("COUT", "CIN")(FWD_CONFIGS, dict(CIN=cin, COUT=cout))
-    dw = cbm._prune_dw(DW_CONFIGS, dict(CIN=cin, COUT=cout))
-    assert fwd and dw
-    assert all(c.kwargs["BLOCK_N"] <= max(32, 2 * cout) for c in fwd) or len(fwd) == 1
-    if min(cin, cout) >= 128:  # wide layers keep every config (up to 256-wide N tiles)
-        assert len(fwd) == len(FWD_CONFIGS) and len(dw) == len(DW_CONFIGS)
+def shape(name, n, cin, cout, size, ks=3, runs=1, **flags):
+    flags = dict(dict(UPSAMPLE=False, ACT=True, POOL=False), **flags)
+    return ccfg.launch_shape(name, N=n, H=size, W=size, CIN=cin, COUT=cout, KS=ks, dtype=torch.bfloat16,
+                             RUNS=runs, **flags)
 
 
-def compile_sm90(dtypes=("bf16", "fp32")):
-    """Compile each kernel (first config, every flag on) for sm_90 without a GPU: catches what only
-    the GPU compiler rejects (dot tile sizes, layouts of the pool reshape). Run with the
-    interpreter off (see test_kernels_compile_for_sm90)."""
+@pytest.mark.parametrize("cin,cout,size,batch", ((1, 16, 32, 64), (3, 64, 32, 64), (16, 1, 32, 64),
+                                                 (64, 64, 32, 1024), (256, 512, 4, 128), (256, 256, 8, 128),
+                                                 (128, 256, 2, 64)))
+def test_candidates(cin, cout, size, batch):
+    """Candidates are legal, no tile is more than twice the channels it covers (the list never
+    empties), split-K variants appear exactly for >= 64-row tiles of launches with few tiles, and
+    every dW candidate's counters fit `dw_counter_size` (what the engine preallocates)."""
+    for name in ("fwd", "dx", "dw"):
+        args = shape(name, batch, cin, cout, size)
+        cands = ccfg.candidates(name, args, "h100")
+        assert cands and all(_legal(name, c) for c in cands)
+        assert len({(tuple(sorted(c.kwargs.items())), c.num_warps, c.num_stages) for c in cands}) == len(cands)
+        if name == "dw":
+            assert all(ccfg.dw_counters_needed(args, c) <= ccfg.dw_counter_size(3, cin, cout) for c in cands)
+            assert all(c.kwargs["BLOCK_CI"] <= max(32, 2 * cin) and c.kwargs["BLOCK_CO"] <= max(32, 2 * cout)
+                       for c in cands)
+            continue
+        split = [c for c in cands if c.kwargs["SPLIT_K"] > 1]
+        assert all(c.kwargs["BLOCK_M"] >= 64 and ccfg.output_tiles(name, args, c) <= ccfg.SPLIT_K_MAX_TILES
+                   for c in split)
+        if min(cin, cout) >= 128 and size <= 8:  # the small-spatial wide layers get split-K
+            assert split
+        if batch == 1024:  # 65536 rows: thousands of tiles, no split
+            assert not split
+
+
+def test_candidates_fill_whole_waves():
+    """dW: for the lines critic's first 3x3 layer (16->16 at 32x32, batch 128: 2048 chunks of 64
+    pixels) the all-taps 16x16 tile gets split counts that make whole waves of 132 SMs (at least 2
+    chunks per split, at most MAX_DW_SPLITS)."""
+    args = shape("dw", 128, 16, 16, 32)
+    counts = {c.kwargs["SPLITS"] * ccfg.dw_tiles(args, c) for c in ccfg.candidates("dw", args, "h100")
+              if c.kwargs["TAPS"] == 9 and c.kwargs["BLOCK_CI"] == c.kwargs["BLOCK_CO"] == 16}
+    assert {132, 264, 396, 528} <= counts and max(counts) <= ccfg.MAX_DW_SPLITS
+
+
+def compile_sm90():
+    """Compile each kernel for sm_90 and sm_80 without a GPU, the split-K and all-taps / two-level
+    paths included: catches what only the GPU compiler rejects (dot tile sizes, layouts of the pool
+    reshape, the atomics of the split reductions) and checks tensor-core MMA in bf16 (wgmma on
+    sm_90) and shared memory within each GPU's per-block limit. Run with the interpreter off (see
+    test_kernels_compile_for_sm90); acai_fast.ops.aot compiles every config the chooser can pick."""
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    ints = lambda names: {n: "i32" for n in names.split()}  # noqa: E731
-    for dt in dtypes:
-        p = "*" + dt
-        prec = "ieee" if dt == "fp32" else "tf32"
-        flags = dict(KS=3, UPSAMPLE=True, ACT=True, POOL=True, DOT_PRECISION=prec)
-        kernels = [
-            (cbm._conv_fwd_kernel, FWD_CONFIGS[0],
-             dict(X_ptr="*fp32", W_ptr="*fp32", B_ptr="*fp32", Y_ptr=p, S_ptr="*i8",
-                  **ints("N H W CIN COUT HO WO stride_xn stride_xh stride_xw stride_wo stride_wi stride_wkh "
-                         "stride_wkw stride_yn stride_yh stride_yw stride_xr stride_wr stride_br stride_yr "
-                         "stride_sr"), leaky_slope="fp32"),
-             dict(flags, HAS_BIAS=True, SAVE_SIGN=True)),
-            (cbm._conv_bwd_dx_kernel, DX_CONFIGS[0],
-             dict(G_ptr=p, S_ptr="*i8", W_ptr="*fp32", DX_ptr=p,
-                  **ints("N H W CIN COUT HO WO NS stride_wo stride_wi stride_wkh stride_wkw stride_dxn "
-                         "stride_dxh stride_dxw stride_gr stride_sr stride_wr stride_dxr"), leaky_slope="fp32"),
-             dict(flags, SIGN_FROM_OUT=False)),
-            (cbm._conv_bwd_dw_kernel, DW_CONFIGS[0],
-             dict(X_ptr="*fp32", G_ptr=p, S_ptr="*i8", DW_ptr="*fp32", DB_ptr="*fp32", WS_ptr="*fp32",
-                  WSB_ptr="*fp32", Counter_ptr="*i32",
-                  **ints("N H W CIN COUT HO WO stride_xn stride_xh stride_xw stride_dwo stride_dwi "
-                         "stride_dwkh stride_dwkw stride_xr stride_gr stride_sr stride_dwr stride_dbr "
-                         "PIX_PER_SPLIT"), leaky_slope="fp32"),
-             dict(flags, SIGN_FROM_OUT=False, NEED_DB=True, SPLIT=True)),
-        ]
-        for fn, cfg, signature, constexprs in kernels:
-            constexprs = dict(constexprs, **cfg.kwargs)
-            signature = dict(signature, **{name: "constexpr" for name in constexprs})
-            compiled = triton.compile(ASTSource(fn=fn, signature=signature, constexprs=constexprs),
-                                      target=GPUTarget("cuda", 90, 32),
-                                      options=dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages))
-            assert "wgmma" in compiled.asm["ptx"] or dt == "fp32", f"{fn.__name__} {dt}: no tensor-core MMA"
+    limit = {90: 232448, 80: 166912}  # bytes of shared memory per block (H100/H200, A100)
+    flags = dict(KS=3, UPSAMPLE=True, ACT=True, POOL=True)
+    fwd, dx, dw = cbm._conv_fwd_kernel, cbm._conv_bwd_dx_kernel, cbm._conv_bwd_dw_kernel
+    fwd_flags = dict(HAS_BIAS=True, SAVE_SIGN=True)
+    dw_flags = dict(SIGN_FROM_OUT=False, NEED_DB=True, SPLIT=True)
+    cases = [  # (kernel, dtype, arch, config, extra constexprs): every path once per GPU, fp32 too
+        (fwd, "bf16", 90, mnk(64, 64, 64, 4, 3, 4), fwd_flags),
+        (dx, "bf16", 90, mnk(64, 64, 64, 4, 3, 1), dict(SIGN_FROM_OUT=False)),
+        (dx, "bf16", 90, mnk(64, 128, 32, 8, 3, 3), dict(SIGN_FROM_OUT=False)),
+        (dw, "bf16", 90, dwc(64, 64, 64, 4, 3), dw_flags),
+        (dw, "bf16", 90, dwc(32, 64, 32, 8, 1, 9), dw_flags),
+        (fwd, "fp32", 90, mnk(64, 64, 32, 4, 2, 1), fwd_flags),
+        (dw, "fp32", 90, dwc(16, 16, 64, 4, 1, 9), dict(dw_flags, SPLIT=False)),
+        (fwd, "bf16", 80, mnk(64, 64, 64, 4, 3, 2), fwd_flags),
+        (dw, "bf16", 80, dwc(16, 32, 64, 4, 1, 9), dw_flags),
+    ]
+    for fn, dt, arch, cfg, extra in cases:
+        meta = {k: v for k, v in cfg.kwargs.items() if k in fn.arg_names}  # SPLITS is a grid size
+        constexprs = dict(flags, DOT_PRECISION="ieee" if dt == "fp32" else "tf32", **extra, **meta)
+        signature = {}
+        for name in fn.arg_names:  # pointers in the compute dtype, except the int8 sign map and counters
+            if name in constexprs:
+                signature[name] = "constexpr"
+            elif name.endswith("_ptr"):
+                signature[name] = {"S_ptr": "*i8", "Counter_ptr": "*i32", "WS_ptr": "*fp32",
+                                   "WSB_ptr": "*fp32"}.get(name, "*" + dt)
+            else:
+                signature[name] = "fp32" if name == "leaky_slope" else "i32"
+        compiled = triton.compile(ASTSource(fn=fn, signature=signature, constexprs=constexprs),
+                                  target=GPUTarget("cuda", arch, 32),
+                                  options=dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages))
+        what = f"{fn.__name__} {dt} sm_{arch} {cfg.kwargs}"
+        ptx = compiled.asm["ptx"]
+        rows = cfg.kwargs.get("BLOCK_M", cfg.kwargs.get("BLOCK_CI"))  # the dot's M: wgmma needs >= 64
+        mma = "wgmma" in ptx if arch == 90 and rows >= 64 else ("mma.sync" in ptx or "wgmma" in ptx)
+        assert dt == "fp32" or mma, f"{what}: no tensor-core MMA"
+        assert compiled.metadata.shared <= limit[arch], f"{what}: {compiled.metadata.shared} B of shared memory"
 
 
 @pytest.mark.skipif(HAS_GPU, reason="the GPU tests compile and run every config")
@@ -414,8 +471,7 @@ def test_split_reduction_into_strided_fp32_grads(seed):
     writes dw/db (fp32, any layout: here the channels_last .grad of a bf16-free fp32 weight) in the
     same launch; counters are left at zero, and a second call is bitwise identical."""
     n, size = 2, 32
-    splits, _ = cbm._dw_splits(n * size * size, 3, 3, 5)
-    assert splits > 1
+    assert ccfg.dw_heuristic_splits(n * size * size, 3, 3, 5) > 1
     flags = dict(upsample_input=False, leaky_slope=0.2, pool_output=True)
     x, w, b = (t.detach() for t in make_inputs(n, 3, 5, size, 3))
     w = w.contiguous(memory_format=torch.channels_last)
@@ -435,6 +491,140 @@ def test_split_reduction_into_strided_fp32_grads(seed):
     assert_fp32_close(results[0][0], dw_ref, "dw")
     assert_fp32_close(results[0][1], db_ref, "db")
     assert torch.equal(results[0][0], results[1][0]) and torch.equal(results[0][1], results[1][1])
+
+
+# ------------------------------------------------------------------------------------------------
+# Split reductions: fwd/dx split-K, dW with all taps per program and a two-level reduction
+# ------------------------------------------------------------------------------------------------
+
+# (N, Cin, Cout, size, flags): the fwd/dx of a small-spatial wide-ish layer and of odd channel counts.
+# With BLOCK_K = 16, 17 -> 20 channels give 9 * 2 = 18 (tap, chunk) steps in the forward and dx: 4
+# splits of 5, 5, 5, 3 steps (S does not divide them), 7 splits of 3 (the last empty, so 6 run).
+SPLIT_SHAPES = [(2, 17, 20, 6, dict(upsample_input=False, leaky_slope=0.2, pool_output=True)),
+                (3, 20, 17, 2, dict(upsample_input=True, leaky_slope=0.2, pool_output=False)),
+                (2, 32, 48, 4, dict(upsample_input=False, leaky_slope=None, pool_output=False))]
+SPLIT_K_CONFIGS = [mnk(64, 16, 16, 4, 1, 4), mnk(64, 32, 16, 4, 1, 7), mnk(16, 16, 16, 4, 1, 2)]
+
+
+def _split_case(n, cin, cout, size, flags):
+    torch.manual_seed(0)
+    x, w, b = (t.detach() for t in make_inputs(n, cin, cout, size, 3))
+    y, sign = conv_fwd(x, w, b, **flags)
+    g = torch.randn_like(y)
+    y_ref, (dx_ref, dw_ref, db_ref) = reference(x, w, b, g, flags)
+    return x, w, b, y, sign, g, (y_ref, dx_ref, dw_ref, db_ref)
+
+
+@pytest.mark.parametrize("case", range(len(SPLIT_SHAPES)))
+def test_split_k_matches_reference(case):
+    """fwd and dx with SPLIT_K > 1 (S dividing the steps or not, more splits than steps, 16- and
+    64-row tiles): equal to the fp64 reference (fp32 sums in another order: the same 1e-4 tolerance
+    as every fp32 test), bitwise equal on a second run, counters left at zero, outputs poisoned."""
+    n, cin, cout, size, flags = SPLIT_SHAPES[case]
+    x, w, b, y0, sign, g, (y_ref, dx_ref, _, _) = _split_case(n, cin, cout, size, flags)
+    counter = torch.zeros(ccfg.split_k_counter_size(), dtype=torch.int32, device=DEVICE)
+    for cfg in SPLIT_K_CONFIGS:
+        ys = [conv_fwd(x, w, b, **flags, config=cfg, counter=counter, poison=True)[0] for _ in range(2)]
+        assert not counter.any(), f"fwd {cfg} left a counter set"
+        assert_fp32_close(ys[0], y_ref, f"y {cfg}")
+        assert torch.equal(ys[0], ys[1]), f"fwd {cfg} not repeatable"
+        dxs = [conv_bwd(g, x, w, y0, sign, bias_dtype=b.dtype, **flags, need_dw=False, need_db=False,
+                        dx_config=cfg, dx_counter=counter, poison=True)[0] for _ in range(2)]
+        assert not counter.any(), f"dx {cfg} left a counter set"
+        assert_fp32_close(dxs[0], dx_ref, f"dx {cfg}")
+        assert torch.equal(dxs[0], dxs[1]), f"dx {cfg} not repeatable"
+
+
+# (TAPS, SPLITS, REDUCE_GROUP) on 5 chunks of 16 pixels: all 9 taps without a split; one group of 5;
+# groups of 2 (2 + 2 + 1: not dividing), one tap per program; groups of 3 (3 + 2), all taps.
+# (One tap per program without a split: test_every_config_interpreter.)
+DW_SPLIT_CONFIGS = [dwc(16, 16, 16, 4, 1, taps, splits, group)
+                    for taps, splits, group in ((9, 1, 1), (9, 5, 5), (1, 5, 2), (9, 5, 3))]
+# 72-75 pixels (5 chunks of 16): every split count above runs as asked
+DW_SHAPES = [(2, 17, 20, 6, SPLIT_SHAPES[0][4]), (2, 20, 17, 3, SPLIT_SHAPES[1][4]),
+             (3, 32, 48, 5, SPLIT_SHAPES[2][4])]
+
+
+@pytest.mark.parametrize("case", range(len(DW_SHAPES)))
+def test_dw_taps_and_two_level_reduction(case):
+    """dW/db with all 9 taps per program (odd Cin/Cout: 17/20/48 channels over 16-wide tiles) and the
+    two-level split reduction (groups not dividing the splits): equal to the fp64 reference,
+    bitwise repeatable, counters at zero, outputs poisoned; the db of the all-taps programs too."""
+    n, cin, cout, size, flags = DW_SHAPES[case]
+    x, w, b, y0, sign, g, (_, _, dw_ref, db_ref) = _split_case(n, cin, cout, size, flags)
+    counter = torch.zeros(ccfg.dw_counter_size(3, cin, cout), dtype=torch.int32, device=DEVICE)
+    P = n * size * size * (4 if flags["upsample_input"] else 1)
+    for cfg in DW_SPLIT_CONFIGS:
+        k = cfg.kwargs
+        assert ccfg.dw_split_plan(P, k["SPLITS"], k["BLOCK_P"])[0] == k["SPLITS"]  # the splits asked run
+        repeats = 2 if k["SPLITS"] > 1 else 1  # the split paths: bitwise repeatable
+        runs = [conv_bwd(g, x, w, y0, sign, bias_dtype=b.dtype, **flags, need_dx=False, dw_config=cfg,
+                         dw_counter=counter, poison=True)[1:] for _ in range(repeats)]
+        assert not counter.any(), f"dw {k} left a counter set"
+        assert_fp32_close(runs[0][0], dw_ref, f"dw {k}")
+        assert_fp32_close(runs[0][1], db_ref, f"db {k}")
+        assert torch.equal(runs[0][0], runs[-1][0]) and torch.equal(runs[0][1], runs[-1][1]), f"{k} not repeatable"
+
+
+def test_split_paths_of_an_array_equal_single_runs(seed):
+    """R = 2 runs in one launch (each with its own workspace slots and counters) equal two single-run
+    launches bit for bit, for split-K fwd/dx and the all-taps two-level dW."""
+    from acai_fast.ops.conv_block import empty_activation
+    runs, n, cin, cout, size = 2, 2, 17, 20, 6
+    flags = SPLIT_SHAPES[0][4]
+    xs, ws, bs = zip(*[(t.detach() for t in make_inputs(n, cin, cout, size, 3)) for _ in range(runs)])
+    x = empty_activation((n, cin, size, size), torch.float32, DEVICE, runs)
+    for r in range(runs):
+        x[r].copy_(xs[r])
+    w, b = torch.stack(ws), torch.stack(bs)
+    fcfg, dcfg = SPLIT_K_CONFIGS[0], DW_SPLIT_CONFIGS[-1]
+    y, sign = conv_fwd(x, w, b, **flags, config=fcfg)
+    g = torch.randn(runs, n, *y.shape[-3:], device=DEVICE)
+    g = g.permute(0, 1, 3, 4, 2).contiguous().permute(0, 1, 4, 2, 3)
+    dx, dw, db = conv_bwd(g, x, w, y, sign, bias_dtype=b.dtype, **flags, dx_config=fcfg, dw_config=dcfg)
+    for r in range(runs):
+        y1, s1 = conv_fwd(xs[r], ws[r], bs[r], **flags, config=fcfg)
+        dx1, dw1, db1 = conv_bwd(g[r], xs[r], ws[r], y1, s1, bias_dtype=b.dtype, **flags, dx_config=fcfg,
+                                 dw_config=dcfg)
+        assert torch.equal(y[r], y1) and torch.equal(dx[r], dx1), f"run {r} y/dx"
+        assert torch.equal(dw[r], dw1) and torch.equal(db[r], db1), f"run {r} dw/db"
+
+
+def test_split_counters_too_small_are_refused(seed):
+    x, w, b = (t.detach() for t in make_inputs(2, 5, 6, 6, 3))
+    flags = dict(upsample_input=False, leaky_slope=0.2, pool_output=False)
+    small = torch.zeros(1, dtype=torch.int32, device=DEVICE)
+    with pytest.raises(ValueError, match="split-K counter"):
+        conv_fwd(x, w, b, **flags, config=mnk(16, 16, 16, 4, 1, 2), counter=small)
+    y, sign = conv_fwd(x, w, b, **flags)
+    with pytest.raises(ValueError, match="dw_counter must hold"):
+        conv_bwd(torch.randn_like(y), x, w, y, sign, bias_dtype=b.dtype, **flags, need_dx=False,
+                 dw_config=dwc(16, 16, 16, 4, 1, 1, 4, 2), dw_counter=small)
+    with pytest.raises(ValueError, match="3x3 kernels only"):
+        w5 = torch.randn(6, 5, 5, 5, device=DEVICE)
+        conv_bwd(torch.randn_like(y), x, w5, y, sign, bias_dtype=b.dtype, **flags, need_dx=False,
+                 dw_config=dwc(16, 16, 16, 4, 1, 9))
+
+
+def test_bf16_weight_copy(seed):
+    """The kernels read the weight in whatever dtype it is stored (here the bf16 channels_last copy
+    an optimizer step writes) and cast it as they load; the gradients stay fp32 (weight_dtype,
+    bias_dtype) for the fp32 master parameters. fp32 activations under the interpreter: the result
+    equals the reference run on the bf16 values exactly widened to fp32."""
+    x, w, b = (t.detach() for t in make_inputs(2, 6, 5, 6, 3))
+    flags = dict(upsample_input=False, leaky_slope=0.2, pool_output=True)
+    w16 = w.to(torch.bfloat16).contiguous(memory_format=torch.channels_last)
+    b16 = b.to(torch.bfloat16)
+    y, sign = conv_fwd(x, w16, b16, **flags, config=SPLIT_K_CONFIGS[2])
+    assert y.dtype == torch.float32
+    g = torch.randn_like(y)
+    y_ref, (dx_ref, dw_ref, db_ref) = reference(x, w16.float(), b16.float(), g, flags)
+    assert_fp32_close(y, y_ref, "y")
+    dx, dw, db = conv_bwd(g, x, w16, y, sign, weight_dtype=torch.float32, bias_dtype=torch.float32, **flags,
+                          dx_config=SPLIT_K_CONFIGS[2], dw_config=DW_SPLIT_CONFIGS[-1])
+    assert dx.dtype == dw.dtype == db.dtype == torch.float32
+    for name, got, want in (("dx", dx, dx_ref), ("dw", dw, dw_ref), ("db", db, db_ref)):
+        assert_fp32_close(got, want, name)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -561,6 +751,17 @@ def test_bench_flop_count():
     assert bench.flops(layer, 64, "fwd_bwd") == 3 * fwd
 
 
+def test_bench_modelled_column():
+    """The modelled time of a layer's fused launches: bwd is dx + dW, fwd_bwd all three, positive
+    on every GPU the model knows."""
+    bench = load_bench()
+    layer = bench.Layer(preset="x", cin=64, cout=128, k=3, size=8, upsample_input=False, leaky_slope=0.2,
+                        pool_output=True, count=1)
+    for gpu in ("a100", "h100", "h200"):
+        t = {d: bench.modelled_ms(layer, 64, d, gpu) for d in ("fwd", "bwd", "fwd_bwd")}
+        assert 0 < t["fwd"] < t["fwd_bwd"] and t["fwd_bwd"] == pytest.approx(t["fwd"] + t["bwd"])
+
+
 def test_bench_summary_stats():
     _common = sys.modules[load_bench().summarize.__module__]
     assert _common.summarize([5.0, 1.0, 3.0, 2.0, 4.0]) == pytest.approx((3.0, 1.8, 4.2))
@@ -622,7 +823,51 @@ def test_gpu_every_config(dtype, monkeypatch):
         check = fp32_check
     else:
         check = lowp_check
-    run_configs(FWD_CONFIGS, DX_CONFIGS, DW_CONFIGS, dtype=dtype, device="cuda", shapes=shapes, check=check)
+    # the split paths too: split-K variants of the >= 64-row tiles, dW pixel splits in two levels
+    split_mnk = [mnk(64, 64, 64, 4, 3, 4), mnk(64, 128, 32, 4, 3, 3), mnk(128, 128, 32, 8, 3, 2)]
+    split_dw = [dwc(16, 16, 64, 4, 1, 9, 37, 6), dwc(64, 64, 64, 4, 3, 1, 10, 3), dwc(32, 64, 32, 8, 1, 9, 5, 5)]
+    run_configs(FWD_CONFIGS + split_mnk, DX_CONFIGS + split_mnk, DW_CONFIGS + split_dw, dtype=dtype,
+                device="cuda", shapes=shapes, check=check)
+
+
+@pytest.mark.gpu
+def test_gpu_split_paths_in_a_cuda_graph(seed):
+    """Split-K fwd/dx and the two-level dW, captured in a CUDA graph with preallocated counters and
+    bf16 weights (the copy an optimizer step writes): two replays are bitwise equal to the eager
+    launches (the reductions sum in a fixed order, whichever program finishes last) and leave the
+    counters at zero."""
+    x, w, b = (t.detach() for t in make_inputs(128, 256, 256, 8, 3, dtype=torch.bfloat16, device="cuda"))
+    x = x.contiguous(memory_format=torch.channels_last)
+    w16 = w.contiguous(memory_format=torch.channels_last)
+    flags = dict(upsample_input=False, leaky_slope=0.2, pool_output=True)
+    fcfg, dcfg = mnk(64, 128, 32, 4, 3, 3), dwc(32, 64, 32, 8, 1, 9, 24, 5)
+    counters = [torch.zeros(cbm.split_k_counter_size(), dtype=torch.int32, device="cuda") for _ in range(2)]
+    dwc_counter = torch.zeros(cbm.dw_counter_size(3, 256, 256), dtype=torch.int32, device="cuda")
+    dw_out = torch.empty(w.shape, device="cuda").contiguous(memory_format=torch.channels_last)
+    db_out = torch.empty(256, device="cuda")
+
+    def step():
+        y, sign = conv_fwd(x, w16, b, **flags, config=fcfg, counter=counters[0])
+        dx, _, _ = conv_bwd(torch.ones_like(y), x, w16, y, sign, weight_dtype=torch.float32,
+                            bias_dtype=torch.float32, **flags, dx_config=fcfg, dw_config=dcfg,
+                            dx_counter=counters[1], dw_counter=dwc_counter, dw_out=dw_out, db_out=db_out)
+        return y, dx
+
+    eager = [t.clone() for t in step()] + [dw_out.clone(), db_out.clone()]
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        step()
+    torch.cuda.current_stream().wait_stream(s)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        outs = step()
+    for _ in range(2):
+        graph.replay()
+        torch.cuda.synchronize()
+        for a, e in zip(list(outs) + [dw_out, db_out], eager):
+            assert torch.equal(a, e)
+        assert not any(c.any() for c in counters + [dwc_counter])
 
 
 @pytest.mark.gpu
@@ -679,20 +924,19 @@ def test_gpu_cuda_graph_sees_weight_updates(seed):
 # ------------------------------------------------------------------------------------------------
 
 
-def layer_launch_args(preset, batch):
-    """The named kernel arguments (shapes and flags) of every fwd/dx/dw launch of a preset's step."""
+def layer_launch_args(preset, batch, dtype=torch.bfloat16):
+    """`launch_shape` of every fwd/dx/dw launch of a preset's step: {kind: [shape, ...]}."""
     nets = build_networks(ACAIConfig.preset(preset))
-    out = []
+    out = {"fwd": [], "dx": [], "dw": []}
     for net, n in ((nets["encoder"], batch), (nets["decoder"], 2 * batch), (nets["critic"], 2 * batch)):
         size = 32 if net is not nets["decoder"] else 32 >> ACAIConfig.preset(preset).scales
         for blk in net.blocks:
             cout, cin, ks, _ = blk.weight.shape
             h = 2 * size if blk.upsample_input else size
-            args = dict(N=n, H=h, W=h, CIN=cin, COUT=cout, KS=ks, UPSAMPLE=blk.upsample_input,
-                        ACT=blk.leaky_slope is not None, POOL=blk.pool_output,
-                        PIX_PER_SPLIT=cbm._dw_splits(n * h * h, ks, cin, cout)[1],
-                        Y_ptr=torch.empty(0, dtype=torch.bfloat16), G_ptr=torch.empty(0, dtype=torch.bfloat16))
-            out.append(args)
+            for name in out:
+                out[name].append(ccfg.launch_shape(name, N=n, H=h, W=h, CIN=cin, COUT=cout, KS=ks,
+                                                   UPSAMPLE=blk.upsample_input, ACT=blk.leaky_slope is not None,
+                                                   POOL=blk.pool_output, dtype=dtype))
             size = h // 2 if blk.pool_output else h
     return out
 
@@ -700,58 +944,92 @@ def layer_launch_args(preset, batch):
 @pytest.mark.parametrize("preset", ("lines", "mnist256", "cifar1024"))
 @pytest.mark.parametrize("batch", (1, 64, 1024))
 def test_heuristic_configs_fit_the_gpu_rules(preset, batch):
-    """Every heuristic choice is a legal GPU config (tiles >= 16, powers of 2, BLOCK_M % 4, BLOCK_P |
-    256), covers narrow channel counts without needless lanes, and keeps the wide small-spatial
-    layers in small M tiles (parallelism)."""
-    for args in layer_launch_args(preset, batch):
-        for name in ("fwd", "dx", "dw"):
-            c = cbm.heuristic_config(name, args)
-            vals = list(c.kwargs.values())
-            assert min(vals) >= 16 and all(v & (v - 1) == 0 for v in vals), (name, args, c)
-            if name == "dw":
-                assert cbm._MAX_BLOCK_P % c.kwargs["BLOCK_P"] == 0
-                assert c.kwargs["BLOCK_CI"] <= max(16, 2 * args["CIN"])
-            else:
-                assert c.kwargs["BLOCK_M"] % 4 == 0
-                n_dim = args["COUT"] if name == "fwd" else args["CIN"]
-                assert c.kwargs["BLOCK_N"] <= max(16, 2 * n_dim)
-    for args in layer_launch_args(preset, batch):  # fp32 (the checking dtype): tiles fit in shared memory
-        args = dict(args, Y_ptr=torch.empty(0), G_ptr=torch.empty(0))
-        for name in ("fwd", "dx", "dw"):
-            assert cbm.smem_bytes(name, cbm.heuristic_config(name, args), 4) <= cbm._SMEM_BUDGET, (name, args)
-    small_wide = dict(N=64, H=4, W=4, CIN=256, COUT=512, KS=3)
-    assert cbm.heuristic_config("fwd", small_wide).kwargs["BLOCK_M"] <= 64
-    big = dict(N=1024, H=32, W=32, CIN=64, COUT=64, KS=3)
-    assert cbm.heuristic_config("fwd", big).kwargs["BLOCK_M"] == 128
+    """Every heuristic choice (the fallback without the cost model) is a legal GPU config, covers
+    narrow channel counts without needless lanes, keeps the wide small-spatial layers in small M
+    tiles (parallelism), and its fp32 tiles fit in shared memory."""
+    for dtype in (torch.bfloat16, torch.float32):
+        for name, shapes in layer_launch_args(preset, batch, dtype).items():
+            for args in shapes:
+                c = ccfg.heuristic_config(name, args)
+                assert _legal(name, c), (name, args, c)
+                if name == "dw":  # the heuristic's and the interpreter's dW counters fit what the engine allocates
+                    assert c.kwargs["BLOCK_CI"] <= max(16, 2 * args["CIN"])
+                    for d in (c, ccfg.choose_config("dw", args, torch.device("cpu"))[0]):
+                        assert ccfg.dw_counters_needed(args, d) <= ccfg.dw_counter_size(
+                            args["KS"], args["CIN"], args["COUT"]), (args, d)
+                else:
+                    n_dim = args["COUT"] if name == "fwd" else args["CIN"]
+                    assert c.kwargs["BLOCK_N"] <= max(16, 2 * n_dim)
+                itemsize = torch.empty((), dtype=dtype).element_size()
+                assert ccfg.smem_bytes(name, c, itemsize) <= ccfg._SMEM_BUDGET, (name, args)
+    small_wide = shape("fwd", 64, 256, 512, 4)
+    assert ccfg.heuristic_config("fwd", small_wide).kwargs["BLOCK_M"] <= 64
+    big = shape("fwd", 1024, 64, 64, 32)
+    assert ccfg.heuristic_config("fwd", big).kwargs["BLOCK_M"] == 128
 
 
-def test_choose_config_prefers_table_then_heuristic(tmp_path, monkeypatch):
-    """Without the interpreter: a shape listed in ops/tuned/<arch>.json gets the table's config, an
-    unlisted one the heuristic's; ACAI_FAST_AUTOTUNE=1 hands the choice to Triton's autotuner."""
-    args = layer_launch_args("lines", 64)[3]
-    key = cbm.shape_key("fwd", args)
+@pytest.mark.parametrize("gpu", ("a100", "h100", "h200"))
+def test_chooser_fits_every_gpu(gpu):
+    """choose_config(..., gpu=) on the CPU: every launch of lines and cifar1024 at batch 64 and 1024
+    (bf16, one run and an array of 4) gets the cost model's pick, which fits that GPU (shared memory
+    as Triton allocates it, no expected bf16 spills: cost.fits) and whose split counters fit what the
+    engine allocates; where the heuristic would not fit (A100, cifar1024 at 1024), the model's does."""
+    from acai_fast.ops import cost
+    for preset, batch, runs in (("lines", 64, 1), ("lines", 64, 4), ("cifar1024", 64, 1), ("cifar1024", 1024, 1)):
+        for name, shapes in layer_launch_args(preset, batch).items():
+            for args in shapes:
+                args = dict(args, RUNS=runs)
+                c, source = ccfg.choose_config(name, args, gpu=gpu)
+                assert source == "model" and _legal(name, c), (name, args, c)
+                assert cost.fits(name, c, 2, gpu), (name, args, c)
+                if name == "dw":
+                    bound = ccfg.dw_counter_size(args["KS"], args["CIN"], args["COUT"])
+                    assert ccfg.dw_counters_needed(args, c) <= bound
+                elif c.kwargs["SPLIT_K"] > 1:
+                    assert ccfg.output_tiles(name, args, c) * runs <= ccfg.split_k_counter_size(runs)
+
+
+@pytest.fixture
+def gpu_chooser(monkeypatch):
+    """choose_config as on a GPU (interpreter off) that is no GPU the cost model knows, with the
+    choice cache emptied before and after."""
+    monkeypatch.setattr(ccfg, "INTERPRET", False)
+    monkeypatch.setattr(ccfg, "_arch", lambda device: "sm90")
+    monkeypatch.setattr(ccfg, "gpu_of", lambda device: None)
+    caches = (ccfg.tuned_table, ccfg._choose_for_gpu, ccfg._device_target)
+    for c in caches:
+        c.cache_clear()
+    yield
+    for c in caches:
+        c.cache_clear()
+
+
+def test_choose_config_prefers_table_then_heuristic(tmp_path, monkeypatch, gpu_chooser):
+    """A shape listed in ops/tuned/<arch>.json gets the table's config (keys it does not name take
+    their defaults), an unlisted one the heuristic's where there is no model; ACAI_FAST_AUTOTUNE=1
+    hands the choice to the launcher's timing."""
+    args = layer_launch_args("lines", 64)["fwd"][3]
+    key = ccfg.shape_key("fwd", args)
     table = {"configs": {key: dict(BLOCK_M=64, BLOCK_N=32, BLOCK_K=16, num_warps=2, num_stages=5)}}
     (tmp_path / "sm90.json").write_text(__import__("json").dumps(table))
-    monkeypatch.setattr(cbm, "TUNED_DIR", tmp_path)
-    monkeypatch.setattr(cbm, "INTERPRET", False)
-    monkeypatch.setattr(cbm, "_arch", lambda device: "sm90")
-    cbm.tuned_table.cache_clear()
-    try:
-        cfg, source = cbm.choose_config("fwd", args, torch.device("cpu"))
-        assert source == "table" and cfg.kwargs == dict(BLOCK_M=64, BLOCK_N=32, BLOCK_K=16)
-        assert (cfg.num_warps, cfg.num_stages) == (2, 5)
-        cfg, source = cbm.choose_config("dx", args, torch.device("cpu"))
-        assert source == "heuristic" and cfg.kwargs == cbm.heuristic_config("dx", args).kwargs
-        monkeypatch.setattr(cbm, "AUTOTUNE", True)
-        assert cbm.choose_config("fwd", args, torch.device("cpu")) == (None, "autotune")
-    finally:
-        cbm.tuned_table.cache_clear()
+    monkeypatch.setattr(ccfg, "TUNED_DIR", tmp_path)
+    cfg, source = ccfg.choose_config("fwd", args, torch.device("cpu"))
+    assert source == "table" and cfg.kwargs == dict(BLOCK_M=64, BLOCK_N=32, BLOCK_K=16, SPLIT_K=1)
+    assert (cfg.num_warps, cfg.num_stages) == (2, 5)
+    cfg, source = ccfg.choose_config("dx", args, torch.device("cpu"))
+    assert source == "heuristic" and cfg.kwargs == ccfg.heuristic_config("dx", args).kwargs
+    cfg, source = ccfg.choose_config("fwd", args, gpu="h100")  # the same table serves any sm_90 GPU
+    assert source == "table"
+    monkeypatch.setattr(ccfg, "AUTOTUNE", True)
+    assert ccfg.choose_config("fwd", args, torch.device("cpu")) == (None, "autotune")
+    with pytest.raises(ValueError, match="unknown gpu"):
+        ccfg.choose_config("fwd", args, gpu="v100")
 
 
-def test_launches_choose_their_config_from_the_shape(monkeypatch, seed):
-    """The GPU path of every launcher (interpreter off): _launch builds the shape key from the
-    kernel's positional and constexpr arguments and launches the heuristic's config (recorded here
-    instead of run)."""
+def test_launches_choose_their_config_from_the_shape(monkeypatch, gpu_chooser, seed):
+    """The GPU path of every launcher (interpreter off): the launcher describes its launch with
+    `launch_shape` and launches the heuristic's config (recorded here instead of run), its split
+    counts on the grid."""
     launched = []
 
     class Recorder:
@@ -759,26 +1037,29 @@ def test_launches_choose_their_config_from_the_shape(monkeypatch, seed):
             self.name, self.arg_names = name, arg_names
 
         def __getitem__(self, grid):
-            return lambda *args, **kwargs: launched.append((self.name, kwargs))
+            return lambda *args, **kwargs: launched.append((self.name, grid, kwargs))
 
-    monkeypatch.setattr(cbm, "INTERPRET", False)
-    monkeypatch.setattr(cbm, "_arch", lambda device: "sm_none")
     monkeypatch.setattr(cbm, "_KERNELS", {k: Recorder(k, v.arg_names) for k, v in cbm._KERNELS.items()})
     x, w, b = (t.detach() for t in make_inputs(2, 5, 6, 64, 3))
     flags = dict(upsample_input=False, leaky_slope=0.2, pool_output=True)
     y, sign = conv_fwd(x, w, b, **flags)
     conv_bwd(torch.randn_like(y), x, w, y, sign, bias_dtype=b.dtype, **flags)
-    assert [name for name, _ in launched] == ["fwd", "dx", "dw"]
-    for name, kwargs in launched:
-        args = dict(N=2, H=64, W=64, CIN=5, COUT=6, PIX_PER_SPLIT=cbm._dw_splits(2 * 64 * 64, 3, 5, 6)[1])
-        expected = cbm.heuristic_config(name, args)
-        assert {k: kwargs[k] for k in expected.kwargs} == expected.kwargs, name
+    assert [name for name, _, _ in launched] == ["fwd", "dx", "dw"]
+    for name, grid, kwargs in launched:
+        args = ccfg.launch_shape(name, N=2, H=64, W=64, CIN=5, COUT=6, KS=3, UPSAMPLE=False, ACT=True,
+                                 POOL=True, dtype=torch.float32)
+        expected = ccfg.heuristic_config(name, args)
+        assert {k: kwargs[k] for k in expected.kwargs if k in kwargs} == {
+            k: v for k, v in expected.kwargs.items() if k in kwargs}, name
         assert kwargs["num_warps"] == expected.num_warps and kwargs["KS"] == 3
+        splits = expected.kwargs["SPLITS"] if name == "dw" else expected.kwargs["SPLIT_K"]
+        assert grid[2] == ccfg.dw_split_plan(2 * 64 * 64, splits, expected.kwargs["BLOCK_P"])[0] \
+            if name == "dw" else grid[2] == splits
 
 
 def test_shipped_tables_are_well_formed():
     """Every shipped table parses, names its GPU, and holds legal configs for known kernels."""
-    for path in cbm.TUNED_DIR.glob("*.json"):
+    for path in ccfg.TUNED_DIR.glob("*.json"):
         data = __import__("json").loads(path.read_text())
         assert data.get("gpu") and isinstance(data.get("configs"), dict), path
         for key, c in data["configs"].items():
@@ -799,7 +1080,7 @@ def test_array_of_runs_equals_single_runs(flags, seed):
     from acai_fast.ops.conv_block import empty_activation
     runs, n, cin, cout, size = 3, 2, 3, 5, (32 if flags["pool_output"] else 8)
     if flags["pool_output"]:
-        assert cbm._dw_splits(n * size * size, 3, cin, cout)[0] > 1  # the split reduction runs
+        assert ccfg.dw_heuristic_splits(n * size * size, 3, cin, cout) > 1  # the split reduction runs
     xs, ws, bs = zip(*[(t.detach() for t in make_inputs(n, cin, cout, size, 3)) for _ in range(runs)])
     big = empty_activation((n + 1, cin, size, size), torch.float32, DEVICE, runs)
     x = big[:, 1:]  # run stride (n + 1) images: a row block of a bigger buffer

@@ -107,7 +107,7 @@ def test_dw_by_hand_one_tap_and_all_taps():
     assert c.terms["tail"] == pytest.approx(2 * 0.2)  # the last of 2 splits sums 2 partials
     taps = cost.conv_cost("dw", DW, {**base, "TAPS": 9}, "h100")
     assert taps.ctas == 2 and taps.flops == c.flops
-    assert taps.terms["latency"] == pytest.approx(9 * 0.26)  # 1 chunk x 9 taps per program
+    assert taps.terms["latency"] == pytest.approx(0.26)  # 1 chunk: its 9 tap dots wait for one load step
     assert taps.l2_bytes == 2048 * 3 + u + dw + 2 * 2 * 9 * 16 * 16 * 4  # dz read once
     with pytest.raises(ValueError, match="TAPS"):
         cost.conv_cost("dw", DW, {**base, "TAPS": 2}, "h100")

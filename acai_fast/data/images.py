@@ -61,13 +61,24 @@ _RESIZE_FLOATS = 1 << 25  # at most this many floats (128 MiB) per resize call
 
 def is_own_data(path: str | os.PathLike) -> bool:
     """Whether --data `path` names your own images rather than the paper's dataset files: an
-    .npy/.npz file, or an existing folder that `is_official` does not recognise."""
+    .npy/.npz file, or an existing folder that holds an image file (at any depth) and that
+    `is_official` does not recognise. A folder without any image (empty, or the paper's files
+    not downloaded yet) is taken as the paper's dataset, whose loader names the files it misses."""
     from .datasets import is_official
 
     path = Path(path)
     if path.suffix.lower() in ARRAY_SUFFIXES:
         return True
-    return path.is_dir() and not is_official(path)
+    return path.is_dir() and not is_official(path) and _holds_an_image(path)
+
+
+def _holds_an_image(folder: Path) -> bool:
+    """Any image file below `folder` (stops at the first one found)."""
+    for _, dirs, files in os.walk(folder):
+        dirs[:] = [d for d in dirs if not d.startswith(".")]
+        if any(not f.startswith(".") and os.path.splitext(f)[1].lower() in IMAGE_SUFFIXES for f in files):
+            return True
+    return False
 
 
 # ------------------------------------------------------------------------------------------------

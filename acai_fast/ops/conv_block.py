@@ -2,23 +2,25 @@
 ACAI network (SPEC.md section 1).
 
 Reference in plain PyTorch (`conv_block_ref`); fused Triton kernels (implicit GEMM over NHWC
-activations, fp32 accumulation, autotuned and cached on disk): one forward kernel, and a dx and a
-deterministic dW/db kernel for backward. Limits: odd square kernels, stride 1, "same" padding; no
-split-K in the forward (small-spatial wide layers rely on small tiles); not timed on a GPU yet.
+activations, fp32 accumulation): one forward kernel, and a dx and a dW/db kernel for backward, with
+deterministic in-launch split reductions (split-K for fwd/dx, two-level pixel splits for dW). Their
+configs are chosen in conv_configs.py (tuned table, cost model, heuristic). Limits: odd square
+kernels (all-taps dW programs for 3x3 only), stride 1, "same" padding; not timed on a GPU yet.
 """
 from __future__ import annotations
 
-import functools
-import json
 import logging
 import math
-import os
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
 from .. import _ext
+from .conv_configs import (DW_CONFIGS, DX_CONFIGS, FWD_CONFIGS, INTERPRET_DW_CONFIG,  # noqa: F401
+                           INTERPRET_DX_CONFIG, INTERPRET_FWD_CONFIG, TUNED_DIR, _prune_dw, _prune_mnk,
+                           autotune, choose_config, dw_counter_size, dw_counters_needed, dw_split_plan,
+                           dw_taps, heuristic_config, launch_shape, normalized, output_tiles, shape_key,
+                           smem_bytes, split_k_counter_size, split_k_steps, tuned_table)
 
 HAS_TRITON = _ext.HAS_TRITON
 triton, tl = _ext.triton_modules()  # a stand-in without triton: only the reference can run
@@ -57,15 +59,77 @@ def conv_block_ref(x, weight, bias, *, upsample_input=False, leaky_slope=0.2, po
 #   x (N, Hx, Wx, Cin) the block input; u = upsample2x(x) if UPSAMPLE else x, (N, H, W, Cin);
 #   z = conv(u, w) + b (N, H, W, Cout), "same" padding PAD = KS // 2;  a = lrelu(z);
 #   y = avgpool2x2(a) (N, HO, WO, Cout) with HO = H // 2 if POOL, else y = a.
-# The weight w (Cout, Cin, KS, KS) is read through its four strides and cast to x's dtype in the
-# kernel: any layout is correct, and the loads are coalesced when Cin or Cout is the contiguous
-# dimension (see `kernel_weight`); tap = kh*KS + kw.
+# The weight w (Cout, Cin, KS, KS) is read through its four strides and cast to the compute dtype in
+# the kernel: any layout and any dtype (fp32 master weights, or a bf16 copy) are correct, and the
+# loads are coalesced when Cin or Cout is the contiguous dimension (see `kernel_weight`);
+# tap = kh*KS + kw.
+#
+# Split reductions (fwd/dx with SPLIT_K > 1, dW with more than one pixel split) are deterministic
+# and finished inside the launch: every program stores its fp32 partial to a workspace, passes a
+# barrier and takes a ticket from its output tile's int32 counter (atomic, acq_rel); the program
+# holding the last ticket sums the partials in split order (never in arrival order), finishes the
+# tile and resets the counter to 0 for the next launch. So the result depends only on the shape and
+# the config, never on which program finished last.
 # ------------------------------------------------------------------------------------------------
 
 
 @triton.jit
+def _split_k_sum(acc, WS_ptr, Counter_ptr, tile, pid_s,
+                 SPLIT_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """The split-K reduction of one (BLOCK_M, BLOCK_N) output tile of the fwd/dx kernels.
+
+    Stores this program's fp32 partial `acc` to WS[tile, pid_s] (WS: (tiles, SPLIT_K, BLOCK_M,
+    BLOCK_N) fp32, tile = run * tiles_per_run + tile index), takes a ticket from Counter[tile];
+    returns (sum of the SPLIT_K partials in split order, True) to the last program of the tile and
+    (zeros, False) to the others. The last one resets the counter to 0.
+    """
+    TILE: tl.constexpr = BLOCK_M * BLOCK_N
+    offs = tl.arange(0, BLOCK_M)[:, None] * BLOCK_N + tl.arange(0, BLOCK_N)[None, :]
+    ws = WS_ptr + tile * (SPLIT_K * TILE)
+    tl.store(ws + pid_s * TILE + offs, acc)
+    tl.debug_barrier()  # every thread's partial is stored before the ticket releases them
+    ticket = tl.atomic_add(Counter_ptr + tile, 1, sem="acq_rel")
+    last = ticket == SPLIT_K - 1
+    total = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    if last:
+        for s in tl.static_range(SPLIT_K):  # split order: the same sum whoever came last
+            total += tl.load(ws + s * TILE + offs, cache_modifier=".cg")  # L2, not a stale L1 line
+        tl.store(Counter_ptr + tile, 0)
+    return total, last
+
+
+@triton.jit
+def _conv_fwd_epilogue(acc, Y_ptr, B_ptr, S_ptr, pid_m, n, h, w, m_ok, offs_n, n_ok,
+                       N, H, W, COUT, HO, WO, stride_yn, stride_yh, stride_yw, leaky_slope,
+                       ACT: tl.constexpr, POOL: tl.constexpr, HAS_BIAS: tl.constexpr,
+                       SAVE_SIGN: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """z = acc + bias (fp32); the int8 sign of z (SAVE_SIGN); lrelu; with POOL the 2x2 mean over
+    the 4 consecutive rows of each window; y stored in Y's dtype."""
+    if HAS_BIAS:
+        acc += tl.load(B_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+    if SAVE_SIGN:  # (N, H, W, Cout) int8: z > 0, what the leaky-ReLU backward needs
+        s_rows = ((n.to(tl.int64) * H + h) * W + w) * COUT
+        tl.store(S_ptr + s_rows[:, None] + offs_n[None, :], (acc > 0).to(tl.int8),
+                 mask=m_ok[:, None] & n_ok[None, :])
+    if ACT:
+        acc = tl.where(acc > 0, acc, acc * leaky_slope)
+    if POOL:
+        acc = tl.sum(tl.reshape(acc, (BLOCK_M // 4, 4, BLOCK_N)), axis=1) * 0.25
+        offs_o = pid_m * (BLOCK_M // 4) + tl.arange(0, BLOCK_M // 4)  # (n, ho, wo) windows
+        o_ok = offs_o < N * HO * WO
+        wo = offs_o % WO
+        t = offs_o // WO
+        y_rows = Y_ptr + (t // HO).to(tl.int64) * stride_yn + (t % HO) * stride_yh + wo * stride_yw
+    else:
+        o_ok = m_ok
+        y_rows = Y_ptr + n.to(tl.int64) * stride_yn + h * stride_yh + w * stride_yw
+    tl.store(y_rows[:, None] + offs_n[None, :], acc.to(Y_ptr.dtype.element_ty),
+             mask=o_ok[:, None] & n_ok[None, :])
+
+
+@triton.jit
 def _conv_fwd_kernel(
-    X_ptr, W_ptr, B_ptr, Y_ptr, S_ptr,
+    X_ptr, W_ptr, B_ptr, Y_ptr, S_ptr, WS_ptr, Counter_ptr,
     N, H, W, CIN, COUT, HO, WO,
     stride_xn, stride_xh, stride_xw,
     stride_wo, stride_wi, stride_wkh, stride_wkw,
@@ -74,21 +138,28 @@ def _conv_fwd_kernel(
     leaky_slope,
     KS: tl.constexpr, UPSAMPLE: tl.constexpr, ACT: tl.constexpr, POOL: tl.constexpr,
     HAS_BIAS: tl.constexpr, SAVE_SIGN: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
 ):
     """Forward: y = pool(lrelu(conv(upsample(x), w) + b)) as one implicit GEMM.
 
     GEMM view: rows = output pixels of the conv (M = N*H*W), columns = Cout, reduction over the
     KS*KS taps x Cin: z[m, co] = sum_{tap, ci} u[pixel(m) + offset(tap), ci] * w[co, ci, tap].
     Tiling: one program per (BLOCK_M pixels x BLOCK_N out-channels) tile, flattened 1-D grid with
-    the Cout tiles fastest (programs that share x rows run together); one loop over
-    (tap, Cin chunk of BLOCK_K), so the pipeliner sees a single loop even when Cin <= BLOCK_K.
+    the Cout tiles fastest (programs that share x rows run together); one loop over the
+    KT = KS*KS * ceil(Cin / BLOCK_K) (tap, Cin chunk) steps, so the pipeliner sees a single loop
+    even when Cin <= BLOCK_K.
+    Split-K (grid axis 2, SPLIT_K programs per tile): program s runs the contiguous steps
+    [s*ceil(KT/S), (s+1)*ceil(KT/S)) and the last program of the tile sums the S fp32 partials in
+    split order (`_split_k_sum`) and runs the epilogue. For the small-spatial wide layers: 64-row
+    tiles keep each weight tile re-read by half as many programs as 32-row ones, and the split
+    gives back the parallelism the bigger tiles take away (cifar critic 256->512 at 4x4, batch 64:
+    128 tiles of 64x128 on 132 SMs; with S = 4, 512 programs).
     The A tile is gathered straight from x: rows out of the image are masked to 0 (the padding),
     and with UPSAMPLE the row (ih, iw) of u reads x[ih // 2, iw // 2] (never materialised).
     The compute dtype is y's: x (e.g. an fp32 batch feeding bf16 layers) and w (fp32 master
-    weights) are cast to it as they are loaded, so no cast or copy ever runs as a launch of its own.
-    Epilogue in fp32: + bias, the sign of z (int8, only when backward cannot read it off y),
-    leaky ReLU, and with POOL the 2x2 mean: the pixel dimension is then ordered
+    weights or their bf16 copy) are cast to it as they are loaded, so no cast runs as a launch.
+    Epilogue in fp32 (`_conv_fwd_epilogue`): + bias, the sign of z (int8, only when backward cannot
+    read it off y), leaky ReLU, and with POOL the 2x2 mean: the pixel dimension is then ordered
     (n, ho, wo, q) with q = 2*dh + dw the position in the pool window, so each window is 4
     consecutive rows of one tile and the pool is a reshape (BLOCK_M/4, 4, BLOCK_N) + sum.
     Odd H or W with POOL: the last row/column is never computed (avg_pool2d floors).
@@ -128,9 +199,17 @@ def _conv_fwd_kernel(
     offs_k = tl.arange(0, BLOCK_K)
     x_rows = X_ptr + n.to(tl.int64) * stride_xn  # (BLOCK_M,) image base pointers
 
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     num_k = (CIN + BLOCK_K - 1) // BLOCK_K
-    for kk in range(0, KS * KS * num_k):
+    k_steps = KS * KS * num_k
+    if SPLIT_K == 1:
+        k_lo = 0
+        k_hi = k_steps
+    else:  # this program's contiguous share of the (tap, Cin chunk) steps
+        per_split = tl.cdiv(k_steps, SPLIT_K)
+        k_lo = tl.program_id(2) * per_split
+        k_hi = tl.minimum(k_lo + per_split, k_steps)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for kk in range(k_lo, k_hi):
         tap = kk // num_k
         c = (kk % num_k) * BLOCK_K + offs_k
         c_ok = c < CIN
@@ -147,26 +226,18 @@ def _conv_fwd_kernel(
                     mask=c_ok[:, None] & n_ok[None, :], other=0.0)  # (BLOCK_K ci, BLOCK_N co)
         acc = tl.dot(a, b.to(a.dtype), acc, input_precision=DOT_PRECISION)
 
-    if HAS_BIAS:
-        acc += tl.load(B_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
-    if SAVE_SIGN:  # (N, H, W, Cout) int8: z > 0, what the leaky-ReLU backward needs
-        s_rows = ((n.to(tl.int64) * H + h) * W + w) * COUT
-        tl.store(S_ptr + s_rows[:, None] + offs_n[None, :], (acc > 0).to(tl.int8),
-                 mask=m_ok[:, None] & n_ok[None, :])
-    if ACT:
-        acc = tl.where(acc > 0, acc, acc * leaky_slope)
-    if POOL:
-        acc = tl.sum(tl.reshape(acc, (BLOCK_M // 4, 4, BLOCK_N)), axis=1) * 0.25
-        offs_o = pid_m * (BLOCK_M // 4) + tl.arange(0, BLOCK_M // 4)  # (n, ho, wo) windows
-        o_ok = offs_o < N * HO * WO
-        wo = offs_o % WO
-        t = offs_o // WO
-        y_rows = Y_ptr + (t // HO).to(tl.int64) * stride_yn + (t % HO) * stride_yh + wo * stride_yw
+    if SPLIT_K == 1:
+        _conv_fwd_epilogue(acc, Y_ptr, B_ptr, S_ptr, pid_m, n, h, w, m_ok, offs_n, n_ok,
+                           N, H, W, COUT, HO, WO, stride_yn, stride_yh, stride_yw, leaky_slope,
+                           ACT, POOL, HAS_BIAS, SAVE_SIGN, BLOCK_M, BLOCK_N)
     else:
-        o_ok = m_ok
-        y_rows = Y_ptr + n.to(tl.int64) * stride_yn + h * stride_yh + w * stride_yw
-    tl.store(y_rows[:, None] + offs_n[None, :], acc.to(Y_ptr.dtype.element_ty),
-             mask=o_ok[:, None] & n_ok[None, :])
+        tile = run * tl.num_programs(0) + pid
+        total, last = _split_k_sum(acc, WS_ptr, Counter_ptr, tile, tl.program_id(2),
+                                   SPLIT_K, BLOCK_M, BLOCK_N)
+        if last:
+            _conv_fwd_epilogue(total, Y_ptr, B_ptr, S_ptr, pid_m, n, h, w, m_ok, offs_n, n_ok,
+                               N, H, W, COUT, HO, WO, stride_yn, stride_yh, stride_yw, leaky_slope,
+                               ACT, POOL, HAS_BIAS, SAVE_SIGN, BLOCK_M, BLOCK_N)
 
 
 @triton.jit
@@ -203,8 +274,30 @@ def _grad_pre_tile(G_ptr, S_ptr, n, h, w, ok, co, co_ok, H, W, HO, WO, COUT, NS,
 
 
 @triton.jit
+def _conv_dx_epilogue(acc, DX_ptr, pid_m, n, ih, iw, m_ok, offs_n, n_ok, N, H, W,
+                      stride_dxn, stride_dxh, stride_dxw,
+                      UPSAMPLE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """dx = du, or with UPSAMPLE the sum of du over each 2x2 block (4 consecutive rows); stored in
+    DX's dtype."""
+    if UPSAMPLE:
+        HX = H // 2
+        WX = W // 2
+        acc = tl.sum(tl.reshape(acc, (BLOCK_M // 4, 4, BLOCK_N)), axis=1)
+        offs_o = pid_m * (BLOCK_M // 4) + tl.arange(0, BLOCK_M // 4)  # (n, hx, wx)
+        o_ok = offs_o < N * HX * WX
+        wx = offs_o % WX
+        t = offs_o // WX
+        dx_rows = DX_ptr + (t // HX).to(tl.int64) * stride_dxn + (t % HX) * stride_dxh + wx * stride_dxw
+    else:
+        o_ok = m_ok
+        dx_rows = DX_ptr + n.to(tl.int64) * stride_dxn + ih * stride_dxh + iw * stride_dxw
+    tl.store(dx_rows[:, None] + offs_n[None, :], acc.to(DX_ptr.dtype.element_ty),
+             mask=o_ok[:, None] & n_ok[None, :])
+
+
+@triton.jit
 def _conv_bwd_dx_kernel(
-    G_ptr, S_ptr, W_ptr, DX_ptr,
+    G_ptr, S_ptr, W_ptr, DX_ptr, WS_ptr, Counter_ptr,
     N, H, W, CIN, COUT, HO, WO, NS,
     stride_wo, stride_wi, stride_wkh, stride_wkw,
     stride_dxn, stride_dxh, stride_dxw,
@@ -212,7 +305,7 @@ def _conv_bwd_dx_kernel(
     leaky_slope,
     KS: tl.constexpr, UPSAMPLE: tl.constexpr, ACT: tl.constexpr, POOL: tl.constexpr,
     SIGN_FROM_OUT: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
 ):
     """Input gradient: the transposed convolution of dL/dz, with the pool, leaky-ReLU and
     upsample backward fused in.
@@ -221,9 +314,11 @@ def _conv_bwd_dx_kernel(
     recomputed from dL/dy and the sign of z while loading the A tile: dz is never materialised);
     with UPSAMPLE dx[n, hx, wx] = sum of du over its 2x2 block, else dx = du. N counts the
     gradient's images, NS the forward's (see `_grad_pre_tile`).
-    Tiling as in the forward: rows = pixels of u (M = N*H*W), columns = Cin, one loop over
-    (tap, Cout chunk). With UPSAMPLE the rows are ordered (n, hx, wx, q) so the 2x2 sum is a
-    reshape + sum in the epilogue, like the forward's pool. Runs: grid axis 1, as in the forward.
+    Tiling as in the forward: rows = pixels of u (M = N*H*W), columns = Cin, one loop over the
+    KS*KS * ceil(Cout / BLOCK_K) (tap, Cout chunk) steps, cut into SPLIT_K contiguous ranges on
+    grid axis 2 exactly as the forward's (`_split_k_sum`; the epilogue, `_conv_dx_epilogue`, runs
+    on the sum). With UPSAMPLE the rows are ordered (n, hx, wx, q) so the 2x2 sum is a reshape +
+    sum in the epilogue, like the forward's pool. Runs: grid axis 1, as in the forward.
     """
     pid = tl.program_id(0)
     run = tl.program_id(1).to(tl.int64)
@@ -257,9 +352,17 @@ def _conv_bwd_dx_kernel(
     n_ok = offs_n < CIN
     offs_k = tl.arange(0, BLOCK_K)
 
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     num_k = (COUT + BLOCK_K - 1) // BLOCK_K
-    for kk in range(0, KS * KS * num_k):
+    k_steps = KS * KS * num_k
+    if SPLIT_K == 1:
+        k_lo = 0
+        k_hi = k_steps
+    else:
+        per_split = tl.cdiv(k_steps, SPLIT_K)
+        k_lo = tl.program_id(2) * per_split
+        k_hi = tl.minimum(k_lo + per_split, k_steps)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for kk in range(k_lo, k_hi):
         tap = kk // num_k
         co = (kk % num_k) * BLOCK_K + offs_k
         co_ok = co < COUT
@@ -274,18 +377,65 @@ def _conv_bwd_dx_kernel(
         dtype = DX_ptr.dtype.element_ty
         acc = tl.dot(dz.to(dtype), b.to(dtype), acc, input_precision=DOT_PRECISION)
 
-    if UPSAMPLE:
-        acc = tl.sum(tl.reshape(acc, (BLOCK_M // 4, 4, BLOCK_N)), axis=1)
-        offs_o = pid_m * (BLOCK_M // 4) + tl.arange(0, BLOCK_M // 4)  # (n, hx, wx)
-        o_ok = offs_o < N * HX * WX
-        wx = offs_o % WX
-        t = offs_o // WX
-        dx_rows = DX_ptr + (t // HX).to(tl.int64) * stride_dxn + (t % HX) * stride_dxh + wx * stride_dxw
+    if SPLIT_K == 1:
+        _conv_dx_epilogue(acc, DX_ptr, pid_m, n, ih, iw, m_ok, offs_n, n_ok, N, H, W,
+                          stride_dxn, stride_dxh, stride_dxw, UPSAMPLE, BLOCK_M, BLOCK_N)
     else:
-        o_ok = m_ok
-        dx_rows = DX_ptr + n.to(tl.int64) * stride_dxn + ih * stride_dxh + iw * stride_dxw
-    tl.store(dx_rows[:, None] + offs_n[None, :], acc.to(DX_ptr.dtype.element_ty),
-             mask=o_ok[:, None] & n_ok[None, :])
+        tile = run * tl.num_programs(0) + pid
+        total, last = _split_k_sum(acc, WS_ptr, Counter_ptr, tile, tl.program_id(2),
+                                   SPLIT_K, BLOCK_M, BLOCK_N)
+        if last:
+            _conv_dx_epilogue(total, DX_ptr, pid_m, n, ih, iw, m_ok, offs_n, n_ok, N, H, W,
+                              stride_dxn, stride_dxh, stride_dxw, UPSAMPLE, BLOCK_M, BLOCK_N)
+
+
+@triton.jit
+def _dw_tap(acc, x_rows, h, w, p_ok, ci, ci_ok, dz, tap, H, W, stride_xh, stride_xw,
+            KS: tl.constexpr, UPSAMPLE: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """acc (BLOCK_CI, BLOCK_CO) += u_tap^T @ dz for one tap: u_tap (BLOCK_P, BLOCK_CI) is the input
+    at the chunk's pixels shifted by the tap (0 outside the image), cast to dz's dtype."""
+    PAD: tl.constexpr = KS // 2
+    ih = h + (tap // KS - PAD)
+    iw = w + (tap % KS - PAD)
+    ok = p_ok & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+    if UPSAMPLE:
+        ih = ih // 2
+        iw = iw // 2
+    u = tl.load((x_rows + ih * stride_xh + iw * stride_xw)[:, None] + ci[None, :],
+                mask=ok[:, None] & ci_ok[None, :], other=0.0)  # (BLOCK_P, BLOCK_CI)
+    return tl.dot(tl.trans(u.to(dz.dtype)), dz, acc, input_precision=DOT_PRECISION)
+
+
+@triton.jit
+def _dw_store(D_ptr, stride_o, stride_i, stride_kh, stride_kw, tile, co, ci, mask, tap,
+              KS: tl.constexpr):
+    """Store a (BLOCK_CI, BLOCK_CO) tile of tap `tap` at D[co, ci, tap // KS, tap % KS] (D's dtype)."""
+    ptrs = (D_ptr + co[None, :] * stride_o + ci[:, None] * stride_i
+            + (tap // KS) * stride_kh + (tap % KS) * stride_kw)
+    tl.store(ptrs, tile.to(D_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _dw_sum_slots(WS_ptr, WSB_ptr, lo, hi, D_ptr, stride_o, stride_i, stride_kh, stride_kw,
+                  DB_ptr, co, ci, co_ok, mask, tap0, CIN, COUT,
+                  KS: tl.constexpr, TAPS: tl.constexpr, NEED_DB: tl.constexpr, do_db,
+                  BLOCK_CI: tl.constexpr, BLOCK_CO: tl.constexpr):
+    """Sum the workspace slots lo..hi-1 (in slot order) of this tile's TAPS taps and store them
+    through (D_ptr, strides); db likewise from WSB into DB_ptr. A slot of WS is (KS*KS, Cout, Cin)
+    fp32 (Cin contiguous: coalesced tiles), a slot of WSB is (Cout,)."""
+    SLOT = KS * KS * COUT * CIN
+    for t in tl.static_range(TAPS):
+        offs = ((tap0 + t) * COUT + co[None, :]) * CIN + ci[:, None]
+        total = tl.zeros((BLOCK_CI, BLOCK_CO), dtype=tl.float32)
+        for s in range(lo, hi):
+            total += tl.load(WS_ptr + s * SLOT + offs, mask=mask, other=0.0, cache_modifier=".cg")
+        _dw_store(D_ptr, stride_o, stride_i, stride_kh, stride_kw, total, co, ci, mask, tap0 + t, KS)
+    if NEED_DB:
+        if do_db:
+            total_b = tl.zeros((BLOCK_CO,), dtype=tl.float32)
+            for s in range(lo, hi):
+                total_b += tl.load(WSB_ptr + s * COUT + co, mask=co_ok, other=0.0, cache_modifier=".cg")
+            tl.store(DB_ptr + co, total_b.to(DB_ptr.dtype.element_ty), mask=co_ok)
 
 
 @triton.jit
@@ -295,31 +445,41 @@ def _conv_bwd_dw_kernel(
     stride_xn, stride_xh, stride_xw,
     stride_dwo, stride_dwi, stride_dwkh, stride_dwkw,
     stride_xr, stride_gr, stride_sr, stride_dwr, stride_dbr,
-    PIX_PER_SPLIT, leaky_slope,
+    REDUCE_GROUP, leaky_slope,
     KS: tl.constexpr, UPSAMPLE: tl.constexpr, ACT: tl.constexpr, POOL: tl.constexpr,
     SIGN_FROM_OUT: tl.constexpr, NEED_DB: tl.constexpr, SPLIT: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
-    BLOCK_CI: tl.constexpr, BLOCK_CO: tl.constexpr, BLOCK_P: tl.constexpr,
+    BLOCK_CI: tl.constexpr, BLOCK_CO: tl.constexpr, BLOCK_P: tl.constexpr, TAPS: tl.constexpr,
 ):
     """Weight and bias gradients: reductions over all N*H*W conv-output pixels p.
 
     dW[co, ci, tap] = sum_p u[p + offset(tap), ci] * dz[p, co];   db[co] = sum_p dz[p, co].
-    Tiling: one program per (tap, BLOCK_CI in-channels) x (BLOCK_CO out-channels) x split; the
-    pixels are cut into contiguous ranges of PIX_PER_SPLIT (a multiple of every BLOCK_P), one per
-    split, each walked in chunks of BLOCK_P: acc (BLOCK_CI, BLOCK_CO) += u_chunk^T @ dz_chunk, in
-    the dtype of G (u, e.g. the fp32 input batch, is cast to it as it is loaded).
-    The split reduction is part of this launch and deterministic: with SPLIT, every program
-    stores its fp32 partial to WS (splits, Cout, Cin, KS*KS) / WSB (splits, Cout), passes a barrier
-    and takes a ticket from its tile's int32 counter (acq_rel); the program holding the last ticket
-    sums the partials in split order, writes dW (through its strides, in DW's dtype: the fp32
-    gradient of the master weight, any layout) and db, and resets the counter to 0. The result
-    depends only on the shape and the config, never on which program finished last.
+    Tiling: one program per (TAPS taps, BLOCK_CI in-channels) x (BLOCK_CO out-channels) x split;
+    the ceil(P / BLOCK_P) pixel chunks are dealt to the splits (grid axis 2) in contiguous ranges
+    of whole chunks (split s: chunks [s*C // splits, (s+1)*C // splits), so any split count up to C
+    runs, e.g. one that fills whole waves, and no range is empty): for each of its taps, acc_tap (BLOCK_CI, BLOCK_CO)
+    += u_tap_chunk^T @ dz_chunk, in the dtype of G (u, e.g. the fp32 input batch, is cast to it as
+    it is loaded). TAPS = 1: one tap per program (grid axis 0 = KS*KS * Cin blocks). TAPS = KS*KS
+    (9, for the narrow layers): all taps in one program, so the dz tile is loaded (and the
+    pool/lrelu backward recomputed) once per chunk instead of 9 times, and the 9 shifted u tiles
+    overlap in L1/L2 instead of being fetched by 9 programs; 9 accumulators of BLOCK_CI x BLOCK_CO
+    fp32 (the configs keep them <= 72 registers a thread).
+    The split reduction is part of this launch, deterministic, and two-level: with SPLIT, every
+    program stores its fp32 partial to slot `split` of WS (runs, splits + groups, KS*KS, Cout, Cin)
+    / WSB (runs, splits + groups, Cout); the splits form groups of REDUCE_GROUP consecutive ones,
+    and the last program of a group (ticket on the group's counter) sums the group's partials in
+    split order into slot splits + group; the last group (ticket on the tile's counter) sums the
+    group sums in group order and writes dW (through its strides, in DW's dtype: the fp32 gradient
+    of the master weight, any layout) and db. So no program sums more than REDUCE_GROUP + groups
+    partials serially (lines critic.blocks.0 at batch 64: 128 splits, 12 + 11 instead of 128);
+    with one group (REDUCE_GROUP >= splits) its last program writes dW directly. Counters are left
+    at 0; layout: [tiles] final counters, then [tiles * groups] group counters.
     db is accumulated in fp32 (before dz is rounded) by the tap-0, ci-block-0 programs only, from
     the dz tile they load anyway. G may hold more images than N: only its first N are read.
     Runs: grid axis 1 holds (run, Cout block) with the Cout blocks fastest; every tensor's base
     moves by its run stride, and each run has its own partials and tile counters.
     """
-    pid_t = tl.program_id(0)  # tap * num_ci_blocks + ci block
+    pid_t = tl.program_id(0)  # tap group * num_ci_blocks + ci block
     num_co = tl.cdiv(COUT, BLOCK_CO)
     run = tl.program_id(1) // num_co
     pid_co = tl.program_id(1) % num_co
@@ -331,22 +491,30 @@ def _conv_bwd_dw_kernel(
     DW_ptr += run64 * stride_dwr
     DB_ptr += run64 * stride_dbr
     num_ci = tl.cdiv(CIN, BLOCK_CI)
-    tap = pid_t // num_ci
-    PAD: tl.constexpr = KS // 2
-    dh = tap // KS - PAD
-    dw = tap % KS - PAD
+    tap0 = (pid_t // num_ci) * TAPS  # this program's first tap
+    tl.static_assert(TAPS == 1 or (TAPS == 9 and KS == 3), "TAPS is 1 or all 9 taps of a 3x3 kernel")
 
     ci = (pid_t % num_ci) * BLOCK_CI + tl.arange(0, BLOCK_CI)
     ci_ok = ci < CIN
     co = pid_co * BLOCK_CO + tl.arange(0, BLOCK_CO)
     co_ok = co < COUT
     P = N * H * W
-    p_lo = pid_s * PIX_PER_SPLIT
-    p_hi = tl.minimum(p_lo + PIX_PER_SPLIT, P)
+    num_chunks = tl.cdiv(P, BLOCK_P)  # split s: chunks [s * num_chunks // splits, (s+1) * ...)
+    p_lo = ((pid_s.to(tl.int64) * num_chunks) // tl.num_programs(2)).to(tl.int32) * BLOCK_P
+    p_hi = tl.minimum(((((pid_s + 1).to(tl.int64) * num_chunks) // tl.num_programs(2)).to(tl.int32)) * BLOCK_P, P)
     do_db = pid_t == 0  # (with NEED_DB) these programs also reduce db
     cdt = G_ptr.dtype.element_ty
 
-    acc = tl.zeros((BLOCK_CI, BLOCK_CO), dtype=tl.float32)
+    acc0 = tl.zeros((BLOCK_CI, BLOCK_CO), dtype=tl.float32)
+    if TAPS == 9:  # one accumulator per tap (tap = kh*3 + kw)
+        acc1 = tl.zeros((BLOCK_CI, BLOCK_CO), dtype=tl.float32)
+        acc2 = tl.zeros((BLOCK_CI, BLOCK_CO), dtype=tl.float32)
+        acc3 = tl.zeros((BLOCK_CI, BLOCK_CO), dtype=tl.float32)
+        acc4 = tl.zeros((BLOCK_CI, BLOCK_CO), dtype=tl.float32)
+        acc5 = tl.zeros((BLOCK_CI, BLOCK_CO), dtype=tl.float32)
+        acc6 = tl.zeros((BLOCK_CI, BLOCK_CO), dtype=tl.float32)
+        acc7 = tl.zeros((BLOCK_CI, BLOCK_CO), dtype=tl.float32)
+        acc8 = tl.zeros((BLOCK_CI, BLOCK_CO), dtype=tl.float32)
     db = tl.zeros((BLOCK_CO,), dtype=tl.float32)
     for p0 in range(p_lo, p_hi, BLOCK_P):
         offs_p = p0 + tl.arange(0, BLOCK_P)
@@ -356,258 +524,145 @@ def _conv_bwd_dw_kernel(
         h = t % H
         n = t // H
         dz = _grad_pre_tile(G_ptr, S_ptr, n, h, w, p_ok, co, co_ok, H, W, HO, WO, COUT, N,
-                            leaky_slope, ACT, POOL, SIGN_FROM_OUT)  # (BLOCK_P, BLOCK_CO)
-        ih = h + dh
-        iw = w + dw
-        ok = p_ok & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
-        if UPSAMPLE:
-            ih = ih // 2
-            iw = iw // 2
-        u = tl.load((X_ptr + n.to(tl.int64) * stride_xn + ih * stride_xh + iw * stride_xw)[:, None]
-                    + ci[None, :], mask=ok[:, None] & ci_ok[None, :], other=0.0)  # (BLOCK_P, BLOCK_CI)
-        acc = tl.dot(tl.trans(u.to(cdt)), dz.to(cdt), acc, input_precision=DOT_PRECISION)
+                            leaky_slope, ACT, POOL, SIGN_FROM_OUT)  # (BLOCK_P, BLOCK_CO) fp32
         if NEED_DB:
             if do_db:
                 db += tl.sum(dz, axis=0)
+        dz = dz.to(cdt)
+        x_rows = X_ptr + n.to(tl.int64) * stride_xn  # (BLOCK_P,) image base pointers
+        if TAPS == 1:
+            acc0 = _dw_tap(acc0, x_rows, h, w, p_ok, ci, ci_ok, dz, tap0, H, W, stride_xh, stride_xw,
+                           KS, UPSAMPLE, DOT_PRECISION)
+        else:  # the same dz tile feeds the 9 shifted input tiles
+            acc0 = _dw_tap(acc0, x_rows, h, w, p_ok, ci, ci_ok, dz, 0, H, W, stride_xh, stride_xw,
+                           KS, UPSAMPLE, DOT_PRECISION)
+            acc1 = _dw_tap(acc1, x_rows, h, w, p_ok, ci, ci_ok, dz, 1, H, W, stride_xh, stride_xw,
+                           KS, UPSAMPLE, DOT_PRECISION)
+            acc2 = _dw_tap(acc2, x_rows, h, w, p_ok, ci, ci_ok, dz, 2, H, W, stride_xh, stride_xw,
+                           KS, UPSAMPLE, DOT_PRECISION)
+            acc3 = _dw_tap(acc3, x_rows, h, w, p_ok, ci, ci_ok, dz, 3, H, W, stride_xh, stride_xw,
+                           KS, UPSAMPLE, DOT_PRECISION)
+            acc4 = _dw_tap(acc4, x_rows, h, w, p_ok, ci, ci_ok, dz, 4, H, W, stride_xh, stride_xw,
+                           KS, UPSAMPLE, DOT_PRECISION)
+            acc5 = _dw_tap(acc5, x_rows, h, w, p_ok, ci, ci_ok, dz, 5, H, W, stride_xh, stride_xw,
+                           KS, UPSAMPLE, DOT_PRECISION)
+            acc6 = _dw_tap(acc6, x_rows, h, w, p_ok, ci, ci_ok, dz, 6, H, W, stride_xh, stride_xw,
+                           KS, UPSAMPLE, DOT_PRECISION)
+            acc7 = _dw_tap(acc7, x_rows, h, w, p_ok, ci, ci_ok, dz, 7, H, W, stride_xh, stride_xw,
+                           KS, UPSAMPLE, DOT_PRECISION)
+            acc8 = _dw_tap(acc8, x_rows, h, w, p_ok, ci, ci_ok, dz, 8, H, W, stride_xh, stride_xw,
+                           KS, UPSAMPLE, DOT_PRECISION)
 
     tile_mask = ci_ok[:, None] & co_ok[None, :]
-    dw_ptrs = (DW_ptr + co[None, :] * stride_dwo + ci[:, None] * stride_dwi
-               + (tap // KS) * stride_dwkh + (tap % KS) * stride_dwkw)
-    dw_ty = DW_ptr.dtype.element_ty
-    if SPLIT:
-        # (splits, Cout, Cin, KS*KS) partials: offset of (co, ci, tap) within one split
-        ws_offs = (co[None, :] * CIN + ci[:, None]) * (KS * KS) + tap
-        split_size = COUT * CIN * KS * KS
+    if SPLIT:  # this program's partial goes to its slot; DW is written by the last program
         splits = tl.num_programs(2)
-        WS_ptr += run64 * splits * split_size  # (runs, splits, Cout, Cin, KS*KS)
-        WSB_ptr += run64 * splits * COUT
-        tl.store(WS_ptr + pid_s * split_size + ws_offs, acc, mask=tile_mask)
+        groups = tl.cdiv(splits, REDUCE_GROUP)
+        SLOT = KS * KS * COUT * CIN
+        WS_ptr += run64 * (splits + groups) * SLOT  # (runs, splits + groups, KS*KS, Cout, Cin)
+        WSB_ptr += run64 * (splits + groups) * COUT
+        D_ptr = WS_ptr + pid_s * SLOT
+        so = CIN  # the strides of one (KS*KS, Cout, Cin) slot
+        si = 1
+        skh = KS * COUT * CIN
+        skw = COUT * CIN
+    else:
+        D_ptr = DW_ptr
+        so = stride_dwo
+        si = stride_dwi
+        skh = stride_dwkh
+        skw = stride_dwkw
+    _dw_store(D_ptr, so, si, skh, skw, acc0, co, ci, tile_mask, tap0, KS)
+    if TAPS == 9:
+        _dw_store(D_ptr, so, si, skh, skw, acc1, co, ci, tile_mask, 1, KS)
+        _dw_store(D_ptr, so, si, skh, skw, acc2, co, ci, tile_mask, 2, KS)
+        _dw_store(D_ptr, so, si, skh, skw, acc3, co, ci, tile_mask, 3, KS)
+        _dw_store(D_ptr, so, si, skh, skw, acc4, co, ci, tile_mask, 4, KS)
+        _dw_store(D_ptr, so, si, skh, skw, acc5, co, ci, tile_mask, 5, KS)
+        _dw_store(D_ptr, so, si, skh, skw, acc6, co, ci, tile_mask, 6, KS)
+        _dw_store(D_ptr, so, si, skh, skw, acc7, co, ci, tile_mask, 7, KS)
+        _dw_store(D_ptr, so, si, skh, skw, acc8, co, ci, tile_mask, 8, KS)
+    if SPLIT:
         if NEED_DB:
             tl.store(WSB_ptr + pid_s * COUT + co, db, mask=co_ok & do_db)
-        tl.debug_barrier()
-        tile = (run * tl.num_programs(0) + pid_t) * num_co + pid_co
-        ticket = tl.atomic_add(Counter_ptr + tile, 1, sem="acq_rel")
-        if ticket == splits - 1:
-            total = tl.zeros((BLOCK_CI, BLOCK_CO), dtype=tl.float32)
-            total_b = tl.zeros((BLOCK_CO,), dtype=tl.float32)
-            for s in range(0, splits):
-                total += tl.load(WS_ptr + s * split_size + ws_offs, mask=tile_mask, other=0.0,
-                                 cache_modifier=".cg")
-                if NEED_DB:
-                    if do_db:
-                        total_b += tl.load(WSB_ptr + s * COUT + co, mask=co_ok, other=0.0,
-                                           cache_modifier=".cg")
-            tl.store(dw_ptrs, total.to(dw_ty), mask=tile_mask)
-            if NEED_DB:
-                tl.store(DB_ptr + co, total_b.to(DB_ptr.dtype.element_ty), mask=co_ok & do_db)
-            tl.store(Counter_ptr + tile, 0)
+        tl.debug_barrier()  # every thread's partial is stored before the ticket releases them
+        tiles = tl.num_programs(0) * tl.num_programs(1)  # over all runs
+        tile = tl.program_id(1) * tl.num_programs(0) + pid_t  # = run * tiles_per_run + ...
+        group = pid_s // REDUCE_GROUP
+        g_lo = group * REDUCE_GROUP
+        g_hi = tl.minimum(g_lo + REDUCE_GROUP, splits)
+        group_counter = Counter_ptr + tiles + tile * groups + group
+        ticket = tl.atomic_add(group_counter, 1, sem="acq_rel")
+        if ticket == g_hi - g_lo - 1:  # the last program of its group
+            tl.store(group_counter, 0)
+            if groups == 1:  # one level: the partials, in split order, into dW and db
+                _dw_sum_slots(WS_ptr, WSB_ptr, 0, splits, DW_ptr, stride_dwo, stride_dwi, stride_dwkh,
+                              stride_dwkw, DB_ptr, co, ci, co_ok, tile_mask, tap0, CIN, COUT, KS, TAPS,
+                              NEED_DB, do_db, BLOCK_CI, BLOCK_CO)
+            else:  # level 1: the group's partials into slot splits + group
+                _dw_sum_slots(WS_ptr, WSB_ptr, g_lo, g_hi, WS_ptr + (splits + group) * SLOT,
+                              CIN, 1, KS * COUT * CIN, COUT * CIN, WSB_ptr + (splits + group) * COUT,
+                              co, ci, co_ok, tile_mask, tap0, CIN, COUT, KS, TAPS, NEED_DB, do_db,
+                              BLOCK_CI, BLOCK_CO)
+                tl.debug_barrier()
+                ticket2 = tl.atomic_add(Counter_ptr + tile, 1, sem="acq_rel")
+                if ticket2 == groups - 1:  # level 2: the group sums, in group order, into dW and db
+                    _dw_sum_slots(WS_ptr, WSB_ptr, splits, splits + groups, DW_ptr, stride_dwo,
+                                  stride_dwi, stride_dwkh, stride_dwkw, DB_ptr, co, ci, co_ok,
+                                  tile_mask, tap0, CIN, COUT, KS, TAPS, NEED_DB, do_db,
+                                  BLOCK_CI, BLOCK_CO)
+                    tl.store(Counter_ptr + tile, 0)
     else:
-        tl.store(dw_ptrs, acc.to(dw_ty), mask=tile_mask)
         if NEED_DB:
             tl.store(DB_ptr + co, db.to(DB_ptr.dtype.element_ty), mask=co_ok & do_db)
 
 
 # ------------------------------------------------------------------------------------------------
-# Configs: a table, a heuristic, and autotuning on request
-#
-# Every config below is correct for every shape (the kernels mask all edges); the choice only
-# changes the speed. tests/test_conv_block.py runs each one explicitly (GPU: all; CPU: a few).
-# Which config a launch uses (`choose_config`): the one passed in; under the interpreter one fixed
-# config per kernel; with ACAI_FAST_AUTOTUNE=1 Triton's autotuner over the lists below (results
-# persisted by Triton under TRITON_CACHE_DIR); otherwise the table ops/tuned/sm<major><minor>.json
-# for this GPU and layer shape (written by bench/tune.py on that GPU), else `heuristic_config`.
-# Tuning is data, not a ritual: a first step compiles each kernel once and benchmarks nothing.
+# Configs (chosen in conv_configs.py) and the one launch path
 # ------------------------------------------------------------------------------------------------
 
-
-def _cfg(a, b, c, warps, stages, names):
-    return triton.Config(dict(zip(names, (a, b, c))), num_warps=warps, num_stages=stages)
-
-
-_MNK = ("BLOCK_M", "BLOCK_N", "BLOCK_K")
-# (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages). Wide tiles for the 32x32 layers, small ones for the
-# 2x2-8x8 wide-channel layers (more programs: ANCHORS.md's 256->512 at 4x4 lost with 1 wave),
-# 16-wide ones for the colors/latent (1-3 channel) ends.
-FWD_CONFIGS = [
-    _cfg(128, 64, 32, 4, 3, _MNK),
-    _cfg(128, 128, 32, 8, 3, _MNK),
-    _cfg(64, 64, 32, 4, 3, _MNK),
-    _cfg(64, 64, 64, 4, 3, _MNK),
-    _cfg(32, 64, 64, 4, 3, _MNK),
-    _cfg(32, 32, 64, 4, 3, _MNK),
-    _cfg(128, 16, 16, 4, 3, _MNK),
-    _cfg(64, 128, 32, 4, 3, _MNK),
-    # large batches (M = N*H*W in the hundreds of thousands): bigger tiles, deeper pipelines
-    _cfg(128, 128, 64, 8, 4, _MNK),
-    _cfg(256, 64, 32, 8, 3, _MNK),
-    _cfg(128, 256, 32, 8, 3, _MNK),
-]
-DX_CONFIGS = list(FWD_CONFIGS)
-_DW = ("BLOCK_CI", "BLOCK_CO", "BLOCK_P")
-DW_CONFIGS = [
-    _cfg(64, 64, 64, 4, 3, _DW),
-    _cfg(64, 64, 128, 4, 3, _DW),
-    _cfg(128, 64, 64, 8, 3, _DW),
-    _cfg(32, 64, 128, 8, 3, _DW),  # 4 warps: 255 registers + spills (ptxas -v, sm_90a)
-    _cfg(32, 32, 128, 4, 3, _DW),
-    _cfg(16, 16, 128, 4, 3, _DW),
-    _cfg(64, 128, 64, 8, 3, _DW),
-]
-# The interpreter's single configs: big enough to keep the number of (slow, Python) program
-# instances down, small enough to exercise the edge masks on the test shapes.
-INTERPRET_FWD_CONFIG = _cfg(256, 16, 16, 4, 1, _MNK)
-INTERPRET_DX_CONFIG = _cfg(256, 16, 16, 4, 1, _MNK)
-INTERPRET_DW_CONFIG = _cfg(16, 16, 256, 4, 1, _DW)
-_MAX_BLOCK_P = 256  # PIX_PER_SPLIT is a multiple of this, hence of every BLOCK_P
-_MIN_DW_TILE = 16  # the smallest BLOCK_CI / BLOCK_CO of DW_CONFIGS (sizes the tile counters)
-
-
-def _pow2_at_least_16(v):
-    return max(16, 1 << max(0, int(v) - 1).bit_length())
-
-
-def _prune_mnk(n_name, k_name):
-    """Drop configs whose N or K tile is more than twice the (16-rounded) channel count: they only
-    add masked lanes. Keeps at least the smallest config."""
-
-    def prune(configs, named_args, **kwargs):
-        cap_n = 2 * _pow2_at_least_16(named_args[n_name])
-        cap_k = 2 * _pow2_at_least_16(named_args[k_name])
-        kept = [c for c in configs if c.kwargs["BLOCK_N"] <= cap_n and c.kwargs["BLOCK_K"] <= cap_k]
-        return kept or [min(configs, key=lambda c: c.kwargs["BLOCK_N"] * c.kwargs["BLOCK_K"])]
-
-    return prune
-
-
-def _prune_dw(configs, named_args, **kwargs):
-    cap_i, cap_o = 2 * _pow2_at_least_16(named_args["CIN"]), 2 * _pow2_at_least_16(named_args["COUT"])
-    kept = [c for c in configs if c.kwargs["BLOCK_CI"] <= cap_i and c.kwargs["BLOCK_CO"] <= cap_o]
-    return kept or [min(configs, key=lambda c: c.kwargs["BLOCK_CI"] * c.kwargs["BLOCK_CO"])]
-
-
-_KEY = ["N", "H", "W", "CIN", "COUT", "KS", "UPSAMPLE", "ACT", "POOL"]
-AUTOTUNE = os.environ.get("ACAI_FAST_AUTOTUNE", "0") == "1"  # read once, at import (like the interpreter)
-_TUNED = {}  # kernel name -> its triton.autotune wrapper (ACAI_FAST_AUTOTUNE=1 only)
-if HAS_TRITON and not INTERPRET and AUTOTUNE:
-    _TUNED["fwd"] = triton.autotune(
-        configs=FWD_CONFIGS, key=_KEY, cache_results=True,
-        prune_configs_by=dict(early_config_prune=_prune_mnk("COUT", "CIN")))(_conv_fwd_kernel)
-    _TUNED["dx"] = triton.autotune(
-        configs=DX_CONFIGS, key=_KEY, cache_results=True,
-        prune_configs_by=dict(early_config_prune=_prune_mnk("CIN", "COUT")))(_conv_bwd_dx_kernel)
-    _TUNED["dw"] = triton.autotune(
-        configs=DW_CONFIGS, key=_KEY + ["PIX_PER_SPLIT"], cache_results=True,
-        prune_configs_by=dict(early_config_prune=_prune_dw))(_conv_bwd_dw_kernel)
 _KERNELS = dict(fwd=_conv_fwd_kernel, dx=_conv_bwd_dx_kernel, dw=_conv_bwd_dw_kernel)
-_INTERPRET_CONFIGS = dict(fwd=INTERPRET_FWD_CONFIG, dx=INTERPRET_DX_CONFIG, dw=INTERPRET_DW_CONFIG)
 
 
-TUNED_DIR = Path(__file__).with_name("tuned")
-_SMS = 132  # streaming multiprocessors of an H100 SXM (H200: 132 too); the heuristic's wave size
-_SMEM_BUDGET = 160 * 1024  # bytes of pipelined tiles the heuristic allows (H100: 227 KB per block)
-
-
-def _next_pow2(v: int) -> int:
-    return 1 << max(0, int(v) - 1).bit_length()
-
-
-def shape_key(name: str, args: dict) -> str:
-    """The table key of one launch: kernel, compute dtype, shape and flags."""
-    dtype = str(args["G_ptr" if name != "fwd" else "Y_ptr"].dtype).replace("torch.", "")
-    fields = [name, dtype] + [f"{k}={int(args[k])}" for k in _KEY]
-    if name == "dw":
-        fields.append(f"PIX_PER_SPLIT={int(args['PIX_PER_SPLIT'])}")
-    return "|".join(fields)
-
-
-def heuristic_config(name: str, args: dict):
-    """A config from the shape alone, for shapes the table does not list. fwd/dx: the N and K tiles
-    cover the channels (16..128 and 16..64: no wasted lanes on the narrow layers), the M tile is the
-    largest of 128/64/32 that still gives ~2 waves of programs (the small-spatial wide layers need
-    parallelism, ANCHORS.md: 256->512 at 4x4 lost to cuDNN with one wave), 8 warps for 128x128
-    tiles. dw: channel tiles up to 64, 128-pixel chunks. Unmeasured on a GPU: bench/tune.py's table
-    replaces these where it has the shape."""
-    elsize = _compute_itemsize(name, args)
-    if name == "dw":
-        ci = min(64, max(16, _next_pow2(args["CIN"])))
-        co = min(64, max(16, _next_pow2(args["COUT"])))
-        stages = 3
-        while stages > 2 and stages * 128 * (ci + co) * elsize > _SMEM_BUDGET:
-            stages -= 1
-        return _cfg(ci, co, 128, 8 if ci * co >= 64 * 64 else 4, stages, _DW)
-    n_dim, k_dim = (args["COUT"], args["CIN"]) if name == "fwd" else (args["CIN"], args["COUT"])
-    rows = args["N"] * args["H"] * args["W"]
-    bn = min(128, max(16, _next_pow2(n_dim)))
-    bk = min(64, max(16, _next_pow2(k_dim)))
-    n_tiles = -(-n_dim // bn)
-    bm = 32
-    for cand in (128, 64):
-        if -(-rows // cand) * n_tiles >= 2 * _SMS:
-            bm = cand
-            break
-    big = bm * bn >= 128 * 128
-    stages = 4 if big and rows >= 1 << 18 else 3
-    while stages > 2 and stages * (bm * bk + bk * bn) * elsize > _SMEM_BUDGET:
-        stages -= 1  # fp32 tiles are twice the bytes of bf16 ones
-    return _cfg(bm, bn, bk, 8 if big else 4, stages, _MNK)
-
-
-def _compute_itemsize(name: str, args: dict) -> int:
-    t = args.get("G_ptr" if name != "fwd" else "Y_ptr")
-    return t.element_size() if isinstance(t, torch.Tensor) else 2
-
-
-def smem_bytes(name: str, config, itemsize: int) -> int:
-    """Shared memory of a config's pipelined A and B tiles (what Triton allocates, to first order)."""
-    k = config.kwargs
-    if name == "dw":
-        return config.num_stages * (k["BLOCK_P"] * (k["BLOCK_CI"] + k["BLOCK_CO"])) * itemsize
-    return config.num_stages * (k["BLOCK_M"] * k["BLOCK_K"] + k["BLOCK_K"] * k["BLOCK_N"]) * itemsize
-
-
-@functools.lru_cache(maxsize=None)
-def tuned_table(arch: str) -> dict:
-    """The shipped table of tuned configs for a GPU architecture ("sm90"): {key: config dict}; {}
-    when there is none. Read once (package data, never written at run time)."""
-    path = TUNED_DIR / f"{arch}.json"
-    if not path.is_file():
-        return {}
-    with open(path) as f:
-        return json.load(f).get("configs", {})
-
-
-def _arch(device: torch.device) -> str:
-    major, minor = torch.cuda.get_device_capability(device)
-    return f"sm{major}{minor}"
-
-
-def choose_config(name: str, args: dict, device: torch.device):
-    """(config, source) for a launch without an explicit config: source is "interpreter",
-    "autotune" (config None: Triton's autotuner picks), "table" or "heuristic"."""
-    if INTERPRET:
-        return _INTERPRET_CONFIGS[name], "interpreter"
-    if AUTOTUNE:
-        return None, "autotune"
-    entry = tuned_table(_arch(device)).get(shape_key(name, args))
-    if entry is not None:
-        names = _MNK if name != "dw" else _DW
-        return _cfg(*(entry[k] for k in names), entry["num_warps"], entry["num_stages"], names), "table"
-    return heuristic_config(name, args), "heuristic"
-
-
-def _launch(name, config, grid, *args, **constexprs):
-    """Launch kernel `name` ("fwd", "dx", "dw") with `config` (a triton.Config) or, when None, the
-    one `choose_config` picks. Returns (the config that ran, its source)."""
+def _launch(name, shape, config, device, run):
+    """One launch of kernel `name` ("fwd", "dx", "dw"): with `config` (a triton.Config) when given,
+    else the one `choose_config` picks for `shape` (`launch_shape`'s dict) on `device` (with
+    ACAI_FAST_AUTOTUNE=1: the fastest candidate, timed). `run(config)` plans the launch for that
+    config (grid, split counts, workspace, counters) and launches it. Returns (config, source)."""
     source = "given"
     if config is None:
-        named = {**dict(zip(_KERNELS[name].arg_names, args)), **constexprs}
-        config, source = choose_config(name, named, args[0].device)
-    if config is None:  # autotune
-        _TUNED[name][grid](*args, **constexprs)
-        return _TUNED[name].best_config, source
-    _KERNELS[name][grid(config.kwargs)](*args, **constexprs, **config.kwargs,
-                                        num_warps=config.num_warps, num_stages=config.num_stages)
+        config, source = choose_config(name, shape, device)
+        if config is None:  # autotune: time the candidates, each a whole planned launch
+            config = autotune(name, shape, run, device)
+    config = normalized(name, config)
+    run(config)
     return config, source
+
+
+def _dummy(device, dtype):
+    """A one-element stand-in for a workspace or counter a launch does not use (no split)."""
+    return torch.empty(1, dtype=dtype, device=device)
+
+
+def _split_k_buffers(split_k, tiles, config, counter, device):
+    """(fp32 workspace, int32 counters) of a fwd/dx launch with `tiles` output tiles over all runs:
+    (tiles, SPLIT_K, BLOCK_M, BLOCK_N) partials; `counter` (>= tiles zeros, left at zero) or a new one."""
+    if split_k == 1:
+        return _dummy(device, torch.float32), _dummy(device, torch.int32)
+    if counter is None:
+        counter = torch.zeros(tiles, dtype=torch.int32, device=device)
+    elif counter.numel() < tiles or counter.dtype != torch.int32:
+        raise ValueError(f"conv_block: the split-K counter must hold >= {tiles} int32 zeros for "
+                         f"config {config.kwargs}, got {counter.numel()} {counter.dtype} "
+                         f"(see split_k_counter_size)")
+    k = config.kwargs
+    ws = torch.empty(tiles * split_k * k["BLOCK_M"] * k["BLOCK_N"], dtype=torch.float32, device=device)
+    return ws, counter
+
+
+def _mnk_meta(config, split_k):
+    k = config.kwargs
+    return dict(BLOCK_M=k["BLOCK_M"], BLOCK_N=k["BLOCK_N"], BLOCK_K=k["BLOCK_K"], SPLIT_K=split_k,
+                num_warps=config.num_warps, num_stages=config.num_stages)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -710,7 +765,7 @@ def _check_array(x, weight):
 
 
 def conv_fwd(x, weight, bias, *, upsample_input=False, leaky_slope=0.2, pool_output=False,
-             out=None, out_dtype=None, config=None, poison=False):
+             out=None, out_dtype=None, config=None, counter=None, poison=False):
     """Forward launcher. x (N, Cin, Hx, Wx) -> (y channels_last, sign map or None); or, for an array
     of R same-shaped models, x (R, N, Cin, Hx, Wx) (see `empty_activation`), weight (R, Cout, Cin,
     k, k), bias (R, Cout) -> y (R, N, Cout, H', W'), one launch for all runs.
@@ -718,9 +773,11 @@ def conv_fwd(x, weight, bias, *, upsample_input=False, leaky_slope=0.2, pool_out
     y is computed in `out_dtype` (default x's dtype; x and the weight are cast to it in the kernel)
     and written into `out` when given (a channels_last tensor of y's shape and dtype, e.g. a block of
     rows of a larger buffer), else into a new tensor. The sign map ((R,) N, H, W, Cout) int8 is
-    returned only when backward needs it (activation with a pool, or a negative slope). weight: any
-    dtype and layout (see `kernel_weight`). `config`: a triton.Config to force (else
-    `choose_config`'s); `poison`: fill the outputs with NaN first (tests).
+    returned only when backward needs it (activation with a pool, or a negative slope). weight and
+    bias: any dtype (fp32 master weights, or the bf16 copy an optimizer step writes) and any layout
+    (see `kernel_weight`). `config`: a triton.Config to force (else `choose_config`'s); `counter`:
+    int32 zeros of `split_k_counter_size(R)` elements for a split-K config (left at zero; default:
+    a new one per split launch, which costs a memset); `poison`: fill the outputs with NaN first (tests).
     """
     array = _check_array(x, weight)
     if not array:
@@ -750,45 +807,31 @@ def conv_fwd(x, weight, bias, *, upsample_input=False, leaky_slope=0.2, pool_out
     wk = kernel_weight(weight)
     x5, w5, y5, s5 = (_runs_view(t, not array) for t in (x, wk, y, sign))
     b5 = _runs_view(bias, not array)
-    m = N * HO * WO * 4 if pool_output else N * H * W
     R = x5.shape[0]
+    shape = launch_shape("fwd", N=N, H=H, W=W, CIN=CIN, COUT=COUT, KS=KS, UPSAMPLE=upsample_input,
+                         ACT=act, POOL=pool_output, dtype=dtype, weight_dtype=weight.dtype, RUNS=R)
 
-    def grid(meta):
-        return (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(COUT, meta["BLOCK_N"]), R)
-
-    _launch("fwd", config, grid,
-            x5, w5, b5 if b5 is not None else w5, y5, s5 if s5 is not None else y5,
+    def run(cfg):
+        split_k = split_k_steps("fwd", shape, cfg)
+        tiles = output_tiles("fwd", shape, cfg)
+        ws, cnt = _split_k_buffers(split_k, R * tiles, cfg, counter, x.device)
+        _KERNELS["fwd"][(tiles, R, split_k)](
+            x5, w5, b5 if b5 is not None else w5, y5, s5 if s5 is not None else y5, ws, cnt,
             N, H, W, CIN, COUT, HO, WO,
             x5.stride(1), x5.stride(3), x5.stride(4), *w5.stride()[1:],
             y5.stride(1), y5.stride(3), y5.stride(4),
             _run_stride(x5), _run_stride(w5), _run_stride(b5), _run_stride(y5), _run_stride(s5),
             float(leaky_slope) if act else 0.0,
             KS=KS, UPSAMPLE=upsample_input, ACT=act, POOL=pool_output, HAS_BIAS=bias is not None,
-            SAVE_SIGN=save_sign, DOT_PRECISION=_dot_precision(dtype))
+            SAVE_SIGN=save_sign, DOT_PRECISION=_dot_precision(dtype), **_mnk_meta(cfg, split_k))
+
+    _launch("fwd", shape, config, x.device, run)
     return y, sign
-
-
-def _dw_splits(P, KS, CIN, COUT):
-    """Pixel splits of the dW reduction: enough programs to fill an H100 (~2 waves of 132 SMs at
-    64x64 tiles), each split at least 4 chunks of _MAX_BLOCK_P pixels. Depends on the shape only,
-    so the summation order (and the result) does not change from call to call."""
-    if P == 0:
-        return 1, _MAX_BLOCK_P
-    tiles = KS * KS * math.ceil(CIN / 64) * math.ceil(COUT / 64)
-    max_splits = max(1, P // (4 * _MAX_BLOCK_P))
-    splits = max(1, min(max_splits, math.ceil(264 / tiles)))
-    per_split = math.ceil(math.ceil(P / splits) / _MAX_BLOCK_P) * _MAX_BLOCK_P
-    return math.ceil(P / per_split), per_split
-
-
-def dw_counter_size(KS, CIN, COUT, runs: int = 1):
-    """Elements of the int32 tile counters of one dW launch: enough for the smallest tile config."""
-    return runs * KS * KS * math.ceil(CIN / _MIN_DW_TILE) * math.ceil(COUT / _MIN_DW_TILE)
 
 
 def conv_bwd(grad_y, x, weight, y, sign, *, weight_dtype=None, bias_dtype=None,
              upsample_input=False, leaky_slope=0.2, pool_output=False, need_dx=True, need_dw=True,
-             need_db=True, dx_out=None, dw_out=None, db_out=None, dw_counter=None,
+             need_db=True, dx_out=None, dw_out=None, db_out=None, dw_counter=None, dx_counter=None,
              dx_config=None, dw_config=None, poison=False):
     """Backward launcher: (dx channels_last or None, dw or None, db or None).
 
@@ -797,11 +840,14 @@ def conv_bwd(grad_y, x, weight, y, sign, *, weight_dtype=None, bias_dtype=None,
     When NG > NS, gradient image n belongs to saved image n % NS (several objectives' gradients
     stacked over one forward): dx covers all NG images, dw/db only the first NS (the objective
     that trains this block must come first). dx is written in x's dtype into `dx_out` when given
-    (channels_last (NG, Cin, Hx, Wx)); dw ((Cout, Cin, k, k), `weight_dtype`, default weight.dtype)
-    and db (`bias_dtype`; None: no bias) into `dw_out` / `db_out` when given (any layout: e.g. the
-    parameters' persistent .grad tensors). weight: as in `conv_fwd`. dw_counter: int32 zeros of
-    `dw_counter_size` elements that the dW launch uses and leaves at zero (default: a fresh one).
-    Arrays of runs: every tensor gains a leading run axis (as in `conv_fwd`), one launch per kernel.
+    (channels_last (NG, Cin, Hx, Wx)). weight: any dtype and layout, as in `conv_fwd` (fp32 master
+    weights or their bf16 copy: it is only read). dw ((Cout, Cin, k, k), `weight_dtype`, default
+    weight.dtype: pass the master weight's fp32 when `weight` is a bf16 copy) and db (`bias_dtype`;
+    None: no bias) go into `dw_out` / `db_out` when given (any layout and dtype: e.g. the fp32
+    parameters' persistent .grad tensors). dw_counter: int32 zeros of `dw_counter_size` elements,
+    dx_counter: of `split_k_counter_size`; the launches use them and leave them at zero (default:
+    new ones, a memset each). Arrays of runs: every tensor gains a leading run axis (as in
+    `conv_fwd`), one launch per kernel.
     """
     array = _check_array(x, weight)
     if not array:
@@ -834,6 +880,8 @@ def conv_bwd(grad_y, x, weight, y, sign, *, weight_dtype=None, bias_dtype=None,
     wk = kernel_weight(weight)
     x5, g5, s5, w5 = (_runs_view(t, not array) for t in (x, g, s, wk))
     lead = (R,) if array else ()
+    shape = dict(N=NS, H=H, W=W, CIN=CIN, COUT=COUT, KS=KS, UPSAMPLE=upsample_input, ACT=act,
+                 POOL=pool_output, dtype=cdt, weight_dtype=weight.dtype, RUNS=R)
 
     if need_dx:
         if dx_out is None:
@@ -845,12 +893,19 @@ def conv_bwd(grad_y, x, weight, y, sign, *, weight_dtype=None, bias_dtype=None,
             dx = dx_out.fill_(fill) if fill is not None else dx_out
         dx5 = _runs_view(dx, not array)
         if NG > 0:
-            def grid_dx(meta):
-                return (triton.cdiv(NG * H * W, meta["BLOCK_M"]) * triton.cdiv(CIN, meta["BLOCK_N"]), R)
+            dx_shape = launch_shape("dx", **dict(shape, N=NG))
 
-            _launch("dx", dx_config, grid_dx, g5, s5, w5, dx5, NG, H, W, CIN, COUT, HO, WO, max(NS, 1),
+            def run_dx(cfg):
+                split_k = split_k_steps("dx", dx_shape, cfg)
+                tiles = output_tiles("dx", dx_shape, cfg)
+                ws, cnt = _split_k_buffers(split_k, R * tiles, cfg, dx_counter, x.device)
+                _KERNELS["dx"][(tiles, R, split_k)](
+                    g5, s5, w5, dx5, ws, cnt, NG, H, W, CIN, COUT, HO, WO, max(NS, 1),
                     *w5.stride()[1:], dx5.stride(1), dx5.stride(3), dx5.stride(4),
-                    _run_stride(g5), _run_stride(s5), _run_stride(w5), _run_stride(dx5), slope, **common)
+                    _run_stride(g5), _run_stride(s5), _run_stride(w5), _run_stride(dx5), slope,
+                    **common, **_mnk_meta(cfg, split_k))
+
+            _launch("dx", dx_shape, dx_config, x.device, run_dx)
 
     if need_dw or need_db:
         wshape = lead + (COUT, CIN, KS, KS)
@@ -869,27 +924,45 @@ def conv_bwd(grad_y, x, weight, y, sign, *, weight_dtype=None, bias_dtype=None,
             if db is not None:
                 db.zero_()
         else:
-            splits, per_split = _dw_splits(NS * H * W, KS, CIN, COUT)
-            split = splits > 1
-            # fp32 partials of the in-kernel split reduction (unused when splits == 1)
-            ws = torch.empty((R, splits, COUT, CIN, KS * KS) if split else (1,), device=x.device,
-                             dtype=torch.float32)
-            wsb = torch.empty((R, splits, COUT) if split else (1,), device=x.device, dtype=torch.float32)
-            if split and dw_counter is None:
-                dw_counter = torch.zeros(dw_counter_size(KS, CIN, COUT, R), dtype=torch.int32,
-                                         device=x.device)
-            counter = dw_counter if split else ws
             dw5, db5 = _runs_view(dw, not array), _runs_view(db, not array)
+            dw_shape = launch_shape("dw", **shape)
 
-            def grid_dw(meta):
-                return (KS * KS * triton.cdiv(CIN, meta["BLOCK_CI"]), R * triton.cdiv(COUT, meta["BLOCK_CO"]),
-                        splits)
-
-            _launch("dw", dw_config, grid_dw, x5, g5, s5, dw5, db5 if db5 is not None else dw5, ws, wsb,
-                    counter, NS, H, W, CIN, COUT, HO, WO, x5.stride(1), x5.stride(3), x5.stride(4),
+            def run_dw(cfg):
+                k = cfg.kwargs
+                taps = dw_taps(KS, k["TAPS"])
+                splits, _ = dw_split_plan(NS * H * W, k["SPLITS"], k["BLOCK_P"])
+                group = k["REDUCE_GROUP"] if k["REDUCE_GROUP"] > 0 else splits  # 0: one group
+                groups = -(-splits // group)
+                if splits > 1:  # (runs, splits + groups, KS*KS, Cout, Cin) partials and group sums
+                    slot = KS * KS * COUT * CIN
+                    if (splits + groups) * slot >= 2 ** 31:
+                        raise ValueError(f"conv_block: {splits} dW splits of a {COUT}x{CIN}x{KS}x{KS} "
+                                         f"weight overflow the int32 workspace offsets; use fewer SPLITS")
+                    ws = torch.empty(R * (splits + groups) * slot, device=x.device, dtype=torch.float32)
+                    wsb = torch.empty(R * (splits + groups) * COUT, device=x.device, dtype=torch.float32)
+                    need = R * dw_counters_needed(dw_shape, cfg)
+                    counter = dw_counter
+                    if counter is None:
+                        counter = torch.zeros(need, dtype=torch.int32, device=x.device)
+                    elif counter.numel() < need or counter.dtype != torch.int32:
+                        raise ValueError(f"conv_block: dw_counter must hold >= {need} int32 zeros for "
+                                         f"config {k}, got {counter.numel()} {counter.dtype} "
+                                         f"(see dw_counter_size)")
+                else:
+                    ws = wsb = _dummy(x.device, torch.float32)
+                    counter = _dummy(x.device, torch.int32)
+                grid = ((KS * KS // taps) * triton.cdiv(CIN, k["BLOCK_CI"]),
+                        R * triton.cdiv(COUT, k["BLOCK_CO"]), splits)
+                _KERNELS["dw"][grid](
+                    x5, g5, s5, dw5, db5 if db5 is not None else dw5, ws, wsb, counter,
+                    NS, H, W, CIN, COUT, HO, WO, x5.stride(1), x5.stride(3), x5.stride(4),
                     *dw5.stride()[1:], _run_stride(x5), _run_stride(g5), _run_stride(s5),
-                    _run_stride(dw5), _run_stride(db5), per_split, slope, NEED_DB=need_db, SPLIT=split,
-                    **common)
+                    _run_stride(dw5), _run_stride(db5), group, slope,
+                    NEED_DB=need_db, SPLIT=splits > 1, **common, BLOCK_CI=k["BLOCK_CI"],
+                    BLOCK_CO=k["BLOCK_CO"], BLOCK_P=k["BLOCK_P"], TAPS=taps,
+                    num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+
+            _launch("dw", dw_shape, dw_config, x.device, run_dw)
         if not need_dw:
             dw = None
     return dx, dw, db

@@ -487,6 +487,7 @@ def conv_cost(kind: str, shape, config, gpu=None, constants: Constants = FIT) ->
         k_steps = KK * -(-kc // BK)
         k_per = -(-k_steps // split)
         split = -(-k_steps // k_per)  # ranges actually non-empty
+        chain = k_per
         ctas = tiles_m * tiles_n * split * R
         flops = 2.0 * BM * BN * BK * k_steps * tiles_m * tiles_n * R
         useful = 2.0 * M * ncols * KK * kc * R
@@ -501,12 +502,14 @@ def conv_cost(kind: str, shape, config, gpu=None, constants: Constants = FIT) ->
     elif kind == "dw":
         BCI, BCO, BP = c["BLOCK_CI"], c["BLOCK_CO"], c["BLOCK_P"]
         taps = c.get("TAPS", 1) or 1
-        if KK % taps:
-            raise ValueError(f"cost: TAPS={taps} must divide KS*KS={KK}")
+        if taps not in (1, KK) and KK > 1:
+            raise ValueError(f"cost: TAPS={taps} must be 1 or KS*KS={KK}")
+        taps = KK if taps > 1 else 1  # all taps per program (a 1x1 kernel has one), as conv_block runs it
         P = s.N * s.H * s.W
-        if c.get("SPLITS"):
-            splits = int(c["SPLITS"])
-            pps = -(-P // splits)
+        if c.get("SPLITS"):  # conv_configs.dw_split_plan: the chunks dealt in whole-chunk ranges
+            total_chunks = max(1, -(-P // BP))
+            splits = min(int(c["SPLITS"]), total_chunks)
+            pps = -(-total_chunks // splits) * BP  # the busiest split's pixels
         else:
             pps = s.pix_per_split or P
             splits = -(-P // pps)
@@ -516,6 +519,10 @@ def conv_cost(kind: str, shape, config, gpu=None, constants: Constants = FIT) ->
         chunks = -(-pps // BP)
         ctas = tap_programs * ci_tiles * co_tiles * R * splits
         k_per = chunks * taps
+        # the latency chain is one step per pixel chunk: a chunk's dz tile and its TAPS shifted u
+        # tiles are loaded together (the pipeliner prefetches them as one iteration's loads), and its
+        # TAPS independent dots are issue time (the compute term), not TAPS dependent waits
+        chain = chunks
         flops = 2.0 * BCI * BCO * BP * taps * tap_programs * ci_tiles * co_tiles * R * splits * chunks
         useful = 2.0 * P * s.CIN * s.COUT * KK * R
         g_elems = P * s.COUT  # dz elements (G read at the pooled position, the sign at full size)
@@ -545,7 +552,7 @@ def conv_cost(kind: str, shape, config, gpu=None, constants: Constants = FIT) ->
     busiest = math.ceil(ctas / gpu.sms)  # programs on the busiest SM
     terms = dict(
         launch=LAUNCH_GAP_US + constants.fixed_us,
-        latency=waves * k_per * constants.step_us,
+        latency=waves * chain * constants.step_us,
         compute=busiest * k_per * step_flops / sm_flops * 1e6,
         l2=l2 / (gpu.l2_bw * constants.l2_eff) * 1e6,
         hbm=hbm / (gpu.hbm_bw * HBM_EFF) * 1e6,
