@@ -719,18 +719,24 @@ def model_table(rows: list[dict]) -> list[dict]:
 
 def step_time_us(rows: list[dict]) -> dict:
     """A modelled step's time with the weight gradients on a side stream (rows' "stream"), in us:
-    serial (every launch after the other, one stream), critical (the two streams' schedule: a side
-    launch starts when the side stream is free and everything queued before it on the main stream
-    is done; the main stream waits for the side stream before the probe and Adam, where the engine
-    joins them), occupancy (the GPU cannot run more than one full GPU of work at a time: each
-    launch counted for its time x min(1, waves)), and step = max(critical, occupancy)."""
+    serial: every launch after the other, one stream;
+    critical: the two streams' schedule (a side launch starts when the side stream is free and
+      everything queued before it on the main stream is done; the main stream waits for the side
+      stream before the probe and Adam, where the engine joins them);
+    shared: what launches running side by side still share: no more than one GPU of programs at a
+      time (each launch's time x min(1, waves)), and the L2, HBM and tensor-core throughputs (the
+      sums of the launches' l2 / hbm / compute terms: each is the time that resource alone needs);
+    step = max(critical, shared): overlap is credited only where the GPU has room for it."""
     serial = main = side = occupancy = 0.0
+    resources = dict(l2=0.0, hbm=0.0, compute=0.0)
     for r in rows:
         t = r["time_us"]
         if not math.isfinite(t):
             continue
         serial += t
         occupancy += t * min(1.0, r.get("waves") or 1.0)
+        for k in resources:
+            resources[k] += (r.get("terms") or {}).get(k, 0.0)
         if r.get("stream") == "side":
             side = max(side, main) + t
         else:
@@ -738,7 +744,8 @@ def step_time_us(rows: list[dict]) -> dict:
                 main = max(main, side)  # the engine joins the side stream before the probe and Adam
             main += t
     critical = max(main, side)
-    return dict(serial_us=serial, critical_us=critical, occupancy_us=occupancy, step_us=max(critical, occupancy))
+    shared = max(occupancy, *resources.values())
+    return dict(serial_us=serial, critical_us=critical, shared_us=shared, step_us=max(critical, shared))
 
 
 def model_summary(rows: list[dict], *, model_to_wall: float, peak_flops: float | None = None) -> dict:
@@ -759,7 +766,7 @@ def model_summary(rows: list[dict], *, model_to_wall: float, peak_flops: float |
     total = times["step_us"]
     useful = sum(r["useful_flops"] for r in rows)
     return dict(launches=len(rows), model_us=total, serial_us=times["serial_us"],
-                critical_us=times["critical_us"], occupancy_us=times["occupancy_us"],
+                critical_us=times["critical_us"], shared_us=times["shared_us"],
                 wall_us=total / model_to_wall, model_to_wall=model_to_wall,
                 flops=sum(r["flops"] for r in rows), useful_flops=useful,
                 hbm_bytes=sum(r["hbm_bytes"] for r in rows), l2_bytes=sum(r["l2_bytes"] for r in rows),

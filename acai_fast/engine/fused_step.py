@@ -35,6 +35,7 @@ import torch
 
 from ..ops.acai_loss import LOSS_NAMES, critic_loss_fwd_runs, image_loss_fwd_runs
 from ..ops.conv_block import conv_bwd, conv_fwd, dw_counter_size, empty_activation
+from ..ops.conv_configs import split_k_counter_size
 from ..ops.mix import mix_bwd_runs, mix_fwd_runs
 from ..profiling import phase
 
@@ -85,12 +86,17 @@ class FusedACAIStep:
         # net -> its blocks as (parameter-name prefix, ConvBlock), in order
         self.nets = {net: [(f"{net}.blocks.{i}", b) for i, b in enumerate(getattr(model, net).blocks)]
                      for net in ("encoder", "decoder", "critic")}
-        self._counters = {}  # block name -> the int32 tile counters of its dW reduction
+        # block name -> the int32 tile counters of its in-launch reductions (dW's split reduction,
+        # the forward's and dx's split-K), zeroed once: every launch leaves them at zero. One set
+        # per block and kind, so that launches on the two streams never share one.
+        self._counters = {}
+        split_k = split_k_counter_size(self.runs)
         for blocks in self.nets.values():
             for name, b in blocks:
                 cout, cin, k, _ = b.weight.shape
-                self._counters[name] = torch.zeros(dw_counter_size(k, cin, cout, runs=self.runs),
-                                                   dtype=torch.int32, device=self.device)
+                zeros = lambda n: torch.zeros(n, dtype=torch.int32, device=self.device)  # noqa: E731
+                self._counters[name] = dict(dw=zeros(dw_counter_size(k, cin, cout, runs=self.runs)),
+                                            fwd=zeros(split_k), dx=zeros(split_k))
         self._loss_counters = torch.zeros(2, self.runs, dtype=torch.int32, device=self.device)
         self._side = _SideStream(self.device)
 
@@ -108,7 +114,7 @@ class FusedACAIStep:
             (w, _), (bias, _) = self._param(name, "weight"), self._param(name, "bias")
             y, sign = conv_fwd(h, w, bias, upsample_input=b.upsample_input, leaky_slope=b.leaky_slope,
                                pool_output=b.pool_output, out=out if i == len(blocks) - 1 else None,
-                               out_dtype=self.dtype)
+                               out_dtype=self.dtype, counter=self._counters[name]["fwd"])
             saved.append(_Saved(h, y if b.leaky_slope is not None and not b.pool_output else None, sign))
             h = y
         return h, saved
@@ -124,7 +130,8 @@ class FusedACAIStep:
             out, _, _ = conv_bwd(g, s.x, w, s.y, s.sign, weight_dtype=dw.dtype, bias_dtype=db.dtype,
                                  upsample_input=b.upsample_input, leaky_slope=b.leaky_slope,
                                  pool_output=b.pool_output, need_dx=dx_, need_dw=dw_, need_db=dw_,
-                                 dx_out=dx_out, dw_out=dw, db_out=db, dw_counter=self._counters[name])
+                                 dx_out=dx_out, dw_out=dw, db_out=db, dw_counter=self._counters[name]["dw"],
+                                 dx_counter=self._counters[name]["dx"])
             return out
 
         if not (need_dw and self._side.forks):
