@@ -237,7 +237,7 @@ def run_command(command, parser, args) -> int:
     checkpoint that could not be written ends with one line and its exit code, not a traceback; a
     second Ctrl-C exits 130 at once. A torchrun process group (args.distributed) is left at the end."""
     from ..checkpoint import CheckpointError
-    from ..loop import TrainingStopped
+    from ..run_control import TrainingStopped
 
     try:
         return command(parser, args)

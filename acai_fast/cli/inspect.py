@@ -87,7 +87,7 @@ def cmd_interpolate(parser, args) -> int:
 
 
 def cmd_evaluate(parser, args) -> int:
-    from ..loop import json_line
+    from ..run_control import json_line
 
     trainer = load_trainer(parser, args.checkpoint, device_arg(parser, args))
     checkpoint = checkpoint_file(parser, args.checkpoint)

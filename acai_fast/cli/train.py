@@ -154,7 +154,7 @@ def _check_resume(parser, args, trainer, checkpoint: Path) -> None:
 def cmd_train(parser, args) -> int:
     from ..checkpoint import CheckpointError
     from ..distributed import init_from_env
-    from ..loop import check_outputs, json_line
+    from ..run_control import check_outputs, json_line
     from ..trainer import ACAITrainer
 
     device = device_arg(parser, args)
