@@ -112,7 +112,6 @@ def cmd_reproduce_downstream(parser, args) -> int:
         folder = data_folder(args.data)
     except ValueError as exc:
         parser.error(str(exc))
-    output_folder(parser, "--out", args.out)  # before any work (loading the data set)
     preset = preset_for(args.dataset, args.latent)
     own = own_images(parser, args, ACAIConfig.preset(preset))  # your own images: --dataset/--latent pick the networks
     overrides, data_name = {}, None
@@ -128,6 +127,7 @@ def cmd_reproduce_downstream(parser, args) -> int:
             data = load_data(args.dataset, folder)
         except (FileNotFoundError, ValueError) as exc:
             parser.error(f"--data: {exc}")
+    output_folder(parser, "--out", args.out)  # after --data is read (bad data leaves no folder), before training
     print(f"acai-fast: reproducing the {args.task} table on {preset}: {', '.join(models)}; {args.runs} run(s) x "
           f"{args.kimg:g} kimg each; outputs in {args.out}", file=sys.stderr)
     reproduce_downstream(args.task, args.dataset, args.latent, data, args.out, models=models, kimg=args.kimg,
