@@ -19,7 +19,8 @@ from acai_fast import ACAIConfig, ACAITrainer
 from acai_fast.checkpoint import (FORMAT_VERSION, CheckpointError, load_checkpoint, save_checkpoint,
                                   temporary_path)
 from acai_fast.cli import main
-from acai_fast.loop import TrainingStopped, _StopSignals
+from acai_fast.loop import TrainingStopped
+from acai_fast.run_control import StopSignals
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = dict(depth=4, latent=3, latent_width=8, advdepth=5, batch=6)
@@ -264,7 +265,7 @@ def python_sigint():
 def test_a_signal_finishes_the_step_writes_a_checkpoint_and_stops(tmp_path, python_sigint, monkeypatch):
     # The two signals are sent back to back; on a machine stalled for a second between them the
     # second would count as a human's second Ctrl-C: the test widens the debounce window.
-    monkeypatch.setattr(_StopSignals, "DEBOUNCE_S", 60.0)
+    monkeypatch.setattr(StopSignals, "DEBOUNCE_S", 60.0)
     trainer = tiny_trainer(seed=4)
     x, y = images()
 
