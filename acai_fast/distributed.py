@@ -98,6 +98,9 @@ class Distributed:
     def gradient_average(self, params) -> "GradientAverage":
         return GradientAverage(params, self)
 
+    def flat_gradient_average(self, storage: torch.Tensor, flags: int = 1) -> "FlatGradientAverage":
+        return FlatGradientAverage(storage, flags, self)
+
     def agree(self, *flags: int) -> tuple[int, ...]:
         """The maximum of each integer flag over all ranks (a collective: every rank calls it at the
         same point). Host-side, over gloo: it never waits for the GPU."""
@@ -172,9 +175,36 @@ def init_from_env(device=None, timeout_minutes: float = 30.0) -> Distributed | N
                        group=None, control_group=control)
 
 
+class FlatGradientAverage:
+    """Averages a flat fp32 gradient buffer over the ranks in place: `storage` holds the gradients
+    followed by `flags` slots (the trainer's acai_fast.parameters.RunParameters.grad_storage: every
+    run's gradients, then one flag per run, e.g. "this run's losses are not finite"), which are
+    summed with the gradients, so every rank learns whether any rank raised a flag without a second
+    collective. One all_reduce (SUM) and one scale of the gradients by 1/world_size: capturable in
+    a CUDA graph by design (not run on a GPU here: unmeasured, see the module docstring)."""
+
+    def __init__(self, storage: torch.Tensor, flags: int, distributed: Distributed):
+        if storage.dtype != torch.float32 or storage.dim() != 1 or not storage.is_contiguous():
+            raise ValueError("gradient averaging expects one contiguous 1-D fp32 buffer")
+        self.storage, self.flags, self.distributed = storage, int(flags), distributed
+        self.flag = storage[storage.numel() - self.flags:]
+
+    def __call__(self, flag: torch.Tensor | None = None) -> torch.Tensor:
+        """Average the gradients in place over the ranks; returns the flags summed over the ranks
+        (a (flags,) fp32 view into the buffer, > 0 where any rank passed a nonzero flag)."""
+        if flag is None:
+            self.flag.zero_()
+        else:
+            self.flag.copy_(flag.reshape(self.flags))
+        dist.all_reduce(self.storage, op=dist.ReduceOp.SUM, group=self.distributed.group)
+        self.storage[:self.storage.numel() - self.flags].mul_(1.0 / self.distributed.world_size)
+        return self.flag  # a view: valid until the next call rewrites the buffer
+
+
 class GradientAverage:
     """Averages the .grad of a fixed list of fp32 parameters over the ranks: copy every gradient into
-    one persistent flat buffer, one all_reduce (SUM), one scale by 1/world_size, copy back.
+    one persistent flat buffer, FlatGradientAverage on it, copy back. (The trainer keeps its
+    gradients in a flat buffer already and uses FlatGradientAverage directly.)
 
     The buffer segments take each parameter's own memory layout (channels_last stays
     channels_last), so both copies are plain memory copies; a parameter without a gradient (the
@@ -201,7 +231,7 @@ class GradientAverage:
                     else self.flat[offset:offset + p.numel()].view(p.shape))
             self.views.append(view)
             offset += p.numel()
-        self.flag = self.flat[total:]  # (1,)
+        self._average = FlatGradientAverage(self.flat, 1, distributed)
 
     def __call__(self, flag: torch.Tensor | None = None) -> torch.Tensor:
         """Average the gradients in place over the ranks; returns the flag summed over the ranks
@@ -217,12 +247,6 @@ class GradientAverage:
         torch._foreach_copy_(views, grads)
         if absent:
             torch._foreach_zero_(absent)
-        if flag is None:
-            self.flag.zero_()
-        else:
-            self.flag.copy_(flag.reshape(1))
-        world = self.distributed.world_size
-        dist.all_reduce(self.flat, op=dist.ReduceOp.SUM, group=self.distributed.group)
-        self.flat[:-1].mul_(1.0 / world)  # the gradients; the flag slot stays a sum
+        summed = self._average(flag)
         torch._foreach_copy_(grads, views)
-        return self.flag[0]  # a view: valid until the next call rewrites the buffer
+        return summed[0]  # a view: valid until the next call rewrites the buffer

@@ -1,7 +1,7 @@
 """Does the fused backend train as well as the reference? Lines preset, same seeds and length on
 both backends, the paper's metrics (Mean Distance, Mean Smoothness) at the end, compared against the
 run-to-run noise of the reference. The check that lets `backend="auto"` pick the fused engine on a
-GPU (acai_fast.trainer.AUTO_PICKS_FUSED).
+GPU (acai_fast.options.AUTO_PICKS_FUSED).
 
     python scripts/compare_quality.py [--kimg 256] [--seeds 0,1] [--json out.json]
 

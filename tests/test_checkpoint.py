@@ -20,6 +20,7 @@ from acai_fast.checkpoint import (FORMAT_VERSION, CheckpointError, load_checkpoi
                                   temporary_path)
 from acai_fast.cli import main
 from acai_fast.loop import TrainingStopped
+from acai_fast.run_control import StopSignals
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = dict(depth=4, latent=3, latent_width=8, advdepth=5, batch=6)
@@ -252,7 +253,19 @@ def test_nonfinite_loss_skip_policy_skips_that_update_only(tmp_path):
     assert int(trainer.optimizer.state[p]["step"]) == 4  # Adam took 4 of the 5 steps
 
 
-def test_a_signal_finishes_the_step_writes_a_checkpoint_and_stops(tmp_path):
+@pytest.fixture
+def python_sigint():
+    """SIGINT handled as Python's default (KeyboardInterrupt) for the test, whatever the launcher did:
+    a shell starts background jobs with SIGINT ignored, and Python then keeps it ignored."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)
+
+
+def test_a_signal_finishes_the_step_writes_a_checkpoint_and_stops(tmp_path, python_sigint, monkeypatch):
+    # The two signals are sent back to back; on a machine stalled for a second between them the
+    # second would count as a human's second Ctrl-C: the test widens the debounce window.
+    monkeypatch.setattr(StopSignals, "DEBOUNCE_S", 60.0)
     trainer = tiny_trainer(seed=4)
     x, y = images()
 
@@ -270,7 +283,7 @@ def test_a_signal_finishes_the_step_writes_a_checkpoint_and_stops(tmp_path):
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handlers given back
 
 
-def test_a_second_ctrl_c_exits_at_once(tmp_path):
+def test_a_second_ctrl_c_exits_at_once(tmp_path, python_sigint):
     trainer = tiny_trainer(seed=4)
 
     def second_ctrl_c(module, args):

@@ -71,14 +71,17 @@ def test_step_gradients_match_hand_written_step():
         assert_close(p.grad, g, atol=1e-7, rtol=1e-5, name=f"critic param {i} grad")
     for i, (p, g) in enumerate(zip(trainer.probe.parameters(), probe_g)):
         assert_close(p.grad, g, atol=1e-7, rtol=1e-5, name=f"probe param {i} grad")
-    # One Adam step from those gradients (first step: every parameter moves by ~lr).
+    # One Adam step from the trainer's own gradients (checked above against the hand-written ones;
+    # feeding the hand-written ones instead would let a gradient element within rounding noise of
+    # 0 flip the sign of Adam's first step, ~lr * sign(g)). Same gradients, same formula: the two
+    # differ by the rounding of the update (a few ulp of p): rtol 1e-6 and a floor far below lr.
     reference = [b.clone().requires_grad_() for b in before]
     opt = torch.optim.Adam(reference, lr=trainer.config.lr, betas=(0.9, 0.999), eps=1e-8)
-    for r, g in zip(reference, ae_g):
-        r.grad = g
+    for r, p in zip(reference, trainer.ae_params):
+        r.grad = p.grad.clone()
     opt.step()
     for i, (p, r) in enumerate(zip(trainer.ae_params, reference)):
-        assert_close(p, r, atol=1e-7, rtol=1e-6, name=f"ae param {i} after Adam")
+        assert_close(p, r, atol=1e-9, rtol=1e-6, name=f"ae param {i} after Adam")
 
 
 def test_losses_are_the_spec_losses():
@@ -229,14 +232,22 @@ def test_fit_resumes_where_it_stopped(tmp_path):
 
 
 def test_gradients_reach_adam_in_the_parameters_layout():
-    """Fused Adam reads a gradient in its parameter's memory order: a channels_last weight (as a
-    fused checkpoint leaves its moments, or a user's model) still gets exactly the reference update."""
+    """A weight whose .data a user re-laid out (channels_last) still gets the reference update: the
+    trainer copies it back into its flat buffer and Adam reads the gradient in the buffer's layout.
+    The channels_last weight runs another conv kernel, so the gradients differ by rounding: the
+    updates are compared as in test_trainer_fused.compare_step: exact where the gradient is well
+    above that noise, within 2 lr elsewhere (Adam's first step is ~lr * sign(g))."""
     a, b = tiny_trainer(seed=2), tiny_trainer(seed=2)
     w = b.encoder.blocks[1].weight
     w.data = w.data.contiguous(memory_format=torch.channels_last)
+    before = [p.detach().clone() for p in a.model.parameters()]
     x, labels = batch()
     a.step(x, labels)
     b.step(x, labels)
     assert b.encoder.blocks[1].weight.grad.stride() == w.stride()
-    for (name, pa), pb in zip(a.model.named_parameters(), b.model.parameters()):
-        assert_close(pb, pa, atol=1e-7, rtol=1e-6, name=name)
+    lr = a.config.lr
+    for (name, pa), pb, p0 in zip(a.model.named_parameters(), b.model.parameters(), before):
+        assert_close(pb.grad, pa.grad, atol=1e-4 * float(pa.grad.abs().max()), rtol=1e-4, name=f"{name}.grad")
+        well = pa.grad.abs() > 1e-3 * pa.grad.abs().max()
+        assert_close((pb - p0)[well], (pa - p0)[well], atol=1e-3 * lr, rtol=0, name=f"{name} update")
+        assert float((pb - pa).abs().max()) <= 2.01 * lr, name

@@ -20,20 +20,22 @@ Backward:
     decoder: input and weight gradients over the 2N images [ae; x_mix]
     mix backward: dz = g_z[:, :N] + mix_bwd(g_z[:, N:]) (accumulated in place: one launch)
     encoder: weight gradients, and input gradients where a block has a predecessor
-    (The trainer then runs Adam, PyTorch's fused one, over both groups and the probe.)
-The weight gradients are written, split reduction included, straight into the parameters'
-persistent fp32 .grad tensors; the kernels read the fp32 master weights (kept channels_last) and
-cast them as they load, so no cast, copy, concatenation or gradient sum runs as a launch of its own.
+    (The trainer then runs Adam, one launch over the flat buffers of both groups and the probe.)
+The weight gradients are written, split reduction included, straight into the parameters' fp32
+gradient views (acai_fast.parameters); the kernels read the weights channels_last, as the bf16
+copy Adam writes (fp32 master weights for an fp32 step), and cast as they load, so no cast, copy,
+concatenation or gradient sum runs as a launch of its own.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
-from typing import Callable
 
 import torch
 
-from ..ops.acai_loss import critic_loss_fwd_runs, image_loss_fwd_runs
+from ..ops.acai_loss import LOSS_NAMES, critic_loss_fwd_runs, image_loss_fwd_runs
 from ..ops.conv_block import conv_bwd, conv_fwd, dw_counter_size, empty_activation
+from ..ops.conv_configs import split_k_counter_size
 from ..ops.mix import mix_bwd_runs, mix_fwd_runs
 from ..profiling import phase
 
@@ -56,30 +58,21 @@ def _nhwc(t: torch.Tensor) -> torch.Tensor:
     return t.permute(0, 1, 3, 4, 2)
 
 
-def channels_last_like(t: torch.Tensor) -> torch.Tensor:
-    """The values of a conv weight (Cout, Cin, k, k) or an array's (R, Cout, Cin, k, k), laid out
-    with Cin contiguous in each run (coalesced weight tiles for the kernels)."""
-    if t.dim() == 4:
-        return t.contiguous(memory_format=torch.channels_last)
-    return t.permute(0, 1, 3, 4, 2).contiguous().permute(0, 1, 4, 2, 3)
-
-
 class FusedACAIStep:
-    """The fused ACAI step of one model's runs.
+    """The fused ACAI step of K runs of one model (one run is the array of one).
 
-    model: the ACAI model (its block structure; and, for one run, its parameters).
-    stacked: for an array of R runs, {parameter name: (R, ...) tensor with a persistent .grad of
-        the same layout} (conv weights channels_last per run); None: one run, the model's own
-        parameters (given persistent .grad tensors and channels_last weights here).
-    alpha_states: the (R, 3) int64 Philox states (one run: a (1, 3) view of the trainer's state).
-    advweight, reg: floats, or fp32 (R,) tensors when they differ between runs.
-    on_layout_change: called after the parameters' layout changed (the trainer re-lays Adam's state).
-    The per-step outputs of an array have a leading run axis; one run's do not.
+    model: the ACAI model (its block structure). params: the trainer's acai_fast.parameters.
+        RunParameters: (K, ...) views over the runs of every parameter (conv weights channels_last
+        per run) and of its gradient, which the kernels write in place; the kernels read the conv
+        weights from `params.kernel_weights` (the bf16 copy Adam refreshes for a bf16 step, else
+        the fp32 values) and the biases in fp32.
+    alpha_states: the (K, 3) int64 Philox states.
+    advweight, reg: floats, or fp32 (K,) tensors when they differ between runs.
+    Every per-step input and output has a leading run axis.
     Holds the tile counters of the weight-gradient reductions and the loss reductions (zeroed once;
     every launch leaves them at zero)."""
 
-    def __init__(self, model, *, dtype, device, alpha_states, advweight, reg, stacked=None,
-                 on_layout_change: Callable[[], None] | None = None):
+    def __init__(self, model, *, dtype, device, alpha_states, advweight, reg, params):
         self.model = model
         self.config = model.config
         self.dtype = dtype
@@ -87,72 +80,65 @@ class FusedACAIStep:
         self.alpha_states = alpha_states
         self.runs = alpha_states.shape[0]
         self.advweight, self.reg = advweight, reg
-        self.stacked = stacked
-        self.on_layout_change = on_layout_change
+        self.params = params
         # The mix/loss ops: CUDA or Triton on a GPU (their own choice); Triton (interpreted) on the CPU.
         self.op_backend = "auto" if self.device.type == "cuda" else "triton"
         # net -> its blocks as (parameter-name prefix, ConvBlock), in order
         self.nets = {net: [(f"{net}.blocks.{i}", b) for i, b in enumerate(getattr(model, net).blocks)]
                      for net in ("encoder", "decoder", "critic")}
-        if stacked is None:
-            self.reload_parameters()
-        self._counters = {}  # block name -> the int32 tile counters of its dW reduction
+        # block name -> the int32 tile counters of its in-launch reductions (dW's split reduction,
+        # the forward's and dx's split-K), zeroed once: every launch leaves them at zero. One set
+        # per block and kind, so that launches on the two streams never share one.
+        self._counters = {}
+        split_k = split_k_counter_size(self.runs)
         for blocks in self.nets.values():
             for name, b in blocks:
                 cout, cin, k, _ = b.weight.shape
-                self._counters[name] = torch.zeros(dw_counter_size(k, cin, cout, runs=self.runs),
-                                                   dtype=torch.int32, device=self.device)
+                zeros = lambda n: torch.zeros(n, dtype=torch.int32, device=self.device)  # noqa: E731
+                self._counters[name] = dict(dw=zeros(dw_counter_size(k, cin, cout, runs=self.runs)),
+                                            fwd=zeros(split_k), dx=zeros(split_k))
         self._loss_counters = torch.zeros(2, self.runs, dtype=torch.int32, device=self.device)
+        self._side = _SideStream(self.device)
 
-    def reload_parameters(self) -> None:
-        """One run: lay the conv weights out channels_last (Cin contiguous: coalesced weight tiles)
-        and give every parameter a persistent .grad that the kernels write in place. Call after the
-        parameters were replaced (a loaded checkpoint keeps the layout: load_state_dict copies)."""
-        if self.stacked is not None:
-            return
-        with torch.no_grad():
-            for blocks in self.nets.values():
-                for _, block in blocks:
-                    w = block.weight
-                    if not w.is_contiguous(memory_format=torch.channels_last):
-                        w.data = channels_last_like(w.data)
-                    for p in (block.weight, block.bias):
-                        if p.grad is None or p.grad.stride() != p.stride():
-                            p.grad = torch.zeros_like(p)
-        if self.on_layout_change is not None:
-            self.on_layout_change()
-
-    def _param(self, name: str, block, which: str):
-        """(value, grad) of a block's weight or bias with a leading run axis."""
-        if self.stacked is None:
-            p = getattr(block, which)
-            return p.unsqueeze(0), p.grad.unsqueeze(0)
-        p = self.stacked[f"{name}.{which}"]
-        return p, p.grad
+    def _param(self, name: str, which: str):
+        """(what the kernels read, the gradient) of a block's weight or bias, with the run axis."""
+        key = f"{name}.{which}"
+        value = self.params.kernel_weights[key] if which == "weight" else self.params.stacked[key]
+        return value, self.params.stacked_grads[key]
 
     # ------------------------------------------------------------------ building blocks
     def _forward(self, blocks, h, out=None) -> tuple[torch.Tensor, list[_Saved]]:
         """Run a chain of blocks on h; the last block writes into `out` when given."""
         saved = []
         for i, (name, b) in enumerate(blocks):
-            (w, _), (bias, _) = self._param(name, b, "weight"), self._param(name, b, "bias")
+            (w, _), (bias, _) = self._param(name, "weight"), self._param(name, "bias")
             y, sign = conv_fwd(h, w, bias, upsample_input=b.upsample_input, leaky_slope=b.leaky_slope,
                                pool_output=b.pool_output, out=out if i == len(blocks) - 1 else None,
-                               out_dtype=self.dtype)
+                               out_dtype=self.dtype, counter=self._counters[name]["fwd"])
             saved.append(_Saved(h, y if b.leaky_slope is not None and not b.pool_output else None, sign))
             h = y
         return h, saved
 
     def _block_bwd(self, entry, s: _Saved, g, *, need_dx=True, need_dw=True, dx_out=None):
-        """One block's backward; entry: (name, ConvBlock) as in self.nets."""
+        """One block's backward; entry: (name, ConvBlock) as in self.nets. On a GPU the weight
+        gradient runs on the side stream (only Adam waits for it), the input gradient on the
+        current stream, where the next block's backward waits for it."""
         name, b = entry
-        (w, dw), (bias, db) = self._param(name, b, "weight"), self._param(name, b, "bias")
-        dx, _, _ = conv_bwd(g, s.x, w, s.y, s.sign, weight_dtype=w.dtype, bias_dtype=bias.dtype,
-                            upsample_input=b.upsample_input, leaky_slope=b.leaky_slope,
-                            pool_output=b.pool_output, need_dx=need_dx, need_dw=need_dw,
-                            need_db=need_dw, dx_out=dx_out, dw_out=dw, db_out=db,
-                            dw_counter=self._counters[name])
-        return dx
+        (w, dw), (_, db) = self._param(name, "weight"), self._param(name, "bias")
+
+        def run(dx_, dw_):
+            out, _, _ = conv_bwd(g, s.x, w, s.y, s.sign, weight_dtype=dw.dtype, bias_dtype=db.dtype,
+                                 upsample_input=b.upsample_input, leaky_slope=b.leaky_slope,
+                                 pool_output=b.pool_output, need_dx=dx_, need_dw=dw_, need_db=dw_,
+                                 dx_out=dx_out, dw_out=dw, db_out=db, dw_counter=self._counters[name]["dw"],
+                                 dx_counter=self._counters[name]["dx"])
+            return out
+
+        if not (need_dw and self._side.forks):
+            return run(need_dx, need_dw)
+        with self._side.fork(g, s.x, s.y, s.sign):
+            run(False, True)
+        return run(True, False) if need_dx else None
 
     def _backward(self, blocks, saved, g, *, first_dx=True):
         """Input and weight gradients of a chain from g = dL/d(output); the first block's input
@@ -162,24 +148,32 @@ class FusedACAIStep:
         return g
 
     # ------------------------------------------------------------------ the step
-    def gradients(self, x: torch.Tensor):
-        """The forward and backward of one ACAI step on x ((R,) N, colors, 32, 32) fp32: writes every
-        conv parameter's .grad (each objective's gradient into its own parameters) and returns
-        ({loss_ae, loss_ae_disc, loss_disc, loss_disc_real}, z) with z the ((R,) N, latent, w, w)
-        latent. The trainer then steps Adam."""
-        single = self.stacked is None
-        if single:
-            x = x.contiguous(memory_format=torch.channels_last).unsqueeze(0)  # fp32: the exact target
+    def gradients(self, x: torch.Tensor, terms=None):
+        """The forward and backward of one ACAI step on x (K, N, colors, 32, 32) fp32, channels_last
+        per run: writes every conv parameter's gradient (each objective's gradient into its own
+        parameters) and returns ({loss_ae, loss_ae_disc, loss_disc, loss_disc_real} as (K,)
+        tensors, z) with z the (K, N, latent, w, w) latent. The trainer then steps Adam.
+
+        terms: None (the step), or a subset of LOSS_NAMES: the gradients of those terms of the two
+        objectives alone (advweight * loss_ae_disc for "loss_ae_disc"), for tests that compare each
+        term on its own scale: the upstream gradients of the other terms are zeroed after the
+        forward (one extra launch each), the backward schedule is unchanged."""
+        if terms is not None and not set(terms) <= set(LOSS_NAMES):
+            raise ValueError(f"terms must be a subset of {LOSS_NAMES}, got {sorted(terms)}")
         with phase("forward"):  # profiler marks (acai_fast.profiling); nearly free otherwise
             f = self._forward_pass(x)
+        if terms is not None:
+            n = f.n
+            upstream = dict(loss_ae=f.g_dec[:, :n], loss_disc=f.g_crit[:, :n],
+                            loss_disc_real=f.g_crit[:, n:2 * n], loss_ae_disc=f.g_crit[:, 2 * n:])
+            for name, g in upstream.items():
+                if name not in terms:
+                    g.zero_()
         with phase("backward"):
             self._backward_pass(f)
         losses = dict(loss_ae=f.img.loss_ae, loss_ae_disc=f.crit.loss_ae_disc, loss_disc=f.crit.loss_disc,
                       loss_disc_real=f.crit.loss_disc_real)
-        z = f.zz[:, :f.n]
-        if single:
-            return {k: v[0] for k, v in losses.items()}, z[0]
-        return losses, z
+        return losses, f.zz[:, :f.n]
 
     def _forward_pass(self, x) -> "_Forward":
         cfg, dt, dev, ops, R = self.config, self.dtype, self.device, self.op_backend, self.runs
@@ -204,7 +198,8 @@ class FusedACAIStep:
 
     def _backward_pass(self, f: "_Forward") -> None:
         """The critic (both objectives' input gradients, the critic's weight gradients), then the
-        decoder on [ae; x_mix], the mix, the encoder."""
+        decoder on [ae; x_mix], the mix, the encoder; the weight gradients join the current stream
+        at the end (before the probe and Adam)."""
         n, critic = f.n, self.nets["critic"]
         g = f.g_crit
         for i in range(len(critic) - 1, 0, -1):
@@ -215,6 +210,38 @@ class FusedACAIStep:
         g_z = self._backward(self.nets["decoder"], f.dec_saved, f.g_dec)
         mix_bwd_runs(_nhwc(g_z[:, n:]), f.alpha, dz=_nhwc(g_z[:, :n]), backend=self.op_backend)
         self._backward(self.nets["encoder"], f.enc_saved, g_z[:, :n], first_dx=False)
+        self._side.join()
+
+
+class _SideStream:
+    """A second CUDA stream for the weight gradients, so that the chain of input gradients (each
+    block's dx waits for the next block's) does not also wait for every dW (the modelled critical
+    path of a lines step loses ~0.16 ms of 0.9, ANCHORS.md). `fork(*tensors)` runs its body on the
+    side stream after everything queued so far on the current one, holding the tensors it reads
+    until `join()`, which makes the current stream wait for the side stream (inside a CUDA-graph
+    capture: a forked and re-joined capture, as PyTorch requires). No streams on the CPU: the body
+    runs in place and the order is the eager one. Nothing numerical changes: the same launches on
+    the same inputs, each dW still writing its own gradient with its own tile counters."""
+
+    def __init__(self, device: torch.device):
+        self.stream = torch.cuda.Stream(device) if device.type == "cuda" else None
+        self._held = []
+
+    @property
+    def forks(self) -> bool:
+        return self.stream is not None
+
+    @contextlib.contextmanager
+    def fork(self, *tensors):
+        self.stream.wait_stream(torch.cuda.current_stream(self.stream.device))
+        self._held.extend(t for t in tensors if t is not None)
+        with torch.cuda.stream(self.stream):
+            yield
+
+    def join(self) -> None:
+        if self.stream is not None:
+            torch.cuda.current_stream(self.stream.device).wait_stream(self.stream)
+            self._held.clear()  # freed after the wait: later work on this stream is ordered after it
 
 
 @dataclasses.dataclass

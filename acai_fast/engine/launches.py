@@ -245,8 +245,12 @@ def parameter_names(trainer) -> dict[int, str]:
     model's and the probe's parameters; an array: its stacked tensors), layer names without the
     trailing .weight / .bias ("encoder.blocks.0", "probe.dense")."""
     items = []
+    params = getattr(trainer, "parameters", None)  # acai_fast.parameters.RunParameters
     stacked = getattr(trainer, "stacked", None)
-    if isinstance(stacked, dict):
+    if params is not None and hasattr(params, "stacked_grads"):
+        for group in (params.stacked, params.stacked_grads, params.kernel_weights):
+            items += list(group.items())
+    elif isinstance(stacked, dict):
         items += list(stacked.items())
     else:
         model = getattr(trainer, "model", None)
@@ -282,9 +286,13 @@ def trace_launches(trainer, x: torch.Tensor, labels: torch.Tensor | None = None,
         if engine is None or old_dtype is None:
             raise ValueError("trace_launches: dtype= needs a trainer with a fused engine (backend='fused')")
     graphs, trainer.graphs = trainer.graphs, None
+    lowp = contextlib.nullcontext()
+    if dtype is not None and dtype != torch.float32 and hasattr(trainer, "parameters"):
+        lowp = trainer.parameters.lowp_copy(dtype)  # the kernels then read the weights as a GPU would
     try:
         if dtype is not None:
             engine.dtype = dtype
+        lowp.__enter__()
         for _ in range(warmup):
             with counting_launches(dry_run):
                 trainer.step(x, labels)
@@ -292,6 +300,7 @@ def trace_launches(trainer, x: torch.Tensor, labels: torch.Tensor | None = None,
         with counting_launches(dry_run, recorder=recorder) as count:
             trainer.step(x, labels)
     finally:
+        lowp.__exit__(None, None, None)
         trainer.graphs = graphs
         if dtype is not None:
             engine.dtype = old_dtype
@@ -454,8 +463,10 @@ def _launch_cost(launch: Launch, gpu, policy: str):
 def model_launches(trace: LaunchTrace, gpu="h100", *, configs: str = "chooser",
                    exclude: tuple = CPU_ONLY_OPS) -> list[dict]:
     """The modelled cost of every launch of a trace on `gpu` (acai_fast.ops.cost): one dict per
-    launch, in order: index, layer, pass, kernel, shape, config, config_source, ctas, waves, flops
-    (issued), useful_flops, hbm_bytes, l2_bytes, smem, time_us, bound, terms. Conv launches get the config
+    launch, in order: index, layer, pass, stream, kernel, shape, config, config_source, ctas, waves,
+    flops (issued), useful_flops, hbm_bytes, l2_bytes, smem, time_us, bound, terms. stream: "side"
+    for the conv weight gradients, which the fused engine runs on a second CUDA stream on a GPU
+    (engine.fused_step._SideStream; a CPU trace runs them in order), else "main". Conv launches get the config
     `target_config(..., policy=configs)` gives for that GPU. aten ops in `exclude` (the CPU-only
     input checks) are left out."""
     rows = []
@@ -463,7 +474,9 @@ def model_launches(trace: LaunchTrace, gpu="h100", *, configs: str = "chooser",
         if launch.source == "torch" and launch.kernel in exclude:
             continue
         c, shape, config, source = _launch_cost(launch, gpu, configs)
-        rows.append({"index": len(rows), "layer": launch.layer or "", "pass": _pass_name(launch),
+        pass_name = _pass_name(launch)
+        rows.append({"index": len(rows), "layer": launch.layer or "", "pass": pass_name,
+                     "stream": "side" if pass_name == "dW" else "main",
                      "kernel": launch.kernel, "shape": shape, "config": config, "config_source": source,
                      "ctas": c.ctas, "waves": round(c.waves, 3), "flops": c.flops, "useful_flops": c.useful_flops,
                      "hbm_bytes": c.hbm_bytes, "l2_bytes": c.l2_bytes, "smem": c.smem, "time_us": c.time_us,

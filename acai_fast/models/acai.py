@@ -10,10 +10,10 @@ import torch
 import torch.nn.functional as F
 
 from ..networks import Critic, autoencoder
+from ..ops.acai_loss import LOSS_NAMES  # noqa: F401 (the names of the logged losses)
 from ..ops.mix import draw_alpha
 from .base import Model, Randomness, StepOutput
 
-LOSS_NAMES = ("loss_ae", "loss_ae_disc", "loss_disc", "loss_disc_real")
 
 
 class ACAI(Model):

@@ -27,6 +27,10 @@ _ext.fix_triton_interpreter()
 DTYPES = (torch.float32, torch.bfloat16)
 
 
+# The four logged ACAI losses, in the order the tables and metrics print them.
+LOSS_NAMES = ("loss_ae", "loss_ae_disc", "loss_disc", "loss_disc_real")
+
+
 class ImageLoss(NamedTuple):
     """Outputs of the image pass: loss_ae (0-d float32), d_ae = d loss_ae / d ae (ae's dtype and
     shape) and x_real = ae + reg * (x - ae) (ae's dtype and shape), the critic's "real" input."""

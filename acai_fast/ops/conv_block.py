@@ -809,7 +809,8 @@ def conv_fwd(x, weight, bias, *, upsample_input=False, leaky_slope=0.2, pool_out
     if not array:
         x = x.contiguous(memory_format=torch.channels_last)  # no copy when it already is
     runs = x.shape[0] if array else None
-    bias = bias.contiguous() if bias is not None else None
+    if bias is not None and bias.stride(-1) != 1:  # per-run rows of any run stride are read in place
+        bias = bias.contiguous()
     N, CIN, HX, WX = x.shape[-4:]
     COUT, _, KS, _ = weight.shape[-4:]
     H, W = (2 * HX, 2 * WX) if upsample_input else (HX, WX)

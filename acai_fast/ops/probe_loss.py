@@ -60,6 +60,7 @@ def probe_loss_ref(z, weight, bias, labels, *, upcast: bool = True) -> ProbeLoss
 @triton.jit
 def _probe_loss_kernel(Z_ptr, W_ptr, B_ptr, L_ptr, DW_ptr, DB_ptr, Out_ptr, WS_ptr, WSS_ptr, Counter_ptr,
                        N, C, D, HW, WD, D_CHUNK, stride_zn, stride_zc, stride_zh, stride_zw, stride_zr,
+                       stride_wr, stride_br, stride_dwr, stride_dbr,
                        BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr):
     """Program (row block i, feature chunk j, run r). Rows R_i = [i*BLOCK_N, (i+1)*BLOCK_N) of N:
     logits = z[R_i] @ W^T + b over all of D in BLOCK_D chunks (z gathered through its strides:
@@ -75,18 +76,19 @@ def _probe_loss_kernel(Z_ptr, W_ptr, B_ptr, L_ptr, DW_ptr, DB_ptr, Out_ptr, WS_p
     row blocks in order 0, 1, ... (and for j = 0 the losses, accuracies and db), writes them, and
     resets the counter to 0. The result depends on the shapes only, never on which program
     finished last. Out = [mean loss, accuracy] per run.
-    Runs: grid axis 2, each with its own latent rows (run stride), labels, dense layer, outputs,
-    partials and counters (contiguous per run)."""
+    Runs: grid axis 2, each with its own latent rows, labels, dense layer, outputs, partials and
+    counters; the dense layer and its gradients are contiguous within a run, with run strides as
+    arguments (the trainer's probe parameters are views of rows of its flat buffers)."""
     pid_n = tl.program_id(0)
     pid_d = tl.program_id(1)
     run = tl.program_id(2).to(tl.int64)
     num_n = tl.num_programs(0)
     Z_ptr += run * stride_zr
-    W_ptr += run * C * D
-    B_ptr += run * C
+    W_ptr += run * stride_wr
+    B_ptr += run * stride_br
     L_ptr += run * N
-    DW_ptr += run * C * D
-    DB_ptr += run * C
+    DW_ptr += run * stride_dwr
+    DB_ptr += run * stride_dbr
     Out_ptr += run * 2
     WS_ptr += run * num_n * C * D
     WSS_ptr += run * num_n * (2 * BLOCK_C)
@@ -205,6 +207,11 @@ def _default_counter(device: torch.device, size: int) -> torch.Tensor:
     return counter
 
 
+def _runs_contiguous(t: torch.Tensor) -> bool:
+    """Every run t[r] of an (R, ...) tensor is contiguous (any run stride)."""
+    return all(t[r].is_contiguous() for r in range(t.shape[0]))
+
+
 def _check_inputs(z, weight, bias, labels, runs=None):
     op = "probe_loss"
     for name, t in (("z", z), ("weight", weight), ("bias", bias), ("labels", labels)):
@@ -237,8 +244,8 @@ def probe_loss(z: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, labels
     (N, D) in any layout, the dense layer (weight (classes, D), bias) and integer labels, in one
     launch. d_weight_out / d_bias_out: contiguous fp32 tensors to write the gradients into (e.g.
     the probe parameters' persistent .grad). runs=True: an array of R runs, every argument with a
-    leading run axis (z (R, N, ...) with any run stride, weight (R, classes, D) contiguous, labels
-    (R, N)); losses and accuracies come out (R,). backend: "auto" (triton for CUDA tensors, else
+    leading run axis (z (R, N, ...) with any run stride; weight (R, classes, D), bias and the
+    gradient outputs contiguous within each run, any run stride; labels (R, N)); losses and accuracies come out (R,). backend: "auto" (triton for CUDA tensors, else
     reference), "triton" (CUDA, or the CPU interpreter) or "reference". counter: int32 zeros of at
     least `counter_size(R)` elements on z's device that the launch uses for its in-kernel reduction
     and leaves at zero; default: one per device that this module keeps (safe for launches on one
@@ -267,11 +274,13 @@ def probe_loss(z: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, labels
     classes = weight.shape[-2]
     z5 = z5 if z5.dim() == 5 else z5.reshape(*z5.shape[:2], -1, 1, 1)  # (R, N, D) -> (R, N, D, 1, 1)
     _, _, ch, h, w = z5.shape
-    if not (dw.is_contiguous() and dw.shape == weight.shape and dw.dtype == torch.float32
-            and db.is_contiguous() and db.shape == bias.shape and db.dtype == torch.float32):
-        raise ValueError("probe_loss: d_weight_out / d_bias_out must be contiguous fp32 tensors of the "
-                         "parameters' shapes")
-    weight, bias = weight.contiguous(), bias.contiguous()
+    w3, b2, dw3, db2 = (t if runs else t.unsqueeze(0) for t in (weight, bias, dw, db))
+    if not (_runs_contiguous(dw3) and dw.shape == weight.shape and dw.dtype == torch.float32
+            and _runs_contiguous(db2) and db.shape == bias.shape and db.dtype == torch.float32):
+        raise ValueError("probe_loss: d_weight_out / d_bias_out must be fp32 tensors of the parameters' "
+                         "shapes, contiguous within each run")
+    w3 = w3 if _runs_contiguous(w3) else w3.contiguous()
+    b2 = b2 if _runs_contiguous(b2) else b2.contiguous()
     R = z5.shape[0]
     if counter is None:
         counter = _default_counter(z.device, counter_size(R))
@@ -285,8 +294,9 @@ def probe_loss(z: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, labels
     partials = torch.empty(R * row_blocks * classes * d, dtype=torch.float32, device=z.device)
     sums = torch.empty(R * row_blocks * 2 * block_c, dtype=torch.float32, device=z.device)
     with torch.cuda.device(z.device) if z.is_cuda else contextlib.nullcontext():
-        _probe_loss_kernel[(row_blocks, chunks, R)](z5, weight, bias, labels, dw, db, out, partials, sums, counter,
+        _probe_loss_kernel[(row_blocks, chunks, R)](z5, w3, b2, labels, dw3, db2, out, partials, sums, counter,
                                                     n, classes, d, h * w, w, d_chunk, *z5.stride()[1:],
-                                                    z5.stride(0), BLOCK_N=block_n, BLOCK_C=block_c,
+                                                    z5.stride(0), w3.stride(0), b2.stride(0), dw3.stride(0),
+                                                    db2.stride(0), BLOCK_N=block_n, BLOCK_C=block_c,
                                                     BLOCK_D=block_d, num_warps=NUM_WARPS)
     return ProbeLoss(out[:, 0] if runs else out[0, 0], out[:, 1] if runs else out[0, 1], dw, db)

@@ -14,7 +14,7 @@ import torch
 
 from ..checkpoint import check_output_folder
 from ..config import ACAIConfig
-from ..loop import _StopSignals
+from ..run_control import StopSignals
 from ..trainer import resolve_backend
 from .folders import check_folder, is_done, read_status, write_json
 from .plan import SWEPT, checkpoint_room, default_array_size, plan_runs
@@ -48,7 +48,7 @@ def sweep(preset: str, seeds, *, advweight=None, reg=None, lr=None, model: str =
     resume: continue the sweep in `out` (without it, a folder holding runs is an error).
     distributed: acai_fast.distributed.init_from_env()'s rank (torchrun), or None.
     handle_signals: SIGINT/SIGTERM finish the step, checkpoint every running run and raise
-        acai_fast.loop.TrainingStopped (continue with resume=True).
+        acai_fast.run_control.TrainingStopped (continue with resume=True).
     SweepArgumentError (a ValueError, one line) for bad arguments, a folder that already holds runs
     (without resume) or another sweep, missing data: before anything trains."""
     from ..progress import progress as progress_report
@@ -109,7 +109,7 @@ def sweep(preset: str, seeds, *, advweight=None, reg=None, lr=None, model: str =
 
     bar = progress_report(images_left(job, groups), enabled=progress and rank == 0, unit="img", unit_scale=True,
                           counts=False)
-    stop = _StopSignals(handle_signals, announce=rank == 0)
+    stop = StopSignals(handle_signals, announce=rank == 0)
     stop.install()
     try:
         train_arrays(job, groups, bar, stop)

@@ -7,7 +7,7 @@ import time
 from pathlib import Path
 from typing import Sequence
 
-from ..loop import TrainingStopped
+from ..run_control import TrainingStopped
 from .folders import is_done
 from .plan import Run
 
@@ -24,7 +24,7 @@ def rank_share(runs: Sequence[Run], rank: int, world_size: int) -> list[Run]:
 
 def wait_for_other_ranks(out: Path, runs: Sequence[Run], run_img: int, stop, bar) -> None:
     """Rank 0, its own share trained: wait until every run's folder in `out` says it is done; a
-    signal (stop: the sweep's acai_fast.loop._StopSignals) stops the wait with TrainingStopped."""
+    signal (stop: the sweep's acai_fast.run_control.StopSignals) stops the wait with TrainingStopped."""
     bar.set_description("waiting for the other ranks' runs")
     while not all(is_done(out / r.name, run_img) for r in runs):
         if stop.signum:

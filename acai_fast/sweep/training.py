@@ -17,7 +17,7 @@ import torch
 
 from ..checkpoint import load_checkpoint
 from ..config import ACAIConfig
-from ..loop import CONTROL_EVERY_GPU, TrainingStopped, _StopSignals, run_settings, write_outputs
+from ..run_control import CONTROL_EVERY_GPU, StopSignals, TrainingStopped, run_settings, write_outputs
 from ..trainer import ACAITrainer, RunArray, resolve_backend
 from .folders import is_done, keep_records_until, write_status
 from .plan import Run, describe
@@ -174,12 +174,12 @@ def train_arrays(job: Job, groups: list[tuple[int, list[Run]]], bar, stop=None) 
     """Train plan_arrays' arrays one after another, each to job.run_img images per run: every
     evaluation appends a record to each live run's metrics.jsonl and writes its checkpoint,
     interpolations.png and status.json (acai_fast.sweep's docstring). bar: an acai_fast.progress
-    report, advanced by each step's images of all runs; stop: acai_fast.loop._StopSignals installed by
+    report, advanced by each step's images of all runs; stop: acai_fast.run_control.StopSignals installed by
     the caller, or None: SIGINT/SIGTERM are handled here (each running run checkpointed, then TrainingStopped).
     Returns, for each run trained, its array's dict(seconds (its wall time), runs, backend)."""
     own = stop is None
     if own:
-        stop = _StopSignals(True)
+        stop = StopSignals(True)
         stop.install()
     trained: dict[Run, dict] = {}
     try:
@@ -325,7 +325,7 @@ def _train_array(job: Job, array: RunArray, runs: list[Run], bar, stop) -> None:
 def _evaluate_run(job: Job, array: RunArray, k: int, run: Run, folder: Path, losses: dict, speed: float,
                   board) -> None:
     """Run k's evaluation record (fit()'s keys, + seed and the array's size and speed), appended to
-    its metrics.jsonl with its checkpoint (loop.write_outputs), and its interpolations.png (and
+    its metrics.jsonl with its checkpoint (run_control.write_outputs), and its interpolations.png (and
     TensorBoard events) from one interpolation of the preview pairs."""
     from ..plotting import save_interpolation_grid
 
