@@ -696,8 +696,15 @@ def test_grad_is_dz(flags, seed):
         assert_fp32_close(db, db_ref, f"db {dw_cfg}")
 
 
-@pytest.mark.parametrize("pair", [(c, p) for c in CONSUMER_FLAGS[:2] for p in PRODUCER_FLAGS[:3]],
-                         ids=[f"{flag_id(c)}>{flag_id(p)}" for c in CONSUMER_FLAGS[:2] for p in PRODUCER_FLAGS[:3]])
+# the links of the networks (networks.py): encoder/critic pairs (-> a pooled block, -> the last block
+# without activation), decoder (-> an upsampling block, up -> plain, up -> the last block)
+NO_ACT = dict(upsample_input=False, leaky_slope=None, pool_output=False)
+CHAIN_PAIRS = [(CONSUMER_FLAGS[0], PRODUCER_FLAGS[0]), (CONSUMER_FLAGS[0], NO_ACT),
+               (CONSUMER_FLAGS[0], PRODUCER_FLAGS[1]), (CONSUMER_FLAGS[1], PRODUCER_FLAGS[2]),
+               (CONSUMER_FLAGS[1], NO_ACT)]
+
+
+@pytest.mark.parametrize("pair", CHAIN_PAIRS, ids=[f"{flag_id(a)}>{flag_id(b)}" for a, b in CHAIN_PAIRS])
 def test_chain_hands_down_dz(pair, seed):
     """Two blocks A -> B (A: leaky ReLU, no pool): B's dx with input_leaky_slope and A's backward
     with grad_is_dz give A's dx, dw, db of the fp64 chain (autograd), and, in fp32, bit for bit

@@ -346,6 +346,40 @@ def test_profile_model_of_an_array_and_other_gpus():
     assert conv[0].layer == "encoder.blocks.0" and {"BLOCK_M", "num_warps"} <= set(conv[0].config)
 
 
+def test_the_step_hands_dz_down_every_chain():
+    """In a traced lines step, every block with a leaky ReLU and no pool that has a successor in its
+    chain (encoder, decoder, critic) gets dL/dz: its successor's dx applies its activation (INPUT_ACT)
+    and its own dx and dW read dz (GRAD_IS_DZ); no other launch does; the critic's 3N-row dx passes
+    included. The model then charges those launches the gradient alone."""
+    from acai_fast.config import ACAIConfig
+    from acai_fast.engine.launches import model_launches, trace_launches
+    from acai_fast.trainer import ACAITrainer
+
+    trainer = ACAITrainer(ACAIConfig.preset("lines", batch=16), backend="fused", device="cpu", dtype="fp32")
+    trace = trace_launches(trainer, torch.rand(16, 1, 32, 32) * 2 - 1, torch.randint(0, 10, (16,)),
+                           dtype=torch.bfloat16)
+    blocks = {}
+    for net in ("encoder", "decoder", "critic"):
+        chain = getattr(trainer.model, net).blocks
+        for i, b in enumerate(chain):
+            qualifies = [c.leaky_slope is not None and not c.pool_output for c in chain]
+            blocks[f"{net}.blocks.{i}"] = (i + 1 < len(chain) and qualifies[i], i > 0 and qualifies[i - 1])
+    seen = set()
+    for launch in trace.launches:
+        kind = {"_conv_bwd_dx_kernel": "dx", "_conv_bwd_dw_kernel": "dw"}.get(launch.kernel)
+        if kind is None:
+            continue
+        dz_in, dz_out = blocks[launch.layer]
+        assert launch.args["GRAD_IS_DZ"] == dz_in, (launch.layer, kind)
+        if kind == "dx":
+            assert launch.args["INPUT_ACT"] == dz_out, launch.layer
+        seen.add((launch.layer, kind, dz_in))
+    assert ("critic.blocks.1", "dx", True) in seen and ("decoder.blocks.8", "dw", True) in seen
+    assert sum(dz_in for dz_in, _ in blocks.values()) == 5 + 9 + 5  # encoder, decoder, critic
+    rows = {(r["layer"], r["pass"]): r for r in model_launches(trace, "h100")}
+    assert "dz-in" in rows[("critic.blocks.1", "dx")]["shape"] and "dz-out" in rows[("critic.blocks.2", "dx")]["shape"]
+
+
 def test_measured_beside_modelled_matches_kernels_by_name():
     """The GPU profile's table (acai_fast.profiling.measured_vs_model) on a synthetic GPU trace of 2
     steps: modelled kernels matched to measured ones by name, per step; unmatched ones on each side."""

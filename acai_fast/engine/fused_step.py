@@ -20,6 +20,9 @@ Backward:
     decoder: input and weight gradients over the 2N images [ae; x_mix]
     mix backward: dz = g_z[:, :N] + mix_bwd(g_z[:, N:]) (accumulated in place: one launch)
     encoder: weight gradients, and input gradients where a block has a predecessor
+    Within each chain, a block with a leaky ReLU and no pool receives dL/dz, not dL/dy: its
+    successor's dx applies that ReLU's derivative in its epilogue (the sign read off its own saved
+    input), so the block's dx and dW gather the gradient alone (`_links`).
     (The trainer then runs Adam, one launch over the flat buffers of both groups and the probe.)
 The weight gradients are written, split reduction included, straight into the parameters' fp32
 gradient views (acai_fast.parameters); the kernels read the weights channels_last, as the bf16
@@ -119,19 +122,21 @@ class FusedACAIStep:
             h = y
         return h, saved
 
-    def _block_bwd(self, entry, s: _Saved, g, *, need_dx=True, need_dw=True, dx_out=None):
-        """One block's backward; entry: (name, ConvBlock) as in self.nets. On a GPU the weight
-        gradient runs on the side stream (only Adam waits for it), the input gradient on the
+    def _block_bwd(self, blocks, i, s: _Saved, g, *, need_dx=True, need_dw=True, dx_out=None):
+        """The backward of block i of a chain (blocks: [(name, ConvBlock)] as in self.nets), g its
+        gradient: dL/dz when its successor's dx wrote it so, else dL/dy (see `_links`). On a GPU the
+        weight gradient runs on the side stream (only Adam waits for it), the input gradient on the
         current stream, where the next block's backward waits for it."""
-        name, b = entry
+        name, b = blocks[i]
         (w, dw), (_, db) = self._param(name, "weight"), self._param(name, "bias")
+        links = _links(blocks, i)
 
         def run(dx_, dw_):
             out, _, _ = conv_bwd(g, s.x, w, s.y, s.sign, weight_dtype=dw.dtype, bias_dtype=db.dtype,
                                  upsample_input=b.upsample_input, leaky_slope=b.leaky_slope,
                                  pool_output=b.pool_output, need_dx=dx_, need_dw=dw_, need_db=dw_,
                                  dx_out=dx_out, dw_out=dw, db_out=db, dw_counter=self._counters[name]["dw"],
-                                 dx_counter=self._counters[name]["dx"])
+                                 dx_counter=self._counters[name]["dx"], **links)
             return out
 
         if not (need_dw and self._side.forks):
@@ -144,7 +149,7 @@ class FusedACAIStep:
         """Input and weight gradients of a chain from g = dL/d(output); the first block's input
         gradient only when `first_dx`."""
         for i in range(len(blocks) - 1, -1, -1):
-            g = self._block_bwd(blocks[i], saved[i], g, need_dx=first_dx or i > 0)
+            g = self._block_bwd(blocks, i, saved[i], g, need_dx=first_dx or i > 0)
         return g
 
     # ------------------------------------------------------------------ the step
@@ -203,14 +208,33 @@ class FusedACAIStep:
         n, critic = f.n, self.nets["critic"]
         g = f.g_crit
         for i in range(len(critic) - 1, 0, -1):
-            g = self._block_bwd(critic[i], f.crit_saved[i], g)
-        self._block_bwd(critic[0], f.crit_saved[0], g[:, :2 * n], need_dx=False)
-        self._block_bwd(critic[0], f.crit_saved[0].rows(n), g[:, 2 * n:], need_dw=False,
+            g = self._block_bwd(critic, i, f.crit_saved[i], g)
+        self._block_bwd(critic, 0, f.crit_saved[0], g[:, :2 * n], need_dx=False)
+        self._block_bwd(critic, 0, f.crit_saved[0].rows(n), g[:, 2 * n:], need_dw=False,
                         dx_out=f.g_dec[:, n:])
         g_z = self._backward(self.nets["decoder"], f.dec_saved, f.g_dec)
         mix_bwd_runs(_nhwc(g_z[:, n:]), f.alpha, dz=_nhwc(g_z[:, :n]), backend=self.op_backend)
         self._backward(self.nets["encoder"], f.enc_saved, g_z[:, :n], first_dx=False)
         self._side.join()
+
+
+def _hands_dz(block) -> bool:
+    """Whether a block's dL/dz can be written by its successor's dx instead of its dL/dy: it has a
+    leaky ReLU of slope >= 0 and no pool, so the sign of its z is the sign of its output y, which is
+    the successor's saved input (conv_bwd's input_leaky_slope)."""
+    return block.leaky_slope is not None and block.leaky_slope >= 0 and not block.pool_output
+
+
+def _links(blocks, i) -> dict:
+    """conv_bwd's chain-link arguments for block i of a chain whose backward runs from its last block
+    down: block i's dx applies its predecessor's leaky-ReLU derivative when the predecessor qualifies
+    (`_hands_dz`), writing the predecessor's dL/dz (input_leaky_slope), and block i reads its own
+    gradient as dL/dz when it qualifies and has a successor in the chain (grad_is_dz), so neither its
+    dx nor its dW gathers the sign of z. The last block of a chain gets dL/dy from outside (a loss,
+    the mix, another chain) and reads it as such (in every network here it has no activation)."""
+    prev = blocks[i - 1][1] if i > 0 else None
+    return dict(grad_is_dz=i + 1 < len(blocks) and _hands_dz(blocks[i][1]),
+                input_leaky_slope=prev.leaky_slope if prev is not None and _hands_dz(prev) else None)
 
 
 class _SideStream:
