@@ -214,9 +214,13 @@ SPILL_LIMIT = {"fwd": 192, "dx": 192, "dw": 160}
 KNOWN_SPILLS = {("dw", 32, 64, 128, 4): "sm_90 bf16: 128 B of spills (issue 18)"}
 
 
-def register_elements(kind: str, config) -> float:
+def register_elements(kind: str, config, shape: "ConvShape | None" = None) -> float:
     """Per-thread elements of register tiles (see SPILL_LIMIT).
-    fwd/dx: (BM*BN accumulator + BM*BK gathered A + BK*BN weight tile) / threads;
+    fwd/dx: (BM*BN accumulator + BM*BK gathered A + BK*BN weight tile) / threads; a dx launch whose
+    epilogue applies its input's activation (shape.INPUT_ACT) also holds the x tile it loads there
+    beside the accumulator: + (BM/4 with UPSAMPLE, else BM) * BN / threads (compiled, bf16: dx
+    128x256x32 w8 s3 with it spills 16-24 B on sm_90 (304 by this count; 208 with UPSAMPLE, which
+    did not), 128x128x64 w8 s4 does not (192), nor does any other config the presets choose);
     dw: (TAPS*BCI*BCO accumulators + BP*BCO * 2 (dz from G and the sign) + BP*BCI u) / threads (with
     TAPS = KS*KS the shifted u tiles are loaded and used one tap at a time: one is live)."""
     c = config_dict(config)
@@ -224,24 +228,29 @@ def register_elements(kind: str, config) -> float:
     if kind == "dw":
         taps = c.get("TAPS", 1) or 1
         return (taps * c["BLOCK_CI"] * c["BLOCK_CO"] + c["BLOCK_P"] * (2 * c["BLOCK_CO"] + c["BLOCK_CI"])) / threads
-    return (c["BLOCK_M"] * c["BLOCK_N"] + c["BLOCK_M"] * c["BLOCK_K"] + c["BLOCK_K"] * c["BLOCK_N"]) / threads
+    elems = c["BLOCK_M"] * c["BLOCK_N"] + c["BLOCK_M"] * c["BLOCK_K"] + c["BLOCK_K"] * c["BLOCK_N"]
+    if kind == "dx" and shape is not None and shape.INPUT_ACT:
+        elems += (c["BLOCK_M"] // 4 if shape.UPSAMPLE else c["BLOCK_M"]) * c["BLOCK_N"]
+    return elems / threads
 
 
-def spills(kind: str, config) -> bool:
-    """True when a config is expected to spill registers in bf16 (SPILL_LIMIT, KNOWN_SPILLS)."""
+def spills(kind: str, config, shape: "ConvShape | None" = None) -> bool:
+    """True when a config is expected to spill registers in bf16 (SPILL_LIMIT, KNOWN_SPILLS); with
+    the launch's shape, its epilogue's tiles count too (see register_elements)."""
     c = config_dict(config)
     names = ("BLOCK_CI", "BLOCK_CO", "BLOCK_P") if kind == "dw" else ("BLOCK_M", "BLOCK_N", "BLOCK_K")
     key = (kind, *(c[k] for k in names), c["num_warps"])
-    return key in KNOWN_SPILLS or register_elements(kind, config) > SPILL_LIMIT[kind]
+    return key in KNOWN_SPILLS or register_elements(kind, config, shape) > SPILL_LIMIT[kind]
 
 
-def registers_per_thread(kind: str, config) -> int:
+def registers_per_thread(kind: str, config, shape: "ConvShape | None" = None) -> int:
     """Estimated 32-bit registers per thread: 32 for indices and pointers + the register tiles,
     capped at 255 (beyond that ptxas spills)."""
-    return min(255, 32 + math.ceil(register_elements(kind, config)))
+    return min(255, 32 + math.ceil(register_elements(kind, config, shape)))
 
 
-def ctas_per_sm(kind: str, config, itemsize: int, gpu: GPU, reshape_epilogue: bool | None = None) -> int:
+def ctas_per_sm(kind: str, config, itemsize: int, gpu: GPU, reshape_epilogue: bool | None = None,
+                shape: "ConvShape | None" = None) -> int:
     """Co-resident programs per SM: the least of what shared memory (as allocated, + the 1 KB the
     driver reserves), registers (allocated per warp in units of 256), warps (64 per SM) and the
     32-CTA limit allow. 0 when one program does not fit the per-block shared memory."""
@@ -251,18 +260,20 @@ def ctas_per_sm(kind: str, config, itemsize: int, gpu: GPU, reshape_epilogue: bo
         return 0
     warps = c["num_warps"]
     by_smem = gpu.smem_per_sm // (smem + SMEM_RESERVED)
-    regs_per_warp = math.ceil(registers_per_thread(kind, config) * 32 / 256) * 256
+    regs_per_warp = math.ceil(registers_per_thread(kind, config, shape) * 32 / 256) * 256
     by_regs = gpu.regs_per_sm // (regs_per_warp * warps)
     return max(0, min(by_smem, by_regs, gpu.max_warps_per_sm // warps, gpu.max_ctas_per_sm))
 
 
-def fits(kind: str, config, itemsize: int, gpu, reshape_epilogue: bool | None = None) -> bool:
+def fits(kind: str, config, itemsize: int, gpu, reshape_epilogue: bool | None = None,
+         shape: "ConvShape | None" = None) -> bool:
     """The config launches on this GPU: its shared memory (as allocated) is within the per-block
-    limit and, for 2-byte compute dtypes, it is not expected to spill registers."""
+    limit and, for 2-byte compute dtypes, it is not expected to spill registers (with the launch's
+    shape, its epilogue counted: see register_elements)."""
     gpu = get_gpu(gpu)
     if smem_estimate(kind, config, itemsize, reshape_epilogue) > gpu.smem_per_block:
         return False
-    return not (itemsize <= 2 and spills(kind, config))
+    return not (itemsize <= 2 and spills(kind, config, shape))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -469,7 +480,7 @@ def conv_cost(kind: str, shape, config, gpu=None, constants: Constants = FIT) ->
     isz, xsz, wsz, R, KK = s.itemsize, s.x_itemsize, s.w_itemsize, s.runs, s.KS * s.KS
     reshape = reshape_epilogue(kind, s)
     smem = smem_estimate(kind, c, isz, reshape)
-    per_sm = ctas_per_sm(kind, c, isz, gpu, reshape)
+    per_sm = ctas_per_sm(kind, c, isz, gpu, reshape, s)
     slots = gpu.sms * per_sm
     peak = gpu.bf16_flops if isz <= 2 else gpu.fp32_flops
     sm_flops = peak / gpu.sms * constants.mma_eff
@@ -582,7 +593,7 @@ def rank_configs(kind: str, shape, candidates: Iterable, gpu=None, constants: Co
     s = conv_shape(kind, shape)
     ranked = []
     for i, cand in enumerate(candidates):
-        if not fits(kind, cand, s.itemsize, gpu, reshape_epilogue(kind, s)):
+        if not fits(kind, cand, s.itemsize, gpu, reshape_epilogue(kind, s), s):
             continue
         cost = conv_cost(kind, s, cand, gpu, constants)
         if math.isfinite(cost.time_us):
