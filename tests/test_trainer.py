@@ -9,14 +9,8 @@ import torch.nn.functional as F
 from acai_fast import ACAIConfig, ACAITrainer
 from acai_fast.eval.lines import evaluate_lines
 from acai_fast.ops.mix import philox_alpha_ref
-from helpers import assert_close
+from helpers import TINY, assert_close, tiny_trainer  # TINY: 32 -> 8 latent width, narrow layers
 
-# A tiny config: 32 -> 8 latent width (2 scales), narrow layers; fast on the CPU.
-TINY = dict(depth=4, latent=3, latent_width=8, advdepth=5, batch=6)
-
-
-def tiny_trainer(seed=0, **overrides):
-    return ACAITrainer(ACAIConfig(**{**TINY, **overrides}), backend="reference", device="cpu", seed=seed)
 
 
 def batch(n=6, seed=1, nclass=10):
