@@ -225,6 +225,7 @@ def test_fit_resumes_where_it_stopped(tmp_path):
         assert torch.equal(pa, pb)
 
 
+@pytest.mark.filterwarnings("ignore:grad and param do not obey the gradient layout contract")
 def test_gradients_reach_adam_in_the_parameters_layout():
     """A weight whose .data a user re-laid out (channels_last) still gets the reference update: the
     trainer copies it back into its flat buffer and Adam reads the gradient in the buffer's layout.
