@@ -143,12 +143,11 @@ class RunParameters:
         finally:
             self.lowp, self.kernel_weights = saved
 
-    def check_grads(self, k: int) -> None:
-        """After autograd accumulated run k's gradients (the reference path): every parameter and
-        its .grad must still be views of `values` / `grads`. Autograd adds in place into an
-        existing .grad; code that replaced a parameter's .data (a user re-laying out a weight) or
-        its .grad has the values copied into the buffers and the views rebound, so Adam never
-        updates or reads a tensor the module no longer uses."""
+    def rebind(self, k: int) -> None:
+        """Run k's parameters and their .grad back on their views of `values` / `grads`: code that
+        replaced a parameter's .data (a user re-laying out a weight) has its values copied into the
+        buffer first, so Adam never updates a tensor the module no longer uses, nor misses one.
+        (The reference step calls it every step; the fused engine reads the buffers themselves.)"""
         with torch.no_grad():
             for name, p in self.params_of_run[k].items():
                 value = self.stacked[name][k]
@@ -157,8 +156,6 @@ class RunParameters:
                     p.data = value
                 view = self.stacked_grads[name][k]
                 if p.grad is not view:
-                    if p.grad is not None:
-                        view.copy_(p.grad)
                     p.grad = view
 
 

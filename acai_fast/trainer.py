@@ -284,20 +284,29 @@ class ACAITrainer:
         return losses
 
     def _autograd_gradients(self, x: torch.Tensor):
-        """Each run's objectives in autograd; each objective's gradient reaches its own group only
-        (accumulated into the zeroed flat gradient buffer the parameters' .grad views)."""
-        self.parameters.grads.zero_()
+        """Each run's objectives in autograd; each objective's gradient reaches its own group only,
+        written into the flat gradient buffer (one multi-tensor copy per run)."""
         per_run, latents = [], []
         for k, model in enumerate(self.models):
             with phase("forward"):
                 out = model.objectives(x[k], Randomness(self.alpha_states[k], self.generators[k]))
             groups = list(out.objectives.items())
             params = self.parameters.params_of_run[k]
+            views, grads = [], []
             with phase("backward"):
                 for i, (name, objective) in enumerate(groups):
-                    group = [params[n] for n in self.parameters.groups[name]]
-                    objective.backward(inputs=group, retain_graph=i < len(groups) - 1)
-            self.parameters.check_grads(k)
+                    names = self.parameters.groups[name]
+                    found = torch.autograd.grad(objective, [params[n] for n in names],
+                                                retain_graph=i < len(groups) - 1, allow_unused=True)
+                    for n, g in zip(names, found):
+                        view = self.parameters.stacked_grads[n][k]
+                        if g is None:  # a parameter this objective does not reach: zero gradient
+                            view.zero_()
+                        else:
+                            views.append(view)
+                            grads.append(g)
+                torch._foreach_copy_(views, grads)  # the multi-tensor op PyTorch's optimisers use
+            self.parameters.rebind(k)
             per_run.append({n: v.detach() for n, v in out.logged.items()})
             latents.append(out.latent.detach())
         return {n: torch.stack([r[n] for r in per_run]) for n in per_run[0]}, torch.stack(latents)

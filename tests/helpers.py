@@ -20,6 +20,12 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 TINY = dict(depth=4, latent=3, latent_width=8, advdepth=5, batch=6)
 
 
+def tiny_trainer(seed=0, **overrides):
+    """A reference-backend CPU trainer on TINY (with config overrides): seconds per step."""
+    from acai_fast import ACAIConfig, ACAITrainer
+    return ACAITrainer(ACAIConfig(**{**TINY, **overrides}), backend="reference", device="cpu", seed=seed)
+
+
 def assert_close(actual, expected, *, atol, rtol, name="tensor"):
     """Like torch.testing.assert_close, but prints the first mismatching indices and both values."""
     actual, expected = actual.detach().double().cpu(), expected.detach().double().cpu()

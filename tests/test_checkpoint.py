@@ -1,7 +1,6 @@
 """Nothing lost: checkpoints written atomically and read as data, bad files refused in one line,
 signals and non-finite losses handled, outputs checked before training, kill-and-resume exact."""
 import errno
-import gzip
 import os
 import pickle
 import shutil
@@ -15,19 +14,15 @@ import numpy as np
 import pytest
 import torch
 
-from acai_fast import ACAIConfig, ACAITrainer
+from acai_fast import ACAITrainer
 from acai_fast.checkpoint import (FORMAT_VERSION, CheckpointError, load_checkpoint, save_checkpoint,
                                   temporary_path)
 from acai_fast.cli import main
 from acai_fast.loop import TrainingStopped
 from acai_fast.run_control import StopSignals
+from helpers import tiny_trainer, write_idx
 
 ROOT = Path(__file__).resolve().parents[1]
-TINY = dict(depth=4, latent=3, latent_width=8, advdepth=5, batch=6)
-
-
-def tiny_trainer(seed=0, **kwargs):
-    return ACAITrainer(ACAIConfig(**TINY), backend="reference", device="cpu", seed=seed, **kwargs)
 
 
 def images(n=30, seed=0):
@@ -307,24 +302,14 @@ def test_a_second_ctrl_c_exits_at_once(tmp_path, python_sigint):
 # ------------------------------------------------------------------------------------------------ kill and resume
 
 
-def _write_idx(folder: Path, prefix: str, n: int, rng) -> None:
-    img = rng.integers(0, 256, size=(n, 28, 28), dtype=np.uint8)
-    lab = rng.integers(0, 10, size=n, dtype=np.uint8)
-    header = lambda magic, dims: magic.to_bytes(4, "big") + b"".join(d.to_bytes(4, "big") for d in dims)
-    with gzip.open(folder / f"{prefix}-images-idx3-ubyte.gz", "wb") as f:
-        f.write(header(2051, (n, 28, 28)) + img.tobytes())
-    with gzip.open(folder / f"{prefix}-labels-idx1-ubyte.gz", "wb") as f:
-        f.write(header(2049, (n,)) + lab.tobytes())
-
-
 def test_sigterm_mid_run_then_resume_equals_an_uninterrupted_run_bit_for_bit(tmp_path, capsys):
     """`acai-fast train` (reference backend, CPU) in a subprocess, stopped by SIGTERM between
     evaluations; --resume continues it; the parameters equal an uninterrupted run's exactly."""
     data = tmp_path / "data"
     data.mkdir()
     rng = np.random.default_rng(1)
-    _write_idx(data, "train", 48, rng)
-    _write_idx(data, "t10k", 36, rng)
+    write_idx(data, "train", 48, rng)
+    write_idx(data, "t10k", 36, rng)
     batch = 8
 
     def argv(out, steps, *extra):

@@ -5,8 +5,6 @@ The one-process side is written out here from the public pieces (the model's obj
 trainer's Adam): each rank's shard of the global batch with that rank's alpha stream, the gradients
 of every objective averaged over the two shards, one Adam step. That is what DistributedDataParallel
 means; the job must give the same parameters within float tolerance."""
-import gzip
-import json
 import os
 import subprocess
 import sys
@@ -23,20 +21,9 @@ from acai_fast.distributed import local_batch, rank_seed
 from acai_fast.loop import tensor_batches
 from acai_fast.models import Randomness
 from acai_fast.ops.mix import make_rng_state
-from helpers import assert_close
+from helpers import assert_close, read_jsonl, write_idx
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def write_idx(folder: Path, prefix: str, n: int, rng) -> None:
-    """MNIST-format .gz files of n random 28x28 digits (what `--preset mnist32 --data` reads)."""
-    images = rng.integers(0, 256, size=(n, 28, 28), dtype=np.uint8)
-    labels = rng.integers(0, 10, size=n, dtype=np.uint8)
-    header = lambda magic, dims: magic.to_bytes(4, "big") + b"".join(d.to_bytes(4, "big") for d in dims)
-    with gzip.open(folder / f"{prefix}-images-idx3-ubyte.gz", "wb") as f:
-        f.write(header(2051, (n, 28, 28)) + images.tobytes())
-    with gzip.open(folder / f"{prefix}-labels-idx1-ubyte.gz", "wb") as f:
-        f.write(header(2049, (n,)) + labels.tobytes())
 
 
 def test_rank_seeds_keep_rank_0_and_separate_the_others():
@@ -128,7 +115,7 @@ def test_two_process_gloo_job_equals_one_process_with_the_global_batch(tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stderr.count("torchrun job of 2 processes (gloo)") == 1  # said once, by rank 0
 
-    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    records = read_jsonl(out / "metrics.jsonl")
     assert [r["step"] for r in records] == [2, 3]  # one line per evaluation: rank 0 alone wrote
     assert records[-1]["nimg"] == steps * batch  # global images
     assert "probe_accuracy" in records[-1]

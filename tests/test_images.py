@@ -209,7 +209,8 @@ def test_hidden_files_are_skipped(tmp_path):
 
 def test_which_data_is_the_papers(tmp_path):
     """A folder is the paper's dataset when it (or its dataset-named subfolder) holds an official
-    file name; any other folder, or an .npy/.npz file, is the user's own images."""
+    file name; any other folder holding an image, or an .npy/.npz file, is the user's own images; a
+    folder without any image is taken as the paper's (its loader then names the missing files)."""
     mnist = tmp_path / "mnist_root"
     mnist.mkdir()
     (mnist / "t10k-images-idx3-ubyte.gz").write_bytes(b"")
@@ -222,9 +223,13 @@ def test_which_data_is_the_papers(tmp_path):
     jpegs.mkdir()
     photos = tmp_path / "photos"
     (photos / "mnist").mkdir(parents=True)  # a class named like a dataset: still the user's images
+    Image.fromarray(np.zeros((8, 8), np.uint8)).save(photos / "mnist" / "a.png")
+    empty = tmp_path / "empty"
+    empty.mkdir()
     for folder in (mnist, root, celeba, jpegs):
         assert is_official(folder) and not is_own_data(folder), folder
     assert is_own_data(photos) and not is_official(photos)
+    assert not is_own_data(empty) and not is_official(empty)
     assert is_own_data(tmp_path / "x.npz") and is_own_data(tmp_path / "x.NPY")
     assert not is_own_data(tmp_path / "missing")  # the paper's loader says it does not exist
 

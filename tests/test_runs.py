@@ -9,11 +9,10 @@ import torch
 from acai_fast import ACAIConfig, ACAITrainer
 from acai_fast.engine import count_launches
 from acai_fast.trainer import RunArray, run_settings
-from helpers import assert_close
+from helpers import TINY, assert_close
 
 HAS_GPU = torch.cuda.is_available()
 DEVICE = "cuda" if HAS_GPU else "cpu"
-TINY = dict(depth=4, latent=3, latent_width=8, advdepth=5, batch=6)           # reference: fast
 RGB_LIKE = dict(colors=3, image_size=8, latent_width=1, depth=3, latent=2, advdepth=2, batch=3)  # fused
 RUNS = [{"seed": 0}, {"seed": 7, "advweight": 1.0, "reg": 0.5}, {"seed": 3, "advweight": 0.0}]
 

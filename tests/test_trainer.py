@@ -9,14 +9,8 @@ import torch.nn.functional as F
 from acai_fast import ACAIConfig, ACAITrainer
 from acai_fast.eval.lines import evaluate_lines
 from acai_fast.ops.mix import philox_alpha_ref
-from helpers import assert_close
+from helpers import TINY, assert_close, tiny_trainer  # TINY: 32 -> 8 latent width, narrow layers
 
-# A tiny config: 32 -> 8 latent width (2 scales), narrow layers; fast on the CPU.
-TINY = dict(depth=4, latent=3, latent_width=8, advdepth=5, batch=6)
-
-
-def tiny_trainer(seed=0, **overrides):
-    return ACAITrainer(ACAIConfig(**{**TINY, **overrides}), backend="reference", device="cpu", seed=seed)
 
 
 def batch(n=6, seed=1, nclass=10):
@@ -231,6 +225,7 @@ def test_fit_resumes_where_it_stopped(tmp_path):
         assert torch.equal(pa, pb)
 
 
+@pytest.mark.filterwarnings("ignore:grad and param do not obey the gradient layout contract")
 def test_gradients_reach_adam_in_the_parameters_layout():
     """A weight whose .data a user re-laid out (channels_last) still gets the reference update: the
     trainer copies it back into its flat buffer and Adam reads the gradient in the buffer's layout.

@@ -201,6 +201,28 @@ def _binder(fn, arch: str):
     return create_function_from_signature(sig, params, _backend(arch)), [p.name for p in params]
 
 
+def constexpr_names(kernel) -> frozenset:
+    """The parameters a kernel declares tl.constexpr (not those Triton specialises to a constant
+    because an integer argument was 1). kernel: the kernel or its "module:name"."""
+    from triton.runtime.jit import KernelParam
+    fn = _resolve(kernel) if isinstance(kernel, str) else kernel
+    params = inspect.signature(getattr(fn, "fn", fn)).parameters.values()
+    return frozenset(p.name for i, p in enumerate(params) if KernelParam(i, p, False, False).is_constexpr)
+
+
+def source_hash(module) -> str:
+    """A short hash of the source of every Triton function (kernels and jit helpers) a module
+    defines: recorded compiles of its kernels are stale when it changes."""
+    import hashlib
+    module = importlib.import_module(module) if isinstance(module, str) else module
+    h = hashlib.sha256()
+    for name in sorted(vars(module)):
+        fn = getattr(vars(module)[name], "fn", None)
+        if callable(fn) and getattr(fn, "__module__", None) == module.__name__:
+            h.update(inspect.getsource(fn).encode())
+    return h.hexdigest()[:16]
+
+
 def specialise(kernel, args=(), kwargs=None, arch: str = "sm90") -> Specialisation:
     """The Specialisation that launching `kernel[grid](*args, **kwargs)` on GPU `arch` compiles:
     kwargs hold the constexprs and num_warps / num_stages (Triton's defaults 4 / 3 otherwise).

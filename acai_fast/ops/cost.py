@@ -177,31 +177,50 @@ def describe_config(kind: str, config) -> str:
     return f"{s} w{c['num_warps']} s{c['num_stages']}"
 
 
-def smem_estimate(kind: str, config, itemsize: int, reshape_epilogue: bool | None = None) -> int:
-    """Shared memory (B) Triton allocates for a conv kernel config: an upper bound, fitted to what
-    Triton 3.x allocated for the configs issue 18 compiled (sm_80/sm_90):
-      fwd/dx: num_stages * (BM*BK + BK*BN) * itemsize (the pipelined A and B tiles) + the epilogue's
-        scratch: BM*BN*4 + 16 KB where the epilogue reshapes the fp32 tile (fwd with POOL, dx with
-        UPSAMPLE: the 2x2 sums), else 1.75 * BM*BN * itemsize (its layout conversion);
-        dx 128x128x64 w8 s4 bf16: 188,416 (plain) and 212,992 B (reshape) -> exactly these;
-        dx 128x64x64 w4 s3 fp32: 196,608 -> 196,608 (reshape) / 204,800 (plain); and the same config
-        at s3 in bf16 fits an A100 (166,912 B; it was compiled and not over): 155,648 here.
-      dw: num_stages * BP * (BCO + TAPS*BCI) * itemsize + BP * (BCO + BCI) * itemsize (dz and u
-        staged for the MMA) + 16 KB; CI16xCO64xP128 w4 s3 fp32: 180,224 -> exactly; CI32xCO64xP128:
-        196,608 -> 212,992.
-    reshape_epilogue: None (unknown) takes the larger of the two epilogues. itemsize: the compute
-    dtype's (2 for bf16, 4 for fp32). tests/test_compile_targets.py compiles the chosen configs and
-    checks this never falls below Triton's number (its constants may be re-tuned there)."""
+def smem_estimate(kind: str, config, itemsize: int, reshape_epilogue: bool | None = None, *,
+                  w_itemsize: int = 4, arch: str | None = None) -> int:
+    """Shared memory (B) a conv kernel config takes per CTA (Triton's dynamic allocation + the
+    1 KB of static shared memory the cubin reserves on sm_90): an upper bound over sm_80 and sm_90,
+    every layer variant and the operand dtypes the kernels read, checked against 854 compiles (every
+    candidate of the config lists x fp32/bf16 x sm_80/sm_90 x each layer variant the presets launch,
+    tests/compile_targets.json; Triton 3.9): never below, median 0.8x (dx, fwd) / 0.65x (dW).
+    With s = num_stages and tiles in elements:
+      fwd/dx: (s - 1) * (BM*BK * a + BK*BN * 4)   the pipelined A tile (a: the compute dtype's size;
+                                                  4 for a split-K fwd, which may read an fp32 image
+                                                  batch) and weight tile (fp32 master weights)
+              + (BM*BK + BK*BN) * 2 in bf16         the bf16 operand tiles sm_90's wgmma reads
+              + dx: s * BM*BK * itemsize            dz rebuilt from dL/dy and the sign of z: a
+                                                  second A-shaped pipeline (pool: the sign map)
+              split-K: at least BM*BN*4             the fp32 partial tile staged for its store
+      dw:     ((s - 1) * (TAPS*BCI + BCO) + (BCI + BCO) + s * BCO) * BP * itemsize
+              (the pipelined u and dz tiles, one of each staged for the MMA, and dz's sign tiles).
+    Measured, the 2x2 epilogues (fwd's pool, dx's upsample sum) reuse the pipeline's buffers:
+    reshape_epilogue is accepted and changes nothing. itemsize: the compute dtype's (2 for bf16, 4
+    for fp32); w_itemsize: the weights' as fwd/dx read them (4: fp32 master weights, 2: a bf16
+    copy; measured with 4 only); arch: "sm80" leaves out the wgmma staging and the static 1 KB
+    (None: the larger, sm_90's). Re-measure with `python tests/test_compile_targets.py
+    --measure` when the kernels change (its tests check this against every recorded compile)."""
     c = config_dict(config)
     stages = max(1, c["num_stages"])
+    static = 0 if arch == "sm80" else STATIC_SMEM
     if kind == "dw":
         taps = c.get("TAPS", 1) or 1
         bp, bci, bco = c["BLOCK_P"], c["BLOCK_CI"], c["BLOCK_CO"]
-        return stages * bp * (bco + taps * bci) * itemsize + bp * (bco + bci) * itemsize + 16384
+        return ((stages - 1) * (taps * bci + bco) + (bci + bco) + stages * bco) * bp * itemsize + static
     bm, bn, bk = c["BLOCK_M"], c["BLOCK_N"], c["BLOCK_K"]
-    reshape, plain = bm * bn * 4 + 16384, math.ceil(1.75 * bm * bn * itemsize)
-    epilogue = max(reshape, plain) if reshape_epilogue is None else reshape if reshape_epilogue else plain
-    return stages * (bm * bk + bk * bn) * itemsize + epilogue
+    split = (c.get("SPLIT_K", 1) or 1) > 1
+    a_size = 4 if kind == "fwd" and split else itemsize
+    smem = (stages - 1) * (bm * bk * a_size + bk * bn * max(w_itemsize, itemsize))
+    if itemsize <= 2 and arch != "sm80":
+        smem += (bm * bk + bk * bn) * 2
+    if kind == "dx":
+        smem += stages * bm * bk * itemsize
+    if split:
+        smem = max(smem, bm * bn * 4)
+    return smem + static
+
+
+STATIC_SMEM = 1024  # static shared memory in the cubins Triton builds for sm_90 (cuobjdump; 0 on sm_80)
 
 
 # Register pressure: the elements of register tiles each thread holds (accumulators, and the tiles
