@@ -166,8 +166,10 @@ def heaviness(spec: aot.Specialisation) -> tuple:
     tiles; pool, activation, an fp32 operand in a bf16 kernel and the split epilogues add less)."""
     ce, sig = dict(spec.constexprs), dict(spec.signature)
     fp32_operands = sum(sig.get(k) == "*fp32" for k in ("X_ptr", "W_ptr"))
-    return (4 * bool(ce.get("UPSAMPLE")) + 3 * bool(ce.get("POOL")) + 2 * bool(ce.get("ACT"))
-            + bool(ce.get("SIGN_FROM_OUT")) + bool(ce.get("SPLIT")) + fp32_operands, spec.label())
+    sign = not ce.get("GRAD_IS_DZ")  # a gradient given as dz gathers no sign beside it
+    return (4 * bool(ce.get("UPSAMPLE")) + 3 * bool(ce.get("POOL")) + 2 * bool(ce.get("ACT") and sign)
+            + bool(ce.get("SIGN_FROM_OUT") and sign) + 2 * bool(ce.get("INPUT_ACT")) + bool(ce.get("SPLIT"))
+            + fp32_operands, spec.label())
 
 
 def representatives(specs) -> list[aot.Specialisation]:
@@ -413,13 +415,16 @@ def candidate_configs(kind: str, kernel) -> list[tuple[dict, int, int]]:
 
 def layer_variant(spec: aot.Specialisation, kind: str) -> str:
     """The flags of a conv launch that change its shared memory or registers: the epilogue
-    (upsample, pool), the activation and where its sign comes from, and operands read in another
-    dtype than the compute dtype (an fp32 image batch or fp32 master weights feeding bf16 tiles)."""
+    (upsample, pool; dx: the previous block's activation applied, INPUT_ACT), the activation and
+    where its sign comes from (none when the gradient is given as dz: GRAD_IS_DZ), and operands read
+    in another dtype than the compute dtype (an fp32 image batch or fp32 master weights feeding bf16
+    tiles)."""
     ce, sig = dict(spec.constexprs), dict(spec.signature)
     dtype = "bf16" if compute_itemsize(sig, kind) == 2 else "fp32"
     parts = [k.lower() for k in ("UPSAMPLE", "POOL") if ce.get(k)]
-    parts.append(("act(sign of y)" if ce.get("SIGN_FROM_OUT") else "act(sign map)" if kind != "fwd" else "act")
-                 if ce.get("ACT") else "linear")
+    parts.append(("act(dz given)" if ce.get("GRAD_IS_DZ") else "act(sign of y)" if ce.get("SIGN_FROM_OUT")
+                  else "act(sign map)" if kind != "fwd" else "act") if ce.get("ACT") else "linear")
+    parts += ["input act"] * bool(ce.get("INPUT_ACT"))  # dx's epilogue: the previous block's lrelu'
     parts += [f"{k[0]}:{sig[k][1:]}" for k in ("X_ptr", "W_ptr") if sig.get(k, "*" + dtype)[1:] != dtype]
     return ",".join(parts)
 
