@@ -10,8 +10,8 @@ kernels (mix, losses, probe, Adam) size their own launches; they are traced as l
 
 Checks, cheapest first:
 - the chosen conv configs fit by the model's account (cost.smem_estimate within the GPU's
-  per-block limit, no expected bf16 spills: cost.spills), for the A100, H100 and H200 (xfail while
-  conv_block's chooser has no gpu=: the old heuristic's picks did not fit the A100);
+  per-block limit, no bf16 spills: cost.spills, which reads the compiled spills), for the A100,
+  H100 and H200;
 - cost.smem_estimate is never below what Triton allocates for any candidate of the config lists,
   fp32 and bf16, sm_80 and sm_90 (COMPILED_SMEM: compiles recorded by `python
   tests/test_compile_targets.py --measure`, which also writes acai_fast/ops/compiled_spills.json);
@@ -23,8 +23,7 @@ Checks, cheapest first:
   has >= 64 rows), and smem_estimate bounds the real allocation. The representatives stand for
   the distinct specialisations (~800 over the three GPUs, ~30 min of compiling on two cores);
   `python tests/test_compile_targets.py --all` compiles every one.
-- the bf16 picks are not configs that spilled when compiled (xfail until cost.spills reads
-  acai_fast/ops/compiled_spills.json).
+- the bf16 picks are not configs that spilled when compiled (acai_fast/ops/compiled_spills.json).
 Cost (2 busy cores): the traces ~15-70 s; the compiles ~2-3 s each cold, ~0 with Triton's disk
 cache (~/.triton/cache); the measured totals are in the commit that added this file.
 """
@@ -245,9 +244,6 @@ def test_chosen_configs_fit(gpu):
         "\n".join(sorted(bad))
 
 
-@pytest.mark.xfail(strict=True, reason="cost.spills does not read acai_fast/ops/compiled_spills.json yet: the "
-                   "chooser picks bf16 configs that spill when compiled (dx 128x256x32 split-K w8 on every GPU; "
-                   "on the A100 dx 128x64x32 / 64x64x64 w4, fwd 128x16x16 w4 and 128x256x32 w8)")
 @pytest.mark.parametrize("gpu", GPUS)
 def test_chosen_configs_do_not_spill_when_compiled(gpu):
     """No bf16 conv config chosen for `gpu` is one that spilled registers when compiled for its arch."""
@@ -386,9 +382,6 @@ def test_traced_launches_compile_for_their_gpus():
     assert not problems, "\n".join(problems)
 
 
-@pytest.mark.xfail(strict=True, reason="the chooser picks bf16 conv configs that spill 4-84 B when compiled "
-                   "(128x256x32 w8 fwd/dx with and without split-K, dW CI32xCO32 w4 on sm_80, dW all-taps "
-                   "16x16x64 w4 s1 on sm_90): cost.spills does not read acai_fast/ops/compiled_spills.json yet")
 def test_traced_bf16_launches_do_not_spill():
     """No compiled bf16 representative spills registers."""
     if not _chooses_for_gpus():

@@ -146,10 +146,10 @@ def test_dz_handed_down_the_chain_by_hand():
     wide, narrow = (cfg(BLOCK_M=128, BLOCK_N=N, BLOCK_K=32, num_warps=8, num_stages=3) for N in (256, 128))
     plain_shape = dataclasses.replace(sign, GRAD_IS_DZ=True)
     act_shape = dataclasses.replace(plain_shape, INPUT_ACT=True)
-    assert not cost.spills("dx", wide, plain_shape) and cost.spills("dx", wide, act_shape)
+    assert not cost.spills("dx", wide, shape=plain_shape) and cost.spills("dx", wide, shape=act_shape)
     assert cost.register_elements("dx", wide, act_shape) == 304
     assert cost.register_elements("dx", wide, dataclasses.replace(act_shape, UPSAMPLE=True)) == 208  # BM/4 rows
-    assert cost.register_elements("dx", narrow, act_shape) == 160 and not cost.spills("dx", narrow, act_shape)
+    assert cost.register_elements("dx", narrow, act_shape) == 160 and not cost.spills("dx", narrow, shape=act_shape)
     assert cost.best_config("dx", act_shape, [wide, narrow], "h100") is narrow
 
 

@@ -15,7 +15,10 @@ bytes per second. Nothing here imports the kernels (conv_block imports this modu
 from __future__ import annotations
 
 import dataclasses
+import functools
+import json
 import math
+from pathlib import Path
 from typing import Iterable
 
 # ------------------------------------------------------------------------------------------------
@@ -253,12 +256,40 @@ def register_elements(kind: str, config, shape: "ConvShape | None" = None) -> fl
     return elems / threads
 
 
-def spills(kind: str, config, shape: "ConvShape | None" = None) -> bool:
-    """True when a config is expected to spill registers in bf16 (SPILL_LIMIT, KNOWN_SPILLS); with
-    the launch's shape, its epilogue's tiles count too (see register_elements)."""
+@functools.lru_cache(maxsize=None)
+def measured_spills() -> dict:
+    """{arch: set of config keys} of the bf16 conv configs that spilled registers when compiled
+    (acai_fast/ops/compiled_spills.json, written by tests/test_compile_targets.py --measure from
+    real sm_80 / sm_90 compiles; read-only data, like the tuned tables)."""
+    path = Path(__file__).with_name("compiled_spills.json")
+    if not path.is_file():
+        return {}
+    out: dict[str, set] = {}
+    for entry in json.loads(path.read_text()).get("bf16_spills", []):
+        out.setdefault(entry["arch"], set()).add(_spill_key(entry["kind"], entry["config"]))
+    return out
+
+
+def _spill_key(kind: str, config) -> tuple:
+    """What decides a conv config's registers: its tiles, warps, stages, all-taps dW, split-K."""
+    c = config_dict(config)
+    names = ("BLOCK_CI", "BLOCK_CO", "BLOCK_P") if kind == "dw" else ("BLOCK_M", "BLOCK_N", "BLOCK_K")
+    extra = (c.get("TAPS", 1) or 1) > 1 if kind == "dw" else (c.get("SPLIT_K", 1) or 1) > 1
+    return (kind, *(c[k] for k in names), c["num_warps"], c["num_stages"], extra)
+
+
+def spills(kind: str, config, arch: str | None = None, shape: "ConvShape | None" = None) -> bool:
+    """True when a config spills registers in bf16: it spilled when compiled for `arch` ("sm80",
+    "sm90"; None: for either) in any layer variant per `measured_spills`, is listed in KNOWN_SPILLS,
+    or exceeds the register rule (SPILL_LIMIT; with the launch's shape its epilogue's tiles count
+    too, see register_elements)."""
     c = config_dict(config)
     names = ("BLOCK_CI", "BLOCK_CO", "BLOCK_P") if kind == "dw" else ("BLOCK_M", "BLOCK_N", "BLOCK_K")
     key = (kind, *(c[k] for k in names), c["num_warps"])
+    measured = measured_spills()
+    archs = [arch] if arch is not None else list(measured)
+    if any(_spill_key(kind, config) in measured.get(a, ()) for a in archs):
+        return True
     return key in KNOWN_SPILLS or register_elements(kind, config, shape) > SPILL_LIMIT[kind]
 
 
@@ -292,7 +323,7 @@ def fits(kind: str, config, itemsize: int, gpu, reshape_epilogue: bool | None = 
     gpu = get_gpu(gpu)
     if smem_estimate(kind, config, itemsize, reshape_epilogue) > gpu.smem_per_block:
         return False
-    return not (itemsize <= 2 and spills(kind, config, shape))
+    return not (itemsize <= 2 and spills(kind, config, gpu.arch, shape))
 
 
 # ------------------------------------------------------------------------------------------------
