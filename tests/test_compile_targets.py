@@ -45,7 +45,7 @@ import pytest
 import torch
 
 from acai_fast import ACAIConfig, ACAITrainer
-from acai_fast.ops import aot, conv_block, cost
+from acai_fast.ops import aot, conv_block, conv_kernels, cost
 
 HERE = pathlib.Path(__file__).resolve().parent
 COMPILED_SMEM = HERE / "compile_targets.json"  # measured candidates (written by --measure)
@@ -215,7 +215,7 @@ def unfit_picks(gpu: str, measured_spills: bool) -> set[str]:
     expected by cost.spills or (measured_spills) measured (acai_fast/ops/compiled_spills.json,
     for the GPU's arch)."""
     limit, arch = cost.GPUS[gpu].smem_per_block, cost.GPUS[gpu].arch
-    spilling = {(e["kind"], json.dumps(e["config"], sort_keys=True)) for e in
+    spilling = {cost.spill_key(e["kind"], e["config"]) for e in  # tiles, warps, stages, split or taps
                 json.loads(SPILLS_JSON.read_text())["bf16_spills"] if e["arch"] == arch}
     bad = set()
     for launch in all_launches(gpu):
@@ -225,8 +225,8 @@ def unfit_picks(gpu: str, measured_spills: bool) -> set[str]:
         cfg = conv_config(launch.kwargs)
         itemsize = compute_itemsize(dict(launch.specialise(arch).signature), kind)
         smem = cost.smem_estimate(kind, cfg, itemsize)
-        spills = itemsize == 2 and (cost.spills(kind, cfg) or measured_spills and
-                                    (kind, json.dumps(cost.config_dict(cfg), sort_keys=True)) in spilling)
+        spills = itemsize == 2 and (cost.spills(kind, cfg, arch) or measured_spills and
+                                    cost.spill_key(kind, cfg) in spilling)
         if smem > limit or spills:
             bad.add(f"{kind} {cost.describe_config(kind, cfg)} itemsize {itemsize}: ~{smem} B"
                     + (", spills" if spills else ""))
@@ -267,7 +267,7 @@ def test_chooser_never_exceeds_a_tiny_limit():
                     assert cost.smem_estimate(kind, best, itemsize) <= limit, (kind, limit, best)
                 else:
                     assert all(cost.smem_estimate(kind, c, itemsize) > limit or
-                               (itemsize == 2 and cost.spills(kind, c)) for c in candidates)
+                               (itemsize == 2 and cost.spills(kind, c, tiny.arch)) for c in candidates)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -297,8 +297,8 @@ def test_measurements_cover_the_config_lists():
     re-run `python tests/test_compile_targets.py --measure` when one changes."""
     import triton
     recorded = json.loads(COMPILED_SMEM.read_text())
-    assert recorded["kernels"] == aot.source_hash(conv_block), \
-        f"conv_block's kernels changed since the recorded compiles: run `python {__file__} --measure`"
+    assert recorded["kernels"] == aot.source_hash(conv_kernels), \
+        f"conv_kernels' kernels changed since the recorded compiles: run `python {__file__} --measure`"
     assert recorded["triton"] == triton.__version__, \
         f"recorded with triton {recorded['triton']}, this is {triton.__version__}: run `python {__file__} --measure`"
     rows = recorded["rows"]
@@ -465,7 +465,7 @@ def measure_candidates(jobs: int = 2) -> tuple[list[dict], list[str]]:
 def _write_measurements(rows: list[dict]) -> None:
     import triton
     COMPILED_SMEM.write_text(json.dumps(dict(
-        triton=triton.__version__, kernels=aot.source_hash(conv_block), note="written by `python tests/test_compile_targets.py --measure`: "
+        triton=triton.__version__, kernels=aot.source_hash(conv_kernels), note="written by `python tests/test_compile_targets.py --measure`: "
         "every candidate config compiled (acai_fast.ops.aot) in each structural variant the presets launch",
         rows=rows), indent=1) + "\n")
     spills = {}

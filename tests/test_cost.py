@@ -2,6 +2,7 @@
 best_config respects, and the modelled profile of a whole step on the CPU (a dry run)."""
 import dataclasses
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -222,11 +223,30 @@ def test_smem_estimate_by_epilogue():
 
 
 def test_spill_rule_matches_what_ptxas_reported():
-    assert cost.spills("dw", cfg(BLOCK_CI=32, BLOCK_CO=64, BLOCK_P=128, num_warps=4, num_stages=3))
-    assert not cost.spills("dw", cfg(BLOCK_CI=32, BLOCK_CO=64, BLOCK_P=128, num_warps=8, num_stages=3))
-    assert not cost.spills("dw", cfg(BLOCK_CI=16, BLOCK_CO=64, BLOCK_P=128, num_warps=4, num_stages=3))
-    for c in cb.FWD_CONFIGS:  # no fwd/dx config of the package spills in bf16
-        assert not cost.spills("fwd", c)
+    """cost.spills answers from real compiles where there are some (acai_fast/ops/compiled_spills.json,
+    per arch: every candidate of the config lists in every layer variant the presets launch), and
+    from the register rule for configs nobody compiled."""
+    listed = json.loads((Path(cost.__file__).with_name("compiled_spills.json")).read_text())["bf16_spills"]
+    assert listed, "the compiled spills list is empty"
+    for e in listed:
+        assert cost.spills(e["kind"], e["config"], e["arch"]), e
+        assert cost.spills(e["kind"], e["config"])  # arch None: spills on either
+    by_arch = {a: {cost.spill_key(e["kind"], e["config"]) for e in listed if e["arch"] == a} for a in ("sm80", "sm90")}
+    # a config that spilled on one arch only is refused there and allowed on the other
+    one_arch = [(e, other) for e in listed for other in ({"sm80", "sm90"} - {e["arch"]})
+                if cost.spill_key(e["kind"], e["config"]) not in by_arch[other]
+                and cost.register_elements(e["kind"], e["config"]) <= cost.SPILL_LIMIT[e["kind"]]
+                and (e["kind"], *(e["config"][k] for k in (("BLOCK_CI", "BLOCK_CO", "BLOCK_P") if e["kind"] == "dw"
+                                                              else ("BLOCK_M", "BLOCK_N", "BLOCK_K"))),
+                     e["config"]["num_warps"]) not in cost.KNOWN_SPILLS]
+    for e, other in one_arch:
+        assert not cost.spills(e["kind"], e["config"], other), (e, other)
+    # never compiled: the rule (tiles of 256 x 256 per 4 warps hold far more than 255 registers)
+    huge = cfg(BLOCK_M=256, BLOCK_N=256, BLOCK_K=64, num_warps=4, num_stages=3)
+    assert cost.spills("fwd", huge, "sm90") and cost.spills("fwd", huge, "sm80")
+    small = cfg(BLOCK_M=64, BLOCK_N=32, BLOCK_K=32, num_warps=4, num_stages=2)
+    assert cost.spill_key("fwd", small) not in by_arch["sm90"] | by_arch["sm80"]
+    assert not cost.spills("fwd", small, "sm90")
 
 
 # Layer shapes of lines and cifar1024 (forward; dx and dW use the same numbers), at batch 64 and 1024.
@@ -252,7 +272,7 @@ def test_best_config_never_exceeds_the_gpu(gpu, itemsize):
                 chosen = cost.best_config(kind, shape, candidates, gpu)
                 assert chosen is not None, (kind, shape)
                 assert cost.smem_estimate(kind, chosen, itemsize) <= limit, (kind, shape, chosen)
-                assert itemsize == 4 or not cost.spills(kind, chosen), (kind, shape, chosen)
+                assert itemsize == 4 or not cost.spills(kind, chosen, cost.GPUS[gpu].arch), (kind, shape, chosen)
 
 
 def test_best_config_refuses_a_faster_config_over_the_limit():

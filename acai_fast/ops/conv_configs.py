@@ -316,15 +316,16 @@ def _prune_dw(configs, named_args, **kwargs):
     return kept or [min(configs, key=lambda c: c.kwargs["BLOCK_CI"] * c.kwargs["BLOCK_CO"])]
 
 
-def candidates(name: str, args: dict, gpu: str | None = None) -> list:
-    """Every config worth modelling for one launch: the tile lists pruned to the channel counts,
-    with fwd/dx split-K variants (>= 64-row tiles, launches of at most SPLIT_K_MAX_TILES tiles, >= 2
-    K steps per split) and dW pixel-split counts that fill whole waves of the GPU's SMs (j * SMs /
-    tiles programs per tile, j = 1..8, and powers of two), each with `reduce_group`'s groups."""
+def candidates(name: str, args: dict, gpu: str | None = None, narrow: bool = True) -> list:
+    """Every config worth modelling for one launch: the tile lists pruned to the channel counts
+    (narrow=False: not pruned, the fallback where no pruned candidate fits the GPU), with fwd/dx
+    split-K variants (>= 64-row tiles, launches of at most SPLIT_K_MAX_TILES tiles, >= 2 K steps per
+    split) and dW pixel-split counts that fill whole waves of the GPU's SMs (j * SMs / tiles programs
+    per tile, j = 1..8, and powers of two), each with `reduce_group`'s groups."""
     args = shape_of(name, args)
     out = []
     if name != "dw":
-        base = [c for c in FWD_CONFIGS if _narrow_enough(name, args, c)] or [
+        base = [c for c in FWD_CONFIGS if not narrow or _narrow_enough(name, args, c)] or [
             min(FWD_CONFIGS, key=lambda c: c.kwargs["BLOCK_N"] * c.kwargs["BLOCK_K"])]
         for c in base:
             out.append(c)
@@ -340,7 +341,7 @@ def candidates(name: str, args: dict, gpu: str | None = None) -> list:
     P = args["N"] * args["H"] * args["W"]
     sms = _sms(gpu)
     bound = dw_counter_size(args["KS"], args["CIN"], args["COUT"])
-    base = [c for c in DW_CONFIGS if _narrow_enough(name, args, c)
+    base = [c for c in DW_CONFIGS if (not narrow or _narrow_enough(name, args, c))
             and not (c.kwargs["TAPS"] > 1 and args["KS"] != 3)] or [
         min(DW_CONFIGS, key=lambda c: c.kwargs["BLOCK_CI"] * c.kwargs["BLOCK_CO"])]
     for c in base:
@@ -361,13 +362,41 @@ def candidates(name: str, args: dict, gpu: str | None = None) -> list:
     return out
 
 
-def heuristic_config(name: str, args: dict):
+def heuristic_config(name: str, args: dict, gpu: str | None = None):
     """A config from the shape alone: the fallback where neither a table nor the cost model can
     answer. fwd/dx: the N and K tiles cover the channels (16..128 and 16..64: no wasted lanes on
     the narrow layers), the M tile is the largest of 128/64/32 that still gives ~2 waves of programs
     (ANCHORS.md: 256->512 at 4x4 lost to cuDNN with one wave), 8 warps for 128x128 tiles, no split.
-    dw: channel tiles up to 64, 128-pixel chunks, one tap per program, `dw_heuristic_splits`."""
-    args = shape_of(name, args)
+    dw: channel tiles up to 64, 128-pixel chunks, one tap per program, `dw_heuristic_splits`.
+    gpu (a cost.GPUS key): the same rule as the model's picks (`fits_gpu`: shared memory as
+    allocated within the GPU's limit, no bf16 spills on its arch); where the shape's config does not
+    fit, the first candidate (`candidates`, pruned to the channels, then not) that does."""
+    config = _shape_heuristic(name, shape_of(name, args))
+    if gpu is None or fits_gpu(name, args, config, gpu) is not False:
+        return config
+    for narrow in (True, False):
+        for c in candidates(name, args, gpu, narrow):
+            if fits_gpu(name, args, c, gpu):
+                return c
+    return config  # nothing in the lists fits either
+
+
+def fits_gpu(name: str, args: dict, config, gpu: str) -> bool | None:
+    """cost.fits for a launch (`launch_shape`'s dict) on a cost.GPUS key: shared memory as Triton
+    allocates it within the per-block limit and, in bf16, no register spills measured for (or
+    expected on) the GPU's arch; None when the model is unavailable or does not know the GPU."""
+    try:
+        from . import cost
+    except ImportError:
+        return None
+    if gpu not in getattr(cost, "GPUS", {}):
+        return None
+    shape = cost.conv_shape(name, shape_of(name, args))
+    return cost.fits(name, config, shape.itemsize, gpu, cost.reshape_epilogue(name, shape))
+
+
+def _shape_heuristic(name: str, args: dict):
+    """`heuristic_config`'s rule from the shape alone (no GPU)."""
     elsize = _itemsize(args)
     if name == "dw":
         ci = min(64, max(16, _next_pow2(args["CIN"])))
@@ -484,8 +513,9 @@ def _interpreter_config(name: str, args: dict):
 
 
 def model_config(name: str, args: dict, gpu: str):
-    """The cost model's fastest candidate that fits `gpu`, or None when the model is unavailable
-    (no acai_fast.ops.cost, or a GPU it does not know)."""
+    """The cost model's fastest candidate that fits `gpu` (the candidates pruned to the channels;
+    where none of them fits, the unpruned lists), or None when the model is unavailable (no
+    acai_fast.ops.cost, or a GPU it does not know) or nothing in the lists fits."""
     try:
         from . import cost
     except ImportError:
@@ -494,6 +524,8 @@ def model_config(name: str, args: dict, gpu: str):
         return None
     args = shape_of(name, args)
     best = cost.best_config(name, args, candidates(name, args, gpu), gpu)
+    if best is None:  # every tile pruned to the channels spills or is over the limit: the whole lists
+        best = cost.best_config(name, args, candidates(name, args, gpu, narrow=False), gpu)
     return normalized(name, best) if best is not None else None
 
 
@@ -535,7 +567,7 @@ def _choose_for_gpu(name, key, frozen_args, gpu, arch):
         best = model_config(name, args, gpu)
         if best is not None:
             return best, "model"
-    return heuristic_config(name, args), "heuristic"
+    return heuristic_config(name, args, gpu), "heuristic"
 
 
 AUTOTUNED: dict = {}  # shape key -> the config `autotune` timed fastest in this process
