@@ -481,6 +481,28 @@ def _write_measurements(rows: list[dict]) -> None:
                      for (k, c, a), b in sorted(spills.items())]), indent=1) + "\n")
 
 
+def _record_traced_spills() -> None:
+    """Compile the representatives of today's traced launches (what the chooser picks for each GPU)
+    and add the bf16 conv configs among them that spill to compiled_spills.json's traced_spills
+    (kept across runs): a layer variant the candidate measurement does not cover (a 1x1 dW, a
+    REDUCE_GROUP of 1, which Triton specialises) can spill where the measured one did not. The
+    chooser then avoids them; re-run until it reports nothing new."""
+    data = json.loads(SPILLS_JSON.read_text())
+    traced = {(e["kind"], json.dumps(e["config"], sort_keys=True), e["arch"]): e for e in data.get("traced_spills", [])}
+    new = 0
+    for r in _compile(representatives(target_specs())):
+        kind, cfg, itemsize = spec_kind_config(r.spec)
+        if kind and itemsize == 2 and not r.error and r.spill_bytes:
+            key = (kind, json.dumps(cost.config_dict(cfg), sort_keys=True), r.spec.arch)
+            new += key not in traced
+            traced[key] = dict(kind=kind, config=cost.config_dict(cfg), arch=r.spec.arch,
+                               spill_bytes=r.spill_bytes, seen=r.spec.label())
+            print("spills:", r.summary())
+    data["traced_spills"] = [traced[k] for k in sorted(traced)]
+    SPILLS_JSON.write_text(json.dumps(data, indent=1) + "\n")
+    print(f"{new} new traced spills recorded ({len(traced)} in all)")
+
+
 def _main(argv) -> None:
     import time
     start = time.perf_counter()
@@ -494,6 +516,8 @@ def _main(argv) -> None:
             print(f"{r['kind']:3} {cost.describe_config(r['kind'], r['config']):28} {r['dtype']} {r['arch']} "
                   f"{r['variant']:24} smem {r['shared'] + r['static_shared']:7} est {est:7} "
                   f"regs {r['registers']:3} spill {r['spill_bytes']:5} {'wgmma' if r['wgmma'] else 'mma' if r['mma'] else '-'}")
+    if "--measure-traced" in argv:
+        _record_traced_spills()
     if "--all" in argv or "--representatives" in argv:
         targets = target_specs()
         print(f"traced in {time.perf_counter() - start:.0f} s: {len(targets)} distinct specialisations, "

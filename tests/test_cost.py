@@ -147,7 +147,10 @@ def test_dz_handed_down_the_chain_by_hand():
     wide, narrow = (cfg(BLOCK_M=128, BLOCK_N=N, BLOCK_K=32, num_warps=8, num_stages=3) for N in (256, 128))
     plain_shape = dataclasses.replace(sign, GRAD_IS_DZ=True)
     act_shape = dataclasses.replace(plain_shape, INPUT_ACT=True)
-    assert not cost.spills("dx", wide, shape=plain_shape) and cost.spills("dx", wide, shape=act_shape)
+    # (the rule alone: the compiled list has 128x256x32 w8 spilling in other variants too)
+    assert cost.register_elements("dx", wide, plain_shape) <= cost.SPILL_LIMIT["dx"] < \
+        cost.register_elements("dx", wide, act_shape)
+    assert cost.spills("dx", wide, shape=act_shape)
     assert cost.register_elements("dx", wide, act_shape) == 304
     assert cost.register_elements("dx", wide, dataclasses.replace(act_shape, UPSAMPLE=True)) == 208  # BM/4 rows
     assert cost.register_elements("dx", narrow, act_shape) == 160 and not cost.spills("dx", narrow, shape=act_shape)
@@ -226,7 +229,8 @@ def test_spill_rule_matches_what_ptxas_reported():
     """cost.spills answers from real compiles where there are some (acai_fast/ops/compiled_spills.json,
     per arch: every candidate of the config lists in every layer variant the presets launch), and
     from the register rule for configs nobody compiled."""
-    listed = json.loads((Path(cost.__file__).with_name("compiled_spills.json")).read_text())["bf16_spills"]
+    data = json.loads((Path(cost.__file__).with_name("compiled_spills.json")).read_text())
+    listed = data["bf16_spills"] + data.get("traced_spills", [])
     assert listed, "the compiled spills list is empty"
     for e in listed:
         assert cost.spills(e["kind"], e["config"], e["arch"]), e

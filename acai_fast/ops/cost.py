@@ -383,14 +383,16 @@ def conv_cost(kind: str, shape, config, gpu=None, constants: Constants = FIT) ->
     return _finish(kind, ctas, slots, flops, useful, hbm, l2, smem, terms, describe_config(kind, c))
 
 
-def rank_configs(kind: str, shape, candidates: Iterable, gpu=None, constants: Constants = FIT) -> list:
-    """[(time_us, config, LaunchCost)] for the candidates that fit `gpu` (see `fits`), fastest first
-    (ties: the earlier candidate)."""
+def rank_configs(kind: str, shape, candidates: Iterable, gpu=None, constants: Constants = FIT, *,
+                 compiled_spills: bool = True) -> list:
+    """[(time_us, config, LaunchCost)] for the candidates that fit `gpu` (see `fits`; compiled_spills
+    False: spills by the rule only, not by what conv_block's kernels did when compiled), fastest
+    first (ties: the earlier candidate)."""
     gpu = get_gpu(gpu)
     s = conv_shape(kind, shape)
     ranked = []
     for i, cand in enumerate(candidates):
-        if not fits(kind, cand, s.itemsize, gpu, reshape_epilogue(kind, s), s):
+        if not fits(kind, cand, s.itemsize, gpu, reshape_epilogue(kind, s), s, compiled=compiled_spills):
             continue
         cost = conv_cost(kind, s, cand, gpu, constants)
         if math.isfinite(cost.time_us):
@@ -565,10 +567,12 @@ def anchor_shape(batch: int, cin: int, cout: int, size: int) -> ConvShape:
 
 def calibration(candidates=ANCHOR_CANDIDATES, constants: Constants = FIT, gpu="h100") -> list[dict]:
     """Per anchor row: the model's best over `candidates` (as an autotuner would pick) beside the
-    measured time: [{row, measured_us, model_us, ratio, config, bound}]."""
+    measured time: [{row, measured_us, model_us, ratio, config, bound}]. The anchors timed a plain
+    Triton conv, not conv_block's kernels: what those spilled when compiled does not apply."""
     rows = []
     for (b, ci, co, size), measured in ANCHOR_CONV_FWD_H100:
-        ranked = rank_configs("fwd", anchor_shape(b, ci, co, size), candidates, gpu, constants)
+        ranked = rank_configs("fwd", anchor_shape(b, ci, co, size), candidates, gpu, constants,
+                              compiled_spills=False)
         t, cand, cost = ranked[0]
         rows.append(dict(row=(b, ci, co, size), measured_us=measured, model_us=t, ratio=t / measured,
                          config=cost.config, bound=cost.bound))

@@ -209,13 +209,16 @@ def register_elements(kind: str, config, shape: "ConvShape | None" = None) -> fl
 @functools.lru_cache(maxsize=None)
 def measured_spills() -> dict:
     """{arch: set of config keys} of the bf16 conv configs that spilled registers when compiled
-    (acai_fast/ops/compiled_spills.json, written by tests/test_compile_targets.py --measure from
-    real sm_80 / sm_90 compiles; read-only data, like the tuned tables)."""
+    (acai_fast/ops/compiled_spills.json, written by tests/test_compile_targets.py from real sm_80 /
+    sm_90 compiles: bf16_spills, every candidate in each layer variant (--measure), and
+    traced_spills, the chooser's picks in the variants they launch in (--measure-traced); read-only
+    data, like the tuned tables)."""
     path = Path(__file__).with_name("compiled_spills.json")
     if not path.is_file():
         return {}
     out: dict[str, set] = {}
-    for entry in json.loads(path.read_text()).get("bf16_spills", []):
+    data = json.loads(path.read_text())
+    for entry in data.get("bf16_spills", []) + data.get("traced_spills", []):
         out.setdefault(entry["arch"], set()).add(spill_key(entry["kind"], entry["config"]))
     return out
 
@@ -228,15 +231,17 @@ def spill_key(kind: str, config) -> tuple:
     return (kind, *(c[k] for k in names), c["num_warps"], c["num_stages"], extra)
 
 
-def spills(kind: str, config, arch: str | None = None, shape: "ConvShape | None" = None) -> bool:
+def spills(kind: str, config, arch: str | None = None, shape: "ConvShape | None" = None, *,
+           compiled: bool = True) -> bool:
     """True when a config spills registers in bf16: it spilled when compiled for `arch` ("sm80",
     "sm90"; None: for either) in any layer variant per `measured_spills`, is listed in KNOWN_SPILLS,
     or exceeds the register rule (SPILL_LIMIT; with the launch's shape its epilogue's tiles count
-    too, see register_elements)."""
+    too, see register_elements). compiled=False: the rule and KNOWN_SPILLS only (another kernel than
+    conv_block's, e.g. the plain Triton conv of the calibration anchors)."""
     c = config_dict(config)
     names = ("BLOCK_CI", "BLOCK_CO", "BLOCK_P") if kind == "dw" else ("BLOCK_M", "BLOCK_N", "BLOCK_K")
     key = (kind, *(c[k] for k in names), c["num_warps"])
-    measured = measured_spills()
+    measured = measured_spills() if compiled else {}
     archs = [arch] if arch is not None else list(measured)
     if any(spill_key(kind, config) in measured.get(a, ()) for a in archs):
         return True
@@ -266,11 +271,11 @@ def ctas_per_sm(kind: str, config, itemsize: int, gpu: GPU, reshape_epilogue: bo
 
 
 def fits(kind: str, config, itemsize: int, gpu, reshape_epilogue: bool | None = None,
-         shape: "ConvShape | None" = None) -> bool:
+         shape: "ConvShape | None" = None, *, compiled: bool = True) -> bool:
     """The config launches on this GPU: its shared memory (as allocated) is within the per-block
     limit and, for 2-byte compute dtypes, it is not expected to spill registers (with the launch's
     shape, its epilogue counted: see register_elements)."""
     gpu = get_gpu(gpu)
     if smem_estimate(kind, config, itemsize, reshape_epilogue) > gpu.smem_per_block:
         return False
-    return not (itemsize <= 2 and spills(kind, config, gpu.arch, shape))
+    return not (itemsize <= 2 and spills(kind, config, gpu.arch, shape, compiled=compiled))
