@@ -3,7 +3,8 @@ shared memory as Triton allocates it, its registers and spills (the rule, and wh
 compiles reported: compiled_spills.json), co-resident programs per SM, and `fits`, the rule every
 config the project chooses passes. The cost model (cost.py) prices launches on these GPUs; the
 config chooser (conv_configs.py) and the compile check (tests/test_compile_targets.py) read the
-limits here. Sizes in bytes.
+limits here. Sizes in bytes. A `shape` argument is a launch's cost.ConvShape (its INPUT_ACT and
+UPSAMPLE flags are read); nothing here imports cost.py.
 """
 from __future__ import annotations
 
@@ -12,10 +13,6 @@ import functools
 import json
 import math
 from pathlib import Path
-from typing import TYPE_CHECKING
-
-if TYPE_CHECKING:
-    from .cost import ConvShape
 
 # ------------------------------------------------------------------------------------------------
 # GPUs as data
@@ -186,7 +183,7 @@ SPILL_LIMIT = {"fwd": 192, "dx": 192, "dw": 160}
 KNOWN_SPILLS = {("dw", 32, 64, 128, 4): "sm_90 bf16: 128 B of spills (issue 18)"}
 
 
-def register_elements(kind: str, config, shape: "ConvShape | None" = None) -> float:
+def register_elements(kind: str, config, shape=None) -> float:
     """Per-thread elements of register tiles (see SPILL_LIMIT).
     fwd/dx: (BM*BN accumulator + BM*BK gathered A + BK*BN weight tile) / threads; a dx launch whose
     epilogue applies its input's activation (shape.INPUT_ACT) also holds the x tile it loads there
@@ -231,7 +228,7 @@ def spill_key(kind: str, config) -> tuple:
     return (kind, *(c[k] for k in names), c["num_warps"], c["num_stages"], extra)
 
 
-def spills(kind: str, config, arch: str | None = None, shape: "ConvShape | None" = None, *,
+def spills(kind: str, config, arch: str | None = None, shape=None, *,
            compiled: bool = True) -> bool:
     """True when a config spills registers in bf16: it spilled when compiled for `arch` ("sm80",
     "sm90"; None: for either) in any layer variant per `measured_spills`, is listed in KNOWN_SPILLS,
@@ -248,14 +245,14 @@ def spills(kind: str, config, arch: str | None = None, shape: "ConvShape | None"
     return key in KNOWN_SPILLS or register_elements(kind, config, shape) > SPILL_LIMIT[kind]
 
 
-def registers_per_thread(kind: str, config, shape: "ConvShape | None" = None) -> int:
+def registers_per_thread(kind: str, config, shape=None) -> int:
     """Estimated 32-bit registers per thread: 32 for indices and pointers + the register tiles,
     capped at 255 (beyond that ptxas spills)."""
     return min(255, 32 + math.ceil(register_elements(kind, config, shape)))
 
 
 def ctas_per_sm(kind: str, config, itemsize: int, gpu: GPU, reshape_epilogue: bool | None = None,
-                shape: "ConvShape | None" = None) -> int:
+                shape=None) -> int:
     """Co-resident programs per SM: the least of what shared memory (as allocated, + the 1 KB the
     driver reserves), registers (allocated per warp in units of 256), warps (64 per SM) and the
     32-CTA limit allow. 0 when one program does not fit the per-block shared memory."""
@@ -271,7 +268,7 @@ def ctas_per_sm(kind: str, config, itemsize: int, gpu: GPU, reshape_epilogue: bo
 
 
 def fits(kind: str, config, itemsize: int, gpu, reshape_epilogue: bool | None = None,
-         shape: "ConvShape | None" = None, *, compiled: bool = True) -> bool:
+         shape=None, *, compiled: bool = True) -> bool:
     """The config launches on this GPU: its shared memory (as allocated) is within the per-block
     limit and, for 2-byte compute dtypes, it is not expected to spill registers (with the launch's
     shape, its epilogue counted: see register_elements)."""
