@@ -44,7 +44,7 @@ from .distributed import local_batch, rank_seed
 from .models import Randomness, build_model
 from .networks import LinearProbe
 from .ops.acai_loss import LOSS_NAMES  # noqa: F401 (kept importable from here)
-from .ops.mix import draw_alpha, make_rng_state, make_rng_states
+from .ops.philox import draw_alpha, make_rng_state, make_rng_states
 from .ops.probe_loss import counter_size as probe_counter_size
 from .ops.probe_loss import probe_loss
 from .parameters import FlatAdam, RunParameters

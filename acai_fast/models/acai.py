@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 from ..networks import Critic, autoencoder
 from ..ops.acai_loss import LOSS_NAMES  # noqa: F401 (the names of the logged losses)
-from ..ops.mix import draw_alpha
+from ..ops.philox import draw_alpha
 from .base import Model, Randomness, StepOutput
 
 

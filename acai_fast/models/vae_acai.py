@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 
 from ..networks import Critic
-from ..ops.mix import draw_alpha
+from ..ops.philox import draw_alpha
 from .base import Randomness, StepOutput
 from .vae import VAE, logits_to_images
 
