@@ -78,6 +78,7 @@ FWD_CONFIGS = [
     mnk(32, 64, 64, 4, 3),
     mnk(32, 32, 64, 4, 3),
     mnk(128, 16, 16, 4, 3),
+    mnk(64, 16, 128, 4, 3),  # 16 output channels over a deep K (2x2 256->16: K = 2,304): 8x fewer K steps than 128x16x16
     mnk(64, 128, 32, 4, 3),
     # large batches (M = N*H*W in the hundreds of thousands): bigger tiles, deeper pipelines
     mnk(128, 128, 64, 8, 4),
