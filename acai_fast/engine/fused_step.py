@@ -101,7 +101,7 @@ class FusedACAIStep:
                 self._counters[name] = dict(dw=zeros(dw_counter_size(k, cin, cout, runs=self.runs)),
                                             fwd=zeros(split_k), dx=zeros(split_k))
         self._loss_counters = torch.zeros(2, self.runs, dtype=torch.int32, device=self.device)
-        self._side = _SideStream(self.device)
+        self._side = _SideStreams(self.device)
 
     def _param(self, name: str, which: str):
         """(what the kernels read, the gradient) of a block's weight or bias, with the run axis."""
@@ -125,7 +125,7 @@ class FusedACAIStep:
     def _block_bwd(self, blocks, i, s: _Saved, g, *, need_dx=True, need_dw=True, dx_out=None):
         """The backward of block i of a chain (blocks: [(name, ConvBlock)] as in self.nets), g its
         gradient: dL/dz when its successor's dx wrote it so, else dL/dy (see `_links`). On a GPU the
-        weight gradient runs on the side stream (only Adam waits for it), the input gradient on the
+        weight gradient runs on a side stream (only Adam waits for it), the input gradient on the
         current stream, where the next block's backward waits for it."""
         name, b = blocks[i]
         (w, dw), (_, db) = self._param(name, "weight"), self._param(name, "bias")
@@ -237,35 +237,47 @@ def _links(blocks, i) -> dict:
                 input_leaky_slope=prev.leaky_slope if prev is not None and _hands_dz(prev) else None)
 
 
-class _SideStream:
-    """A second CUDA stream for the weight gradients, so that the chain of input gradients (each
-    block's dx waits for the next block's) does not also wait for every dW (the modelled critical
-    path of a lines step loses ~0.16 ms of 0.9, ANCHORS.md). `fork(*tensors)` runs its body on the
-    side stream after everything queued so far on the current one, holding the tensors it reads
-    until `join()`, which makes the current stream wait for the side stream (inside a CUDA-graph
-    capture: a forked and re-joined capture, as PyTorch requires). No streams on the CPU: the body
-    runs in place and the order is the eager one. Nothing numerical changes: the same launches on
-    the same inputs, each dW still writing its own gradient with its own tile counters."""
+SIDE_STREAMS = 2  # CUDA streams for the weight gradients; the dW launches take them in turn
 
-    def __init__(self, device: torch.device):
-        self.stream = torch.cuda.Stream(device) if device.type == "cuda" else None
+
+class _SideStreams:
+    """SIDE_STREAMS extra CUDA streams for the weight gradients, so that the chain of input
+    gradients (each block's dx waits for the next block's) does not also wait for every dW, and the
+    dW launches do not queue behind each other: with one side stream the dW chain (~0.29 ms of a
+    modelled lines step) outlasts the dx chain and sets the step; with two it finishes soon after
+    the last dx (`acai-fast profile --model h100 --preset lines`: 0.583 -> 0.535 ms). `fork(*tensors)`
+    runs its body on the next side stream in turn, after everything queued so far on the current
+    one, holding the tensors it reads until `join()`, which makes the current stream wait for every
+    side stream (inside a CUDA-graph capture: forked and re-joined streams, as PyTorch requires). No
+    streams on the CPU: the body runs in place and the order is the eager one. Nothing numerical
+    changes: the same launches on the same inputs, each dW writing its own gradient with its own
+    tile counters and workspace (allocated on its own stream), so no two side launches share memory.
+    The cost model assigns the traced dW launches to the streams in the same turn
+    (engine.launches.model_launches)."""
+
+    def __init__(self, device: torch.device, count: int = SIDE_STREAMS):
+        self.streams = [torch.cuda.Stream(device) for _ in range(count)] if device.type == "cuda" else []
+        self._turn = 0
         self._held = []
 
     @property
     def forks(self) -> bool:
-        return self.stream is not None
+        return bool(self.streams)
 
     @contextlib.contextmanager
     def fork(self, *tensors):
-        self.stream.wait_stream(torch.cuda.current_stream(self.stream.device))
+        stream = self.streams[self._turn % len(self.streams)]
+        self._turn += 1
+        stream.wait_stream(torch.cuda.current_stream(stream.device))
         self._held.extend(t for t in tensors if t is not None)
-        with torch.cuda.stream(self.stream):
+        with torch.cuda.stream(stream):
             yield
 
     def join(self) -> None:
-        if self.stream is not None:
-            torch.cuda.current_stream(self.stream.device).wait_stream(self.stream)
-            self._held.clear()  # freed after the wait: later work on this stream is ordered after it
+        for stream in self.streams:
+            torch.cuda.current_stream(stream.device).wait_stream(stream)
+        self._turn = 0  # every step assigns its dW launches to the streams in the same order
+        self._held.clear()  # freed after the waits: later work on this stream is ordered after them
 
 
 @dataclasses.dataclass

@@ -23,6 +23,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from .. import _ext
+from .fused_step import SIDE_STREAMS
 
 # aten ops that allocate, alias or read metadata without running a kernel.
 _NO_KERNEL = {
@@ -464,19 +465,22 @@ def model_launches(trace: LaunchTrace, gpu="h100", *, configs: str = "chooser",
                    exclude: tuple = CPU_ONLY_OPS) -> list[dict]:
     """The modelled cost of every launch of a trace on `gpu` (acai_fast.ops.cost): one dict per
     launch, in order: index, layer, pass, stream, kernel, shape, config, config_source, ctas, waves,
-    flops (issued), useful_flops, hbm_bytes, l2_bytes, smem, time_us, bound, terms. stream: "side"
-    for the conv weight gradients, which the fused engine runs on a second CUDA stream on a GPU
-    (engine.fused_step._SideStream; a CPU trace runs them in order), else "main". Conv launches get the config
+    flops (issued), useful_flops, hbm_bytes, l2_bytes, smem, time_us, bound, terms. stream: "side0",
+    "side1", ... for the conv weight gradients, which the fused engine runs on SIDE_STREAMS extra CUDA
+    streams on a GPU, taking them in turn (engine.fused_step._SideStreams; a CPU trace runs them in
+    order), else "main". Conv launches get the config
     `target_config(..., policy=configs)` gives for that GPU. aten ops in `exclude` (the CPU-only
     input checks) are left out."""
-    rows = []
+    rows, dw_launches = [], 0
     for launch in trace.launches:
         if launch.source == "torch" and launch.kernel in exclude:
             continue
         c, shape, config, source = _launch_cost(launch, gpu, configs)
         pass_name = _pass_name(launch)
-        rows.append({"index": len(rows), "layer": launch.layer or "", "pass": pass_name,
-                     "stream": "side" if pass_name == "dW" else "main",
+        stream = "main"
+        if pass_name == "dW":
+            stream, dw_launches = f"side{dw_launches % SIDE_STREAMS}", dw_launches + 1
+        rows.append({"index": len(rows), "layer": launch.layer or "", "pass": pass_name, "stream": stream,
                      "kernel": launch.kernel, "shape": shape, "config": config, "config_source": source,
                      "ctas": c.ctas, "waves": round(c.waves, 3), "flops": c.flops, "useful_flops": c.useful_flops,
                      "hbm_bytes": c.hbm_bytes, "l2_bytes": c.l2_bytes, "smem": c.smem, "time_us": c.time_us,

@@ -1,5 +1,5 @@
 """`acai-fast profile --model GPU`: the modelled profile of a traced step (acai_fast.engine.launches,
-acai_fast.ops.cost): the table, the step's time with the weight gradients on a side stream, the
+acai_fast.ops.cost): the table, the step's time with the weight gradients on side streams, the
 JSON/CSV outputs, and on a GPU the measured kernels beside the modelled ones."""
 from __future__ import annotations
 
@@ -20,13 +20,14 @@ log = logging.getLogger("acai_fast")
 # model (acai_fast.ops.cost) sees it on a GPU; rows from acai_fast.engine.launches.model_launches
 # ------------------------------------------------------------------------------------------------
 
-MODEL_COLUMNS = ("index", "layer", "pass", "kernel", "shape", "config", "config_source", "ctas", "waves",
-                 "gflop", "useful_gflop", "hbm_mb", "l2_mb", "smem_kb", "us", "bound")
+MODEL_COLUMNS = ("index", "layer", "pass", "stream", "kernel", "shape", "config", "config_source", "ctas",
+                 "waves", "gflop", "useful_gflop", "hbm_mb", "l2_mb", "smem_kb", "us", "bound")
 
 
 def model_table(rows: list[dict]) -> list[dict]:
     """Modelled launches in display units (MODEL_COLUMNS): GFLOP, MB, KB, microseconds."""
-    return [dict(index=r["index"], layer=r["layer"], **{"pass": r["pass"]}, kernel=r["kernel"], shape=r["shape"],
+    return [dict(index=r["index"], layer=r["layer"], **{"pass": r["pass"]}, stream=r.get("stream", "main"),
+                 kernel=r["kernel"], shape=r["shape"],
                  config=r["config"], config_source=r["config_source"], ctas=r["ctas"], waves=r["waves"],
                  gflop=round(r["flops"] / 1e9, 4), useful_gflop=round(r["useful_flops"] / 1e9, 4),
                  hbm_mb=round(r["hbm_bytes"] / 1e6, 3), l2_mb=round(r["l2_bytes"] / 1e6, 3),
@@ -34,16 +35,18 @@ def model_table(rows: list[dict]) -> list[dict]:
 
 
 def step_time_us(rows: list[dict]) -> dict:
-    """A modelled step's time with the weight gradients on a side stream (rows' "stream"), in us:
+    """A modelled step's time with the weight gradients on side streams (rows' "stream": "main",
+    or the name of a side stream), in us:
     serial: every launch after the other, one stream;
-    critical: the two streams' schedule (a side launch starts when the side stream is free and
-      everything queued before it on the main stream is done; the main stream waits for the side
-      stream before the probe and Adam, where the engine joins them);
+    critical: the streams' schedule (a side launch starts when its stream is free and everything
+      queued before it on the main stream is done; the main stream waits for every side stream
+      before the probe and Adam, where the engine joins them);
     shared: what launches running side by side still share: no more than one GPU of programs at a
       time (each launch's time x min(1, waves)), and the L2, HBM and tensor-core throughputs (the
       sums of the launches' l2 / hbm / compute terms: each is the time that resource alone needs);
     step = max(critical, shared): overlap is credited only where the GPU has room for it."""
-    serial = main = side = occupancy = 0.0
+    serial = main = occupancy = 0.0
+    sides: dict[str, float] = {}
     resources = dict(l2=0.0, hbm=0.0, compute=0.0)
     for r in rows:
         t = r["time_us"]
@@ -53,13 +56,14 @@ def step_time_us(rows: list[dict]) -> dict:
         occupancy += t * min(1.0, r.get("waves") or 1.0)
         for k in resources:
             resources[k] += (r.get("terms") or {}).get(k, 0.0)
-        if r.get("stream") == "side":
-            side = max(side, main) + t
+        stream = r.get("stream") or "main"
+        if stream != "main":
+            sides[stream] = max(sides.get(stream, 0.0), main) + t
         else:
             if r["pass"] in ("probe", "adam"):
-                main = max(main, side)  # the engine joins the side stream before the probe and Adam
+                main = max(main, *sides.values())  # the engine joins the side streams before the probe and Adam
             main += t
-    critical = max(main, side)
+    critical = max(main, *sides.values())
     shared = max(occupancy, *resources.values())
     return dict(serial_us=serial, critical_us=critical, shared_us=shared, step_us=max(critical, shared))
 
@@ -108,7 +112,7 @@ def format_model_report(rows: list[dict], summary: dict, *, title: str, top: int
     out = [f"{title}",
            f"MODEL, not a measurement: {s['launches']} launches, {s['model_us'] / 1e3:.3f} ms per step modelled{fits} "
            f"(~{s['wall_us'] / 1e3:.3f} ms wall at the model-to-wall factor {s['model_to_wall']}: wall ~ model / "
-           f"{s['model_to_wall']}; weight gradients on a side stream: {s['serial_us'] / 1e3:.3f} ms on one "
+           f"{s['model_to_wall']}; weight gradients on side streams: {s['serial_us'] / 1e3:.3f} ms on one "
            f"stream); "
            f"{s['useful_flops'] / 1e9:.2f} GFLOP useful ({s['flops'] / 1e9:.2f} issued), "
            f"{s['hbm_bytes'] / 1e6:.1f} MB HBM, {s['l2_bytes'] / 1e6:.1f} MB L2"
