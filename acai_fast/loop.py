@@ -7,6 +7,7 @@
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
@@ -66,44 +67,12 @@ def fit(trainer, data="lines", kimg: float = 16384, *, eval_kimg: float | None =
         rank calls fit; rank 0 alone evaluates and writes; logged losses are averaged over ranks.
     The output folder is checked (created, writable, room for checkpoints) before the first step.
     Returns the list of evaluation records; raises TrainingStopped (with .history) when stopped."""
-    from .data import lines as lines_data
-
-    total = int(round(kimg * 1024))
-    if total <= 0:
-        raise ValueError(f"kimg must be > 0, got {kimg}")
-    eval_every = int(round(eval_kimg * 1024)) if eval_kimg else None
-    if eval_every is not None and eval_every <= 0:
-        raise ValueError(f"eval_kimg must be > 0 or None, got {eval_kimg}")
-    if nan_policy not in NAN_POLICIES:
-        raise ValueError(f"nan_policy must be one of {', '.join(NAN_POLICIES)}, got {nan_policy!r}")
-    if checkpoint_minutes is not None and not (checkpoint_minutes > 0 and out_dir is not None):
-        raise ValueError(f"checkpoint_minutes must be > 0 and needs out_dir, got {checkpoint_minutes!r}")
+    total, eval_every = _checked_lengths(kimg, eval_kimg, nan_policy, checkpoint_minutes, out_dir)
     seed = trainer.seed if seed is None else seed
-    config = trainer.config
     dist = trainer.distributed
-    rank, world = (0, 1) if dist is None else (dist.rank, dist.world_size)
-    main = rank == 0
-    local = config.batch if dist is None else dist.local_batch(config.batch)  # this rank's images per step
-    if isinstance(data, str):
-        if data != "lines":
-            raise ValueError(f"data: the only built-in dataset is 'lines', got {data!r}")
-        if config.colors != 1 or config.image_size != lines_data.SIZE:
-            raise ValueError("the lines data needs colors=1 and 32x32 images (the 'lines' preset)")
-        batches = lines_data.lines_batches(local, seed=rank_seed(seed, rank), device=trainer.device,
-                                           start_step=trainer.steps)
-        if evaluate is None:
-            evaluate = _lines_evaluation
-        if preview is None:
-            from .eval.lines import eval_pairs
-            a, b = eval_pairs(16)
-            preview = (lines_data.draw_lines(a), lines_data.draw_lines(b))
-    elif isinstance(data, tuple):
-        batches = tensor_batches(*data, batch=local, seed=seed, start_step=trainer.steps, rank=rank,
-                                 world_size=world)
-    elif isinstance(data, Iterable):
-        batches = iter(data)
-    else:
-        raise ValueError(f"data must be 'lines', an iterable of batches or (images, labels), got {type(data).__name__}")
+    world = 1 if dist is None else dist.world_size
+    main = dist is None or dist.rank == 0
+    batches, evaluate, preview = _data_source(trainer, data, seed, evaluate, preview)
     out = Path(out_dir) if out_dir is not None else None
     if out is not None:
         check_outputs(trainer, out)
@@ -112,7 +81,7 @@ def fit(trainer, data="lines", kimg: float = 16384, *, eval_kimg: float | None =
 
     history: list[dict] = []
     watch = _LossWatch()  # the interval's losses and its non-finite steps
-    interval_steps, interval_images, interval_time = 0, 0, 0.0
+    interval = _Interval()
     next_eval = (trainer.nimg // eval_every + 1) * eval_every if eval_every else None
     on_gpu = trainer.device.type == "cuda"
     control_every = CONTROL_EVERY_GPU if on_gpu else 1
@@ -129,37 +98,25 @@ def fit(trainer, data="lines", kimg: float = 16384, *, eval_kimg: float | None =
             if batch is None:
                 raise ValueError(f"data ran out after {trainer.nimg} images, before kimg={kimg}")
             x, labels = batch if isinstance(batch, (tuple, list)) else (batch, None)
-            t0 = time.perf_counter()
-            losses = trainer.step(x, labels)
-            watch.add(trainer.steps, losses)
-            interval_steps += 1
-            interval_images += x.shape[0] * world  # global images
-            if on_gpu and interval_steps % 256 == 0:
-                torch.cuda.synchronize()  # keep the timing honest and the queue short
-            interval_time += time.perf_counter() - t0
+            with interval.timed():
+                losses = trainer.step(x, labels)
+                watch.add(trainer.steps, losses)
+                interval.steps += 1
+                interval.images += x.shape[0] * world  # global images
+                if on_gpu and interval.steps % 256 == 0:
+                    torch.cuda.synchronize()  # keep the timing honest and the queue short
             bar.update(x.shape[0] * world)
             due = next_eval is not None and trainer.nimg >= next_eval
             signum, save_now = 0, False
             if due or trainer.nimg >= total or trainer.steps % control_every == 0:
-                t0 = time.perf_counter()  # (on a GPU it waits for the queue: training time)
-                signum, save_now = _control_point(trainer, watch, stop, nan_policy, out, saved_step,
-                                                  checkpoint_minutes, last_save)
-                interval_time += time.perf_counter() - t0
+                with interval.timed():  # (on a GPU it waits for the queue: training time)
+                    signum, save_now = _control_point(trainer, watch, stop, nan_policy, out, saved_step,
+                                                      checkpoint_minutes, last_save)
             if due or trainer.nimg >= total:
                 if on_gpu:
-                    t0 = time.perf_counter()
-                    torch.cuda.synchronize()
-                    interval_time += time.perf_counter() - t0
-                record = dict(kimg=round(trainer.nimg / 1024, 3), nimg=trainer.nimg, step=trainer.steps,
-                              images_per_s=round(interval_images / max(interval_time, 1e-9), 1))
-                record.update(watch.interval_means(dist))
-                if "loss_ae" in record:
-                    record["rmse"] = math.sqrt(max(record["loss_ae"], 0.0)) * 127.5
-                if monitor is not None:  # before the evaluation: the interval's training steps only
-                    record.update(monitor.end_interval())
-                if evaluate is not None and main:  # torchrun: evaluated once, by rank 0
-                    record.update(evaluate(trainer))
-                record.update(run_settings(trainer))
+                    with interval.timed():
+                        torch.cuda.synchronize()
+                record = _evaluation_record(trainer, watch, interval, monitor, evaluate if main else None)
                 history.append(record)
                 bar.set_postfix({k: f"{record[k]:.4g}" for k in ("loss_ae", "mean_distance")
                                  if k in record and record[k] is not None})
@@ -168,7 +125,7 @@ def fit(trainer, data="lines", kimg: float = 16384, *, eval_kimg: float | None =
                     saved_step, last_save = trainer.steps, time.monotonic()
                 if tensorboard is not None and main:
                     tensorboard.write(record, trainer.interpolate(*preview) if preview is not None else None)
-                interval_steps, interval_images, interval_time = 0, 0, 0.0
+                interval = _Interval()
                 if monitor is not None:
                     monitor.begin_interval()
                 if next_eval is not None:
@@ -190,6 +147,86 @@ def fit(trainer, data="lines", kimg: float = 16384, *, eval_kimg: float | None =
         stop.restore()
         bar.close()
     return history
+
+
+def _checked_lengths(kimg, eval_kimg, nan_policy, checkpoint_minutes, out_dir) -> tuple[int, int | None]:
+    """fit's lengths in images (the run's total, the evaluation interval or None), after checking
+    every argument that sets them or how the run may stop."""
+    total = int(round(kimg * 1024))
+    if total <= 0:
+        raise ValueError(f"kimg must be > 0, got {kimg}")
+    eval_every = int(round(eval_kimg * 1024)) if eval_kimg else None
+    if eval_every is not None and eval_every <= 0:
+        raise ValueError(f"eval_kimg must be > 0 or None, got {eval_kimg}")
+    if nan_policy not in NAN_POLICIES:
+        raise ValueError(f"nan_policy must be one of {', '.join(NAN_POLICIES)}, got {nan_policy!r}")
+    if checkpoint_minutes is not None and not (checkpoint_minutes > 0 and out_dir is not None):
+        raise ValueError(f"checkpoint_minutes must be > 0 and needs out_dir, got {checkpoint_minutes!r}")
+    return total, eval_every
+
+
+def _data_source(trainer, data, seed: int, evaluate, preview):
+    """(this rank's batches from the trainer's step on, the evaluation, the preview pairs) for fit's
+    `data`; "lines" brings its own evaluation and 16 test pairs unless they are given."""
+    from .data import lines as lines_data
+
+    config, dist = trainer.config, trainer.distributed
+    rank, world = (0, 1) if dist is None else (dist.rank, dist.world_size)
+    local = config.batch if dist is None else dist.local_batch(config.batch)  # this rank's images per step
+    if isinstance(data, str):
+        if data != "lines":
+            raise ValueError(f"data: the only built-in dataset is 'lines', got {data!r}")
+        if config.colors != 1 or config.image_size != lines_data.SIZE:
+            raise ValueError("the lines data needs colors=1 and 32x32 images (the 'lines' preset)")
+        batches = lines_data.lines_batches(local, seed=rank_seed(seed, rank), device=trainer.device,
+                                           start_step=trainer.steps)
+        if evaluate is None:
+            evaluate = _lines_evaluation
+        if preview is None:
+            from .eval.lines import eval_pairs
+            a, b = eval_pairs(16)
+            preview = (lines_data.draw_lines(a), lines_data.draw_lines(b))
+    elif isinstance(data, tuple):
+        batches = tensor_batches(*data, batch=local, seed=seed, start_step=trainer.steps, rank=rank,
+                                 world_size=world)
+    elif isinstance(data, Iterable):
+        batches = iter(data)
+    else:
+        raise ValueError(f"data must be 'lines', an iterable of batches or (images, labels), got {type(data).__name__}")
+    return batches, evaluate, preview
+
+
+class _Interval:
+    """The training steps since the last evaluation: how many, their global images, and the seconds
+    spent in them (`timed()` blocks: steps, control points, the queue's wait; not evaluations)."""
+
+    def __init__(self):
+        self.steps, self.images, self.seconds = 0, 0, 0.0
+
+    @contextlib.contextmanager
+    def timed(self):
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds += time.perf_counter() - t0
+
+
+def _evaluation_record(trainer, watch, interval: _Interval, monitor, evaluate) -> dict:
+    """One line of metrics.jsonl: where the run is, the interval's speed and mean losses (and its
+    monitor's readings, taken before the evaluation so they cover training steps only), the
+    evaluation's metrics (`evaluate`: None on ranks other than 0), the run's settings."""
+    record = dict(kimg=round(trainer.nimg / 1024, 3), nimg=trainer.nimg, step=trainer.steps,
+                  images_per_s=round(interval.images / max(interval.seconds, 1e-9), 1))
+    record.update(watch.interval_means(trainer.distributed))
+    if "loss_ae" in record:
+        record["rmse"] = math.sqrt(max(record["loss_ae"], 0.0)) * 127.5
+    if monitor is not None:
+        record.update(monitor.end_interval())
+    if evaluate is not None:  # torchrun: evaluated once, by rank 0
+        record.update(evaluate(trainer))
+    record.update(run_settings(trainer))
+    return record
 
 
 def _lines_evaluation(trainer) -> dict:
