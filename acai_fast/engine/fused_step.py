@@ -255,8 +255,8 @@ class _SideStreams:
     The cost model assigns the traced dW launches to the streams in the same turn
     (engine.launches.model_launches)."""
 
-    def __init__(self, device: torch.device, count: int = SIDE_STREAMS):
-        self.streams = [torch.cuda.Stream(device) for _ in range(count)] if device.type == "cuda" else []
+    def __init__(self, device: torch.device):
+        self.streams = [torch.cuda.Stream(device) for _ in range(SIDE_STREAMS)] if device.type == "cuda" else []
         self._turn = 0
         self._held = []
 

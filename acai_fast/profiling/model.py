@@ -69,7 +69,7 @@ def step_time_us(rows: list[dict]) -> dict:
 
 
 def model_summary(rows: list[dict], *, model_to_wall: float, peak_flops: float | None = None) -> dict:
-    """Totals of a modelled step: launches, modelled us (`step_time_us`: the two-stream schedule;
+    """Totals of a modelled step: launches, modelled us (`step_time_us`: the schedule over the streams;
     serial_us: one launch after the other), ~wall us (modelled / model_to_wall), FLOPs (issued,
     useful), HBM and L2 bytes, us by bound and by pass (serial sums), launches that do not fit the
     GPU (no_fit: left out of the times, which are then those of the launches that fit), and the
